@@ -1,0 +1,138 @@
+"""Drive a model over calibration batches: block-sequential (default) or whole-model.
+
+Block-sequential: capture the inputs of the first block, then for each block k in execution
+order gather the statistics of its targeted layers on its captured inputs, prune it, and run the
+*pruned* block to produce the inputs of block k+1. Only one block's statistics exist at a time,
+and with ``offload`` the captured activations wait on another device (e.g. CPU) between uses.
+Whole-model: statistics of every target from the dense model in one pass, then every mask.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .stats import HookOwner
+
+__all__ = ["capture_inputs", "next_inputs", "run_block_sequential", "run_whole_model", "EmptyCalibrationError"]
+
+Inputs = list[tuple[tuple, dict]]
+
+
+class EmptyCalibrationError(ValueError):
+    pass
+
+
+class _Captured(Exception):
+    pass
+
+
+def _to(obj: Any, device) -> Any:
+    if device is None:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _batches(calibration: Iterable[dict]) -> Iterable[dict]:
+    for i, batch in enumerate(calibration):
+        if not isinstance(batch, dict):
+            raise TypeError(f"calibration batch {i} is a {type(batch).__name__}; each must be a dict for model(**batch)")
+        yield batch
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, block: nn.Module, calibration: Iterable[dict], offload=None) -> Inputs:
+    """Run the model on each batch up to ``block`` and keep what it would receive (args, kwargs)."""
+    captured: Inputs = []
+
+    def grab(_module, args, kwargs):
+        captured.append((_to(args, offload), _to(kwargs, offload)))
+        raise _Captured
+
+    with HookOwner() as hooks:
+        hooks.add(block.register_forward_pre_hook(grab, with_kwargs=True))
+        for batch in _batches(calibration):
+            try:
+                model(**batch)
+            except _Captured:
+                pass
+    if not captured:
+        raise EmptyCalibrationError("calibration is empty: pass at least one batch (a dict fed as model(**batch))")
+    return captured
+
+
+def next_inputs(args: tuple, kwargs: dict, output: Any) -> tuple[tuple, dict]:
+    """The next block's inputs from this block's output, by the diffusers convention: a tensor is
+    the new ``hidden_states``; a pair is ``(encoder_hidden_states, hidden_states)`` (joint blocks)."""
+    if isinstance(output, torch.Tensor):
+        updates = {"hidden_states": output}
+    elif isinstance(output, tuple) and len(output) == 2:
+        updates = {"encoder_hidden_states": output[0], "hidden_states": output[1]}
+    else:
+        raise TypeError(
+            f"cannot chain a block that returns {type(output).__name__}: use block_sequential=False for this model"
+        )
+    args, kwargs = list(args), dict(kwargs)
+    for key, value in updates.items():
+        if key in kwargs:
+            kwargs[key] = value
+        elif key == "hidden_states" and args:
+            args[0] = value
+        elif key == "encoder_hidden_states" and len(args) > 1:
+            args[1] = value
+        else:
+            kwargs[key] = value
+    return tuple(args), kwargs
+
+
+@torch.no_grad()
+def run_block_sequential(
+    model: nn.Module,
+    blocks: list[tuple[str, nn.Module]],
+    calibration: Iterable[dict],
+    calibrate_block: Callable[[str, nn.Module, Callable[[], None]], None],
+    offload=None,
+    progress: bool = True,
+) -> None:
+    """For each block: ``calibrate_block(name, block, replay)``, where ``replay()`` runs the block on
+    its captured inputs (the callee observes and prunes around it); then the pruned block makes the
+    next block's inputs."""
+    inputs = capture_inputs(model, blocks[0][1], calibration, offload)
+    device = _device_of(blocks[0][1])
+
+    for name, block in tqdm(blocks, desc="pruning blocks", disable=not progress, leave=False):
+
+        def replay(block=block):
+            for args, kwargs in inputs:
+                block(*_to(args, device), **_to(kwargs, device))
+
+        calibrate_block(name, block, replay)
+        if block is not blocks[-1][1]:
+            inputs = [
+                tuple(_to(x, offload) for x in next_inputs(args, kwargs, block(*_to(args, device), **_to(kwargs, device))))
+                for args, kwargs in inputs
+            ]
+
+
+@torch.no_grad()
+def run_whole_model(model: nn.Module, calibration: Iterable[dict], progress: bool = True) -> None:
+    n = 0
+    for batch in tqdm(_batches(calibration), desc="calibrating", disable=not progress, leave=False):
+        model(**batch)
+        n += 1
+    if n == 0:
+        raise EmptyCalibrationError("calibration is empty: pass at least one batch (a dict fed as model(**batch))")
+
+
+def _device_of(module: nn.Module):
+    p = next(module.parameters(), None)
+    return p.device if p is not None else None

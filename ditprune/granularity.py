@@ -1,0 +1,123 @@
+"""Comparison groups: which weights compete for survival. Pure functions on score tensors.
+
+Every function takes scores ``S`` shaped like a weight (out, in) and returns a boolean *keep*
+mask of the same shape (True = kept). Low scores are pruned; ties break by position (stable
+sort), as in the Wanda reference.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import torch
+
+__all__ = [
+    "parse_pattern",
+    "check_sparsity",
+    "prune_count",
+    "layer_mask",
+    "row_mask",
+    "nm_mask",
+    "pooled_mask",
+    "row_features",
+    "cluster_rows",
+]
+
+_PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+def check_sparsity(sparsity: float) -> float:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not math.isfinite(sparsity):
+        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1) (the fraction of weights set to zero), got {sparsity}")
+    return float(sparsity)
+
+
+def parse_pattern(pattern: str) -> tuple[int, int]:
+    """``"N:M"`` -> (N, M): keep at most N non-zeros in every M consecutive input weights (2:4 = 50%)."""
+    match = _PATTERN.match(str(pattern))
+    if not match:
+        raise ValueError(f"pattern must look like 'N:M' (e.g. '2:4'), got {pattern!r}")
+    n, m = int(match[1]), int(match[2])
+    if not 0 < n < m:
+        raise ValueError(f"pattern {pattern!r}: need 0 < N < M (N weights kept out of every M)")
+    return n, m
+
+
+def prune_count(size: int, sparsity: float) -> int:
+    """Weights pruned from a group of ``size``: ``int(size * sparsity)``, as the Wanda reference."""
+    return int(size * sparsity)
+
+
+def _prune_lowest(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
+    """Keep mask over the last dim of ``scores``: the ``n_prune`` lowest of each row are pruned."""
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if n_prune > 0:
+        idx = torch.sort(scores, dim=-1, stable=True).indices[..., :n_prune]
+        keep.scatter_(-1, idx, False)
+    return keep
+
+
+def layer_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """All weights of the layer compete in one pool."""
+    return _prune_lowest(scores.reshape(1, -1), prune_count(scores.numel(), sparsity)).reshape(scores.shape)
+
+
+def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Each output row keeps the same count (the Wanda comparison group)."""
+    return _prune_lowest(scores, prune_count(scores.shape[1], sparsity))
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """N:M: in each row, every M consecutive inputs keep their N best (M - N pruned)."""
+    out, cols = scores.shape
+    if cols % m:
+        raise ValueError(f"pattern {n}:{m} does not divide a layer with {cols} input features")
+    return _prune_lowest(scores.reshape(out, cols // m, m), m - n).reshape(out, cols)
+
+
+def pooled_mask(scores: torch.Tensor, labels: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Rows sharing a label compete in one pool; each cluster prunes exactly what its rows would
+    prune row by row (``rows_in_cluster * int(in * sparsity)``), so the layer total equals the
+    per-row total while sparsity may differ row to row inside a cluster."""
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    per_row = prune_count(scores.shape[1], sparsity)
+    for c in labels.unique():
+        rows = (labels == c).nonzero().squeeze(1)
+        keep[rows] = _prune_lowest(scores[rows].reshape(1, -1), per_row * rows.numel()).reshape(len(rows), -1)
+    return keep
+
+
+def row_features(weight: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
+    """2-D features of each output row: log row energy ||W_i||^2 and log of the energy the row
+    draws from its inputs per unit weight energy, sum_j W_ij^2 a_j / ||W_i||^2. Standardized."""
+    w2 = weight.float().pow(2)
+    row_w = w2.sum(1)
+    row_out = w2 @ energy.float()
+    eps = torch.finfo(torch.float32).tiny
+    f = torch.stack([torch.log(row_w + eps), torch.log(row_out + eps) - torch.log(row_w + eps)], 1)
+    std = f.std(0, unbiased=False)
+    return (f - f.mean(0)) / torch.where(std > 1e-6, std, torch.ones_like(std))
+
+
+def cluster_rows(features: torch.Tensor, max_clusters: int = 6, seed: int = 0) -> torch.Tensor:
+    """Seeded k-means on row features, k in 1..max_clusters chosen by BIC (spherical Gaussians of
+    one shared variance); k = 1 wins unless the rows really split. Returns labels (long, (out,))."""
+    from sklearn.cluster import KMeans
+
+    x = features.detach().cpu().double().numpy()
+    n, d = x.shape
+    best_bic, best = math.inf, np.zeros(n, dtype=np.int64)
+    for k in range(1, min(max_clusters, n) + 1):
+        if k == 1:
+            labels, sse = np.zeros(n, dtype=np.int64), float(((x - x.mean(0)) ** 2).sum())
+        else:
+            km = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(x)
+            labels, sse = km.labels_.astype(np.int64), float(km.inertia_)
+        bic = n * d * math.log(max(sse, 1e-12) / (n * d)) + (k * (d + 1)) * math.log(n)
+        if bic < best_bic:
+            best_bic, best = bic, labels
+    return torch.from_numpy(best)

@@ -1,0 +1,99 @@
+"""Tiny, randomly initialised members of each diffusers DiT family, and calibration batches
+for them: for tests, smoke runs and validating recipes without any hub access."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["TINY_FAMILIES", "tiny_model", "tiny_batches"]
+
+TINY_FAMILIES = ("flux", "sd3", "pixart", "dit", "sana")
+
+
+def tiny_model(family: str, seed: int = 0) -> nn.Module:
+    import diffusers
+
+    torch.manual_seed(seed)
+    if family == "flux":
+        m = diffusers.FluxTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6),
+        )
+    elif family == "sd3":
+        m = diffusers.SD3Transformer2DModel(
+            sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+            joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=32, out_channels=4,
+            pos_embed_max_size=8,
+        )
+    elif family == "pixart":
+        m = diffusers.PixArtTransformer2DModel(
+            num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2,
+            cross_attention_dim=32, sample_size=8, patch_size=2, caption_channels=32, norm_num_groups=1,
+        )
+    elif family == "dit":
+        m = diffusers.DiTTransformer2DModel(
+            num_attention_heads=2, attention_head_dim=16, in_channels=4, num_layers=2, sample_size=8, patch_size=2,
+            num_embeds_ada_norm=10, norm_num_groups=1,
+        )
+    elif family == "sana":
+        m = diffusers.SanaTransformer2DModel(
+            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+            num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=32, caption_channels=32,
+            sample_size=8, patch_size=1,
+        )
+    else:
+        raise ValueError(f"unknown tiny family {family!r}; choose from {TINY_FAMILIES}")
+    return m.eval()
+
+
+def tiny_batches(model: nn.Module, n: int = 4, batch: int = 2, seed: int = 0) -> list[dict]:
+    """``n`` calibration batches (dicts for ``model(**batch)``), each at its own random timestep."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    name = type(model).__name__
+    dtype = next(model.parameters()).dtype
+    out = []
+    for _ in range(n):
+        r = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
+        if name == "FluxTransformer2DModel":
+            side, txt = 4, 6
+            ids = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1).reshape(-1, 2)
+            b = dict(
+                hidden_states=r(batch, side * side, cfg.in_channels),
+                encoder_hidden_states=r(batch, txt, cfg.joint_attention_dim),
+                pooled_projections=r(batch, cfg.pooled_projection_dim),
+                timestep=torch.rand(batch, generator=g).to(dtype),
+                img_ids=torch.cat([torch.zeros(side * side, 1), ids], 1).to(dtype),
+                txt_ids=torch.zeros(txt, 3, dtype=dtype),
+            )
+        elif name == "SD3Transformer2DModel":
+            b = dict(
+                hidden_states=r(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size),
+                encoder_hidden_states=r(batch, 6, cfg.joint_attention_dim),
+                pooled_projections=r(batch, cfg.pooled_projection_dim),
+                timestep=torch.randint(0, 1000, (batch,), generator=g),
+            )
+        elif name == "PixArtTransformer2DModel":
+            b = dict(
+                hidden_states=r(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size),
+                encoder_hidden_states=r(batch, 6, cfg.caption_channels),
+                timestep=torch.randint(0, 1000, (batch,), generator=g),
+                added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+            )
+        elif name == "DiTTransformer2DModel":
+            b = dict(
+                hidden_states=r(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size),
+                timestep=torch.randint(0, 1000, (batch,), generator=g),
+                class_labels=torch.randint(0, cfg.num_embeds_ada_norm, (batch,), generator=g),
+            )
+        elif name == "SanaTransformer2DModel":
+            b = dict(
+                hidden_states=r(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size),
+                encoder_hidden_states=r(batch, 6, cfg.caption_channels),
+                timestep=torch.randint(0, 1000, (batch,), generator=g),
+            )
+        else:
+            raise ValueError(f"no tiny batches for {name}")
+        out.append(b)
+    return out

@@ -1,0 +1,286 @@
+"""``torch.ao.pruning`` sparsifiers, one per method.
+
+Lifecycle (the torch.optim shape of ``BaseSparsifier``)::
+
+    sparsifier = WandaSparsifier(sparsity=0.5)
+    sparsifier.prepare(model, [{"tensor_fqn": "blocks.0.ff.weight"}])  # FakeSparsity masks
+    with sparsifier.observe():            # input-statistics hooks on every prepared layer
+        model(**batch)                    # ... over the calibration batches
+    sparsifier.step()                     # update_mask per layer; statistics freed right after
+    sparsifier.squash_mask()              # bake masks into the weights
+
+Scores come from :mod:`ditprune.saliency`, comparison groups from :mod:`ditprune.granularity`;
+this module only owns state and lifecycle.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.ao.pruning import BaseSparsifier
+from torch.nn.utils import parametrize
+
+from . import granularity as G
+from . import saliency
+from .sparsegpt import obs_prune
+from .stats import InputStats, observe
+
+__all__ = [
+    "DiTPruningSparsifier",
+    "MagnitudeSparsifier",
+    "RIASparsifier",
+    "SaliencySparsifier",
+    "SparseGPTSparsifier",
+    "WandaSparsifier",
+    "METHODS",
+]
+
+GRANULARITIES = ("layer", "row", "clusters")
+
+
+class SaliencySparsifier(BaseSparsifier):
+    """Shared lifecycle of the one-shot methods. Subclasses implement :meth:`compute_mask`.
+
+    Args:
+        sparsity: fraction of each targeted weight set to zero, in [0, 1).
+        pattern: ``"N:M"`` semi-structured sparsity instead (keep N of every M inputs); wins
+            over ``sparsity``.
+        granularity: comparison group for metric methods: ``"layer"``, ``"row"`` or ``"clusters"``.
+    """
+
+    needs_energy = True
+    needs_gram = False
+    default_granularity = "row"
+
+    def __init__(self, sparsity: float = 0.5, pattern: str | None = None, granularity: str | None = None, **defaults):
+        nm = G.parse_pattern(pattern) if pattern is not None else None
+        sparsity = 1.0 - nm[0] / nm[1] if nm else G.check_sparsity(sparsity)
+        granularity = granularity or self.default_granularity
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        super().__init__(defaults={"sparsity": sparsity, "nm": nm, "granularity": granularity, **defaults})
+
+    # -- statistics ---------------------------------------------------------------------------
+    @contextmanager
+    def observe(self, tensor_fqns: Iterable[str] | None = None) -> Iterator[dict[str, InputStats]]:
+        """Gather input statistics of the prepared layers (all, or ``tensor_fqns``) while open."""
+        groups = self._groups(tensor_fqns)
+        if not (self.needs_energy or self.needs_gram):
+            yield {}
+            return
+        layers = {g["tensor_fqn"]: g["module"] for g in groups}
+        with observe(layers, need_gram=self.needs_gram) as stats:
+            yield stats
+        for fqn, s in stats.items():
+            self.state[fqn]["stats"] = s
+
+    # -- masks --------------------------------------------------------------------------------
+    def step(self, use_path: bool = True, tensor_fqns: Iterable[str] | None = None) -> None:
+        """``update_mask`` on every prepared layer, or only on ``tensor_fqns``."""
+        if not self.enable_mask_update:
+            return
+        with torch.no_grad():
+            for config in self._groups(tensor_fqns):
+                self.update_mask(**config)
+
+    def update_mask(self, module: nn.Module, tensor_name: str, tensor_fqn: str, **group: Any) -> None:
+        start = time.perf_counter()
+        state = self.state[tensor_fqn]
+        stats = state.pop("stats", None)  # freed as soon as the mask is made
+        if stats is None and (self.needs_energy or self.needs_gram):
+            raise RuntimeError(f"no calibration statistics for '{tensor_fqn}': call step() after observe()")
+        param = module.parametrizations[tensor_name]
+        weight = param.original
+        keep, new_weight, info = self.compute_mask(weight.detach(), stats, **group)
+        if new_weight is not None:
+            state.setdefault("dense_backup", weight.detach().to("cpu", copy=True))
+            weight.data.copy_(new_weight)
+        param[0].mask.copy_(keep.to(param[0].mask.dtype))
+        state["info"] = {**info, "seconds": time.perf_counter() - start}
+
+    def compute_mask(
+        self, weight: torch.Tensor, stats: InputStats | None, *, sparsity: float, nm, granularity: str, **options
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+        """(keep mask, reconstructed weight or None, per-layer info)."""
+        scores = self.score(weight, stats, **options)
+        return mask_from_scores(scores, sparsity, nm, granularity), None, {}
+
+    def score(self, weight: torch.Tensor, stats: InputStats | None, **options) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- undo / finish ------------------------------------------------------------------------
+    def restore(self) -> None:
+        """Take every mask off and put back the dense weights, as before ``prepare``."""
+        for g in self.groups:
+            module, name = g["module"], g["tensor_name"]
+            backup = self.state[g["tensor_fqn"]].pop("dense_backup", None)
+            if backup is not None:
+                module.parametrizations[name].original.data.copy_(backup)
+            if parametrize.is_parametrized(module, name):
+                parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+        self.groups.clear()
+        self.state.clear()
+
+    def squash_mask(self, *args, **kwargs) -> None:
+        for g in self.groups:
+            self.state[g["tensor_fqn"]].pop("dense_backup", None)
+        super().squash_mask(*args, **kwargs)
+
+    def _groups(self, tensor_fqns: Iterable[str] | None) -> list[dict]:
+        if tensor_fqns is None:
+            return list(self.groups)
+        wanted = set(tensor_fqns)
+        return [g for g in self.groups if g["tensor_fqn"] in wanted]
+
+
+def mask_from_scores(scores: torch.Tensor, sparsity: float, nm, granularity: str, labels=None) -> torch.Tensor:
+    if nm is not None:
+        return G.nm_mask(scores, *nm)
+    if granularity == "layer":
+        return G.layer_mask(scores, sparsity)
+    if granularity == "clusters":
+        return G.pooled_mask(scores, labels if labels is not None else G.cluster_rows(_features(scores)), sparsity)
+    return G.row_mask(scores, sparsity)
+
+
+def _features(scores: torch.Tensor) -> torch.Tensor:
+    # Clusters for a metric that has no energy to offer: rows by their score mass alone.
+    return G.row_features(scores, torch.ones(scores.shape[1], device=scores.device))
+
+
+class MagnitudeSparsifier(SaliencySparsifier):
+    """Magnitude pruning: S_ij = |W_ij|, compared over the whole layer. Needs no calibration.
+
+    ``method: magnitude``, ``sparsity: 0.5``.
+    """
+
+    needs_energy = False
+    default_granularity = "layer"
+
+    def score(self, weight, stats, **options):
+        return saliency.magnitude(weight)
+
+
+class WandaSparsifier(SaliencySparsifier):
+    """Wanda (Sun et al., 2023, arXiv 2306.11695): S_ij = |W_ij| * ||X_j||_2, compared per output row
+    (N:M: per row within M consecutive inputs), as ``locuslab/wanda`` ``lib/prune.py``.
+
+    ``method: wanda``, ``sparsity: 0.5`` or ``pattern: "2:4"``.
+    """
+
+    def score(self, weight, stats, **options):
+        return saliency.wanda(weight, stats.energy)
+
+
+class RIASparsifier(SaliencySparsifier):
+    """RIA (Zhang et al., ICLR 2024): S_ij = (|W_ij|/sum_i|W_ij| + |W_ij|/sum_j|W_ij|) * ||X_j||^a,
+    a = 0.5, compared over the whole layer.
+
+    ``method: ria``, ``sparsity: 0.5``, ``power: 0.5``.
+    """
+
+    default_granularity = "layer"
+
+    def __init__(self, sparsity=0.5, pattern=None, granularity=None, power: float = 0.5):
+        super().__init__(sparsity, pattern, granularity, power=power)
+
+    def score(self, weight, stats, *, power, **options):
+        return saliency.ria(weight, stats.energy, power)
+
+
+class SparseGPTSparsifier(SaliencySparsifier):
+    """SparseGPT (Frantar & Alistarh, 2023, arXiv 2301.00774): OBS pruning with weight updates,
+    H = X X^T / N + 0.01 * mean(diag H) I, 128-column blocks (see :mod:`ditprune.sparsegpt`).
+    Keeps a CPU copy of each dense weight until the prune succeeds, so a failure can be undone.
+
+    ``method: sparsegpt``, ``sparsity: 0.5``, ``blocksize: 128``, ``percdamp: 0.01``.
+    """
+
+    needs_gram = True
+
+    def __init__(self, sparsity=0.5, pattern=None, granularity=None, blocksize: int = 128, percdamp: float = 0.01):
+        super().__init__(sparsity, pattern, granularity, blocksize=blocksize, percdamp=percdamp)
+
+    def compute_mask(self, weight, stats, *, sparsity, nm, granularity, blocksize, percdamp, **options):
+        new, keep = obs_prune(weight, stats.gram, sparsity, nm, blocksize=blocksize, percdamp=percdamp)
+        return keep, new, {}
+
+
+class DiTPruningSparsifier(SaliencySparsifier):
+    """DiT-Pruning (arXiv 2607.00927): energy-balanced saliency with clustering-aware groups.
+
+    S_ij = (W_ij^2 / E_W)^(1 - alpha) * (a_j / E_A)^alpha  (alpha = 0.5 is Wanda's ranking).
+
+    Rows are clustered (seeded k-means on :func:`~ditprune.granularity.row_features`, k by BIC).
+    With ``alpha="auto"`` each cluster takes, from ``alphas`` x {per-row, cluster-pooled} (N:M:
+    ``alphas`` alone), the mask that removes the least output energy tr(dW H dW^T) on the
+    calibration data, never worse than Wanda on that objective. ``reconstruct=True`` then updates
+    the kept weights with SparseGPT's OBS solver for that fixed mask.
+
+    ``method: dit``, ``sparsity: 0.5``, ``alpha: auto``, ``alphas: [0.3, 0.4, 0.5, 0.6]``,
+    ``granularity: clusters``, ``max_clusters: 6``, ``reconstruct: false``.
+    """
+
+    default_granularity = "clusters"
+
+    def __init__(
+        self,
+        sparsity: float = 0.5,
+        pattern: str | None = None,
+        granularity: str | None = None,
+        alpha: float | str = "auto",
+        alphas: Sequence[float] = (0.3, 0.4, 0.5, 0.6),
+        max_clusters: int = 6,
+        reconstruct: bool = False,
+        seed: int = 0,
+    ):
+        if alpha != "auto":
+            alpha = float(alpha)
+            if not 0.0 <= alpha <= 1.0:
+                raise ValueError(f"alpha must be 'auto' or a number in [0, 1], got {alpha}")
+        grid = tuple(sorted({float(a) for a in alphas} | {0.5}))  # Wanda's ranking is always a candidate
+        if any(not 0.0 <= a <= 1.0 for a in grid):
+            raise ValueError(f"alphas must lie in [0, 1], got {list(alphas)}")
+        super().__init__(
+            sparsity, pattern, granularity, alpha=alpha, alphas=grid, max_clusters=int(max_clusters),
+            reconstruct=bool(reconstruct), seed=int(seed),
+        )
+        self.needs_gram = alpha == "auto" or bool(reconstruct)
+
+    def compute_mask(self, weight, stats, *, sparsity, nm, granularity, alpha, alphas, max_clusters, reconstruct,
+                     seed, **options):
+        energy = stats.energy
+        rows = weight.shape[0]
+        if granularity == "clusters":
+            labels = G.cluster_rows(G.row_features(weight, energy), max_clusters, seed)
+        else:
+            labels = torch.zeros(rows, dtype=torch.long)
+        if nm is not None:
+            fns = {"nm": lambda s: G.nm_mask(s, *nm)}
+        elif granularity == "row":
+            fns = {"row": lambda s: G.row_mask(s, sparsity)}
+        else:  # layer: one pool; clusters: one pool per cluster, or per row where that is better
+            fns = {"pooled": lambda s: G.pooled_mask(s, labels.to(s.device), sparsity)}
+            if granularity == "clusters":
+                fns["row"] = lambda s: G.row_mask(s, sparsity)
+        if alpha == "auto":
+            keep, choice = saliency.balanced_mask(weight, energy, stats.gram, alphas, fns, labels)
+        else:
+            keep = next(iter(fns.values()))(saliency.energy_balanced(weight, energy, alpha))
+            choice = [{"cluster": int(c), "rows": int((labels == c).sum()), "alpha": alpha,
+                       "grouping": next(iter(fns))} for c in labels.unique()]
+        new_weight = obs_prune(weight, stats.gram, prune_mask=~keep)[0] if reconstruct else None
+        return keep, new_weight, {"clusters": choice}
+
+
+METHODS: dict[str, type[SaliencySparsifier]] = {
+    "dit": DiTPruningSparsifier,
+    "wanda": WandaSparsifier,
+    "magnitude": MagnitudeSparsifier,
+    "ria": RIASparsifier,
+    "sparsegpt": SparseGPTSparsifier,
+}
