@@ -103,21 +103,23 @@ def row_features(weight: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
     return (f - f.mean(0)) / torch.where(std > 1e-6, std, torch.ones_like(std))
 
 
-def cluster_rows(features: torch.Tensor, max_clusters: int = 6, seed: int = 0) -> torch.Tensor:
-    """Seeded k-means on row features, k in 1..max_clusters chosen by BIC (spherical Gaussians of
-    one shared variance); k = 1 wins unless the rows really split. Returns labels (long, (out,))."""
+def cluster_rows(
+    features: torch.Tensor, max_clusters: int = 6, seed: int = 0, min_silhouette: float = 0.6
+) -> torch.Tensor:
+    """Seeded k-means on row features, k in 2..max_clusters chosen by the silhouette score; k = 1
+    (no split) unless the best silhouette reaches ``min_silhouette`` (0.5-0.7 reads as "reasonable"
+    structure, above 0.7 "strong", in Kaufman & Rousseeuw's scale). Returns labels (long, (out,))."""
     from sklearn.cluster import KMeans
+    from sklearn.metrics import silhouette_score
 
     x = features.detach().cpu().double().numpy()
-    n, d = x.shape
-    best_bic, best = math.inf, np.zeros(n, dtype=np.int64)
-    for k in range(1, min(max_clusters, n) + 1):
-        if k == 1:
-            labels, sse = np.zeros(n, dtype=np.int64), float(((x - x.mean(0)) ** 2).sum())
-        else:
-            km = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(x)
-            labels, sse = km.labels_.astype(np.int64), float(km.inertia_)
-        bic = n * d * math.log(max(sse, 1e-12) / (n * d)) + (k * (d + 1)) * math.log(n)
-        if bic < best_bic:
-            best_bic, best = bic, labels
+    n = x.shape[0]
+    best_score, best = min_silhouette, np.zeros(n, dtype=np.int64)
+    for k in range(2, min(max_clusters, n - 1) + 1):
+        labels = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(x).labels_
+        if len(np.unique(labels)) < 2:
+            continue
+        score = silhouette_score(x, labels, sample_size=min(n, 2000), random_state=seed)
+        if score > best_score:
+            best_score, best = score, labels.astype(np.int64)
     return torch.from_numpy(best)

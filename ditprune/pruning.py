@@ -106,6 +106,13 @@ def _validate_layers(layers: dict[str, nn.Linear], nm: tuple[int, int] | None) -
             )
 
 
+def _targets_by_block(model: nn.Module, layers: dict[str, nn.Linear]) -> dict[str, list[str]] | None:
+    """Block name -> tensor_fqns of its targets, or None when some target lies outside every block."""
+    names = [b for b, _ in models.blocks(model)]
+    by_block = {b: [f"{n}.weight" for n in layers if n.startswith(b + ".")] for b in names}
+    return by_block if names and sum(map(len, by_block.values())) == len(layers) else None
+
+
 def prune(
     model: nn.Module,
     calibration: Iterable[dict],
@@ -115,7 +122,7 @@ def prune(
     targets: Sequence[str] | None = None,
     *,
     ignore: Sequence[str] | None = None,
-    block_sequential: bool = True,
+    block_sequential: bool | None = None,
     offload: str | torch.device | None = None,
     squash: bool = True,
     progress: bool = False,
@@ -133,7 +140,8 @@ def prune(
             embedders nested in blocks.
         ignore: regexes of names to leave dense.
         block_sequential: prune block by block, each block calibrated on the outputs of the
-            already-pruned blocks before it (default); False: all statistics from the dense model.
+            already-pruned blocks before it; False: all statistics from the dense model in one
+            pass. None (default): block by block when every target sits in a transformer block.
         offload: device where captured block inputs wait between blocks (e.g. ``"cpu"``).
         squash: bake masks into the weights (False: leave the ``FakeSparsity`` parametrizations,
             e.g. for a masked fine-tune; then ``report`` has the sparsifier as ``.sparsifier``).
@@ -147,20 +155,19 @@ def prune(
     layers = resolve_targets(model, targets, ignore)
     _validate_layers(layers, nm)
 
+    by_block = _targets_by_block(model, layers) if block_sequential is not False else None
+    if block_sequential and by_block is None:
+        raise ValueError(
+            "block_sequential=True needs every target inside a transformer block (an nn.ModuleList of blocks); "
+            "use block_sequential=False"
+        )
+    block_sequential = by_block is not None
+
     was_training = model.training
     model.eval()
     sparsifier.prepare(model, [{"tensor_fqn": f"{name}.weight"} for name in layers])
     try:
         if block_sequential:
-            by_block = {
-                b: [f"{n}.weight" for n in layers if n.startswith(b + ".")] for b, _ in models.blocks(model)
-            }
-            outside = [n for n in layers if not any(n.startswith(b + ".") for b in by_block)]
-            if outside:
-                raise ValueError(
-                    f"block_sequential=True needs every target inside a transformer block; {outside[:3]} are not "
-                    "(use block_sequential=False)"
-                )
 
             def calibrate_block(name, block, replay):
                 fqns = by_block[name]

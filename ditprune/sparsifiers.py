@@ -113,6 +113,19 @@ class SaliencySparsifier(BaseSparsifier):
         raise NotImplementedError
 
     # -- undo / finish ------------------------------------------------------------------------
+    def _prepare(self, *args, **kwargs) -> None:
+        # Remember each module's parameter order: removing a parametrization re-registers the
+        # weight last, which would reorder model.parameters() (and optimizer state built on it).
+        self._param_order = {g["tensor_fqn"]: list(g["module"]._parameters) for g in self.groups}
+        super()._prepare(*args, **kwargs)
+
+    def _reorder(self) -> None:
+        for g in self.groups:
+            params, order = g["module"]._parameters, self._param_order.get(g["tensor_fqn"], [])
+            items = {k: params[k] for k in order if k in params} | dict(params)
+            params.clear()
+            params.update(items)
+
     def restore(self) -> None:
         """Take every mask off and put back the dense weights, as before ``prepare``."""
         for g in self.groups:
@@ -122,6 +135,7 @@ class SaliencySparsifier(BaseSparsifier):
                 module.parametrizations[name].original.data.copy_(backup)
             if parametrize.is_parametrized(module, name):
                 parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+        self._reorder()
         self.groups.clear()
         self.state.clear()
 
@@ -129,6 +143,7 @@ class SaliencySparsifier(BaseSparsifier):
         for g in self.groups:
             self.state[g["tensor_fqn"]].pop("dense_backup", None)
         super().squash_mask(*args, **kwargs)
+        self._reorder()
 
     def _groups(self, tensor_fqns: Iterable[str] | None) -> list[dict]:
         if tensor_fqns is None:

@@ -2,7 +2,7 @@
 
 Every family's default targets are the ``nn.Linear`` layers inside those blocks; embedders and
 the final projection stay dense unless targeted. Unknown models fall back to their largest
-``nn.ModuleList`` of blocks.
+``nn.ModuleList`` of blocks, and a model without one to every Linear.
 """
 
 from __future__ import annotations
@@ -35,10 +35,7 @@ def family_of(model: nn.Module) -> Family:
             return FAMILIES[cls.__name__]
     lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
     if not lists:
-        raise ValueError(
-            f"{type(model).__name__} has no nn.ModuleList of blocks: pass targets= explicitly and "
-            "block_sequential=False"
-        )
+        return Family("generic", ())  # no blocks: every Linear is a default target, calibrated whole-model
     name = max(lists, key=lambda nm: sum(p.numel() for p in nm[1].parameters()))[0]
     return Family("generic", (name,))
 
@@ -53,5 +50,8 @@ def blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def default_targets(model: nn.Module) -> list[str]:
-    """Regexes matching every Linear inside the transformer blocks."""
-    return [rf"^{list_name.replace('.', chr(92) + '.')}\.\d+\." for list_name in family_of(model).block_lists]
+    """Regexes matching every Linear inside the transformer blocks (every Linear if there are none)."""
+    lists = family_of(model).block_lists
+    if not lists:
+        return [""]
+    return [rf"^{list_name.replace('.', chr(92) + '.')}\.\d+\." for list_name in lists]
