@@ -40,6 +40,7 @@ class PruneReport:
     pattern: str | None
     layers: list[LayerReport]
     seconds: float
+    peak_stats_bytes: int = 0  # the most calibration statistics held at once
 
     @property
     def sparsity(self) -> float:
@@ -196,7 +197,8 @@ def prune(
             LayerReport(g["module_fqn"], tuple(mask.shape), 1.0 - mask.count_nonzero().item() / mask.numel(),
                         info.pop("seconds", 0.0), info)
         )
-    report = PruneReport(method, sparsifier.defaults["sparsity"], pattern, reports, time.perf_counter() - start)
+    report = PruneReport(method, sparsifier.defaults["sparsity"], pattern, reports, time.perf_counter() - start,
+                         getattr(sparsifier, "peak_stats_bytes", 0))
     if squash:
         sparsifier.squash_mask()
     else:

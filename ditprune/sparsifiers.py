@@ -74,6 +74,10 @@ class SaliencySparsifier(BaseSparsifier):
             return
         layers = {g["tensor_fqn"]: g["module"] for g in groups}
         with observe(layers, need_gram=self.needs_gram) as stats:
+            held = sum(s.nbytes for s in stats.values()) + sum(
+                st["stats"].nbytes for st in self.state.values() if "stats" in st
+            )
+            self.peak_stats_bytes = max(getattr(self, "peak_stats_bytes", 0), held)
             yield stats
         for fqn, s in stats.items():
             self.state[fqn]["stats"] = s

@@ -58,6 +58,10 @@ class InputStats:
         return self.count
 
     @property
+    def nbytes(self) -> int:
+        return self.sq_sum.nbytes + (self.gram_sum.nbytes if self.gram_sum is not None else 0)
+
+    @property
     def energy(self) -> torch.Tensor:
         return self.sq_sum / self._checked_count()
 

@@ -33,8 +33,8 @@ def tiny_model(family: str, seed: int = 0) -> nn.Module:
         )
     elif family == "dit":
         m = diffusers.DiTTransformer2DModel(
-            num_attention_heads=2, attention_head_dim=16, in_channels=4, num_layers=2, sample_size=8, patch_size=2,
-            num_embeds_ada_norm=10, norm_num_groups=1,
+            num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2, sample_size=8, patch_size=2,
+            num_embeds_ada_norm=1000, norm_num_groups=1,  # 1000 classes: DiTPipeline's null class is 1000
         )
     elif family == "sana":
         m = diffusers.SanaTransformer2DModel(

@@ -59,6 +59,15 @@ class Conditioning:
         tokens, pooled = text_encoder().encode([caption(int(d), int(t)) for d, t in zip(digits, templates)])
         return cls(digits, tokens, pooled)
 
+    def null(self) -> "Conditioning":
+        """The unconditional input of classifier-free guidance: the extra class 10 (DiT, whose
+        label embedding drops labels in training) or the empty caption (FLUX)."""
+        if self.tokens is None:
+            return Conditioning(torch.full_like(self.digits, 10))
+        tokens, pooled = text_encoder().encode([""])
+        n = len(self.digits)
+        return Conditioning(self.digits, tokens.expand(n, -1, -1), pooled.expand(n, -1))
+
     def __getitem__(self, idx) -> "Conditioning":
         pick = lambda v: None if v is None else v[idx]  # noqa: E731
         return Conditioning(self.digits[idx], pick(self.tokens), pick(self.pooled))
@@ -94,18 +103,24 @@ class Denoiser:
 
 @torch.no_grad()
 def sample(
-    denoiser: Denoiser, cond: Conditioning, steps: int = 20, seed: int = 0, record: list | None = None
+    denoiser: Denoiser, cond: Conditioning, steps: int = 20, seed: int = 0, guidance: float = 1.0,
+    record: list | None = None,
 ) -> torch.Tensor:
-    """Euler sampling of the rectified flow from t = 1 (noise) to 0; images in [-1, 1].
-    With ``record``, every model call's inputs are appended to it (calibration batches)."""
+    """Euler sampling of the rectified flow from t = 1 (noise) to 0; images in [-1, 1]. With
+    ``guidance`` != 1, classifier-free guidance v = v_null + guidance (v_cond - v_null). With
+    ``record``, every model call's inputs are appended to it (calibration batches)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(len(cond.digits), 1, SIDE, SIDE, generator=g)
     ts = torch.linspace(1.0, 0.0, steps + 1)
+    null = cond.null() if guidance != 1.0 else None
     for t, t_next in zip(ts[:-1], ts[1:]):
         tt = t.expand(len(x))
+        calls = [cond] if null is None else [cond, null]
         if record is not None:
-            record.append(denoiser.inputs(x, tt, cond))
-        x = x + (t_next - t) * denoiser(x, tt, cond)
+            record.extend(denoiser.inputs(x, tt, c) for c in calls)
+        v = [denoiser(x, tt, c) for c in calls]
+        velocity = v[0] if null is None else v[1] + guidance * (v[0] - v[1])
+        x = x + (t_next - t) * velocity
     return x.clamp(-1, 1)
 
 

@@ -29,9 +29,12 @@ from .text import TEMPLATES
 __all__ = ["train_generator", "train_judge", "main"]
 
 
-def train_generator(kind: str, steps: int, batch: int = 64, lr: float = 5e-4, seed: int = 0, progress=True):
-    """Rectified flow: v = noise - x0 at x_t = (1 - t) x0 + t noise, t ~ logit-normal. Returns
-    (EMA model, mean loss of the last steps)."""
+def train_generator(kind: str, steps: int, batch: int = 64, lr: float = 5e-4, seed: int = 0, progress=True,
+                    drop: float = 0.1):
+    """Rectified flow: v = noise - x0 at x_t = (1 - t) x0 + t noise, t ~ logit-normal; the
+    condition is dropped with probability ``drop`` (FLUX: empty caption; DiT: its label embedding
+    drops labels itself) so that classifier-free guidance works. Returns (EMA model, mean loss
+    of the last 200 steps)."""
     torch.manual_seed(seed)
     images, labels = digits("generator")
     model = build(kind).train()
@@ -44,6 +47,7 @@ def train_generator(kind: str, steps: int, batch: int = 64, lr: float = 5e-4, se
     if kind == "flux":  # every caption of every digit, encoded once
         table = Conditioning.make("flux", torch.arange(10).repeat_interleave(len(TEMPLATES)),
                                   torch.arange(len(TEMPLATES)).repeat(10))
+        null = table[:1].null()
     denoiser = Denoiser(model)
     losses = []
     for _ in tqdm(range(steps), desc=f"train {kind}", disable=not progress):
@@ -53,6 +57,8 @@ def train_generator(kind: str, steps: int, batch: int = 64, lr: float = 5e-4, se
             cond = Conditioning(y)
         else:
             cond = table[y * len(TEMPLATES) + torch.randint(0, len(TEMPLATES), (batch,))]
+            dropped = torch.rand(batch) < drop
+            cond.tokens[dropped], cond.pooled[dropped] = null.tokens[0], null.pooled[0]
         t = torch.sigmoid(torch.randn(batch))
         noise = torch.randn_like(x0)
         xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise

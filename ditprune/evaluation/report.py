@@ -1,0 +1,87 @@
+"""Tables and pictures of a comparison: markdown, a sample grid, quality vs sparsity plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .._io import atomic_file
+
+__all__ = ["COLUMNS", "markdown_table", "save_grid", "plot_quality"]
+
+COLUMNS = {
+    "model": ("model", "{}"),
+    "method": ("method", "{}"),
+    "setting": ("setting", "{}"),
+    "sparsity": ("sparsity", "{:.3f}"),
+    "judge_acc": ("judge acc", "{:.3f}"),
+    "judge_prob": ("judge prob", "{:.3f}"),
+    "fd": ("FD", "{:.2f}"),
+    "rel_err": ("denoiser rel. err", "{:.4f}"),
+    "psnr": ("PSNR dB", "{:.2f}"),
+    "ssim": ("SSIM", "{:.3f}"),
+    "prune_s": ("prune s", "{:.1f}"),
+    "stats_mb": ("stats MB", "{:.2f}"),
+}
+
+
+def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    columns = columns or [c for c in COLUMNS if any(c in r for r in rows)]
+    head = "| " + " | ".join(COLUMNS[c][0] for c in columns) + " |"
+    rule = "|" + "|".join("---" for _ in columns) + "|"
+    body = ["| " + " | ".join(COLUMNS[c][1].format(r[c]) if c in r else "" for c in columns) + " |" for r in rows]
+    return "\n".join([head, rule, *body])
+
+
+def save_grid(rows: dict[str, torch.Tensor], path: str | Path, per_row: int = 10, scale: int = 4) -> Path:
+    """One labelled row of samples per entry (images in [-1, 1]) as a PNG."""
+    from PIL import Image, ImageDraw
+
+    label_w = 8 + 7 * max(len(k) for k in rows)
+    side = next(iter(rows.values())).shape[-1] * scale
+    canvas = Image.new("L", (label_w + per_row * (side + 2), len(rows) * (side + 2)), 255)
+    draw = ImageDraw.Draw(canvas)
+    for r, (label, imgs) in enumerate(rows.items()):
+        draw.text((4, r * (side + 2) + side // 2 - 5), label, fill=0)
+        for c, img in enumerate(imgs[:per_row]):
+            arr = ((img[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+            tile = Image.fromarray(arr, mode="L").resize((side, side), Image.NEAREST)
+            canvas.paste(tile, (label_w + c * (side + 2), r * (side + 2)))
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        canvas.save(tmp, format="PNG")
+    return path
+
+
+def plot_quality(rows: list[dict], path: str | Path, metrics=("rel_err", "judge_acc")) -> Path:
+    """Quality vs sparsity, one line per method, one panel per (model, metric)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(len(models), len(metrics), figsize=(5 * len(metrics), 3.5 * len(models)), squeeze=False)
+    for i, model in enumerate(models):
+        pruned = [r for r in rows if r["model"] == model and r["method"] != "dense"]
+        settings = list(dict.fromkeys(str(r["setting"]) for r in pruned))
+        for j, metric in enumerate(metrics):
+            ax = axes[i][j]
+            for method in dict.fromkeys(r["method"] for r in pruned):
+                pts = {str(r["setting"]): r[metric] for r in pruned if r["method"] == method}
+                ax.plot(settings, [pts.get(s, float("nan")) for s in settings], marker="o", label=method)
+            dense = [r[metric] for r in rows if r["model"] == model and r["method"] == "dense"]
+            if dense:
+                ax.axhline(dense[0], color="k", ls=":", label="dense")
+            ax.set_title(f"{model}: {COLUMNS[metric][0]}")
+            ax.set_xlabel("sparsity / pattern")
+            if metric == "rel_err":
+                ax.set_yscale("log")
+        axes[i][0].legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,95 @@
+"""Short masked recovery fine-tune of a pruned reference DiT, as a LightningModule, and the
+recipe step that runs prune -> recover -> quantize in one ``Trainer.fit``."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule, Trainer
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from .reference import Conditioning, Denoiser
+from .reference.data import digits
+from .reference.text import TEMPLATES
+
+__all__ = ["ReferenceRecovery", "reference_dataloader", "recover_and_quantize"]
+
+
+def reference_dataloader(batch_size: int = 32, seed: int = 0) -> DataLoader:
+    """The generator split (the reference models' own training data), shuffled with a seed."""
+    x, y = digits("generator")
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True,
+                      generator=torch.Generator().manual_seed(seed), drop_last=True)
+
+
+class ReferenceRecovery(LightningModule):
+    """Fine-tunes ``model`` on noised digits. Loss: MSE to the velocity of ``self.teacher`` (a
+    frozen dense copy, attached by :class:`ditprune.callbacks.DiTPruning` with ``distill=True``),
+    or else the rectified-flow loss itself. ``calibration_inputs`` turns a training batch into
+    model inputs for calibration."""
+
+    def __init__(self, model: nn.Module, lr: float = 1e-4, seed: int = 0) -> None:
+        super().__init__()
+        self.model, self.lr = model, lr
+        self.kind = Denoiser(model).kind
+        self._gen = torch.Generator().manual_seed(seed)
+        self._table = None
+        if self.kind == "flux":
+            self._table = Conditioning.make("flux", torch.arange(10).repeat_interleave(len(TEMPLATES)),
+                                            torch.arange(len(TEMPLATES)).repeat(10))
+        self.teacher: nn.Module | None = None
+
+    def _noised(self, batch):
+        x0, y = batch
+        n = len(y)
+        if self._table is None:
+            cond = Conditioning(y)
+        else:
+            cond = self._table[y.cpu() * len(TEMPLATES) + torch.randint(0, len(TEMPLATES), (n,), generator=self._gen)]
+        t = torch.sigmoid(torch.randn(n, generator=self._gen))
+        noise = torch.randn(x0.shape, generator=self._gen)
+        xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
+        return xt, t, cond, noise - x0
+
+    def calibration_inputs(self, batch) -> list[dict]:
+        xt, t, cond, _ = self._noised(batch)
+        return [Denoiser(self.model).inputs(xt, t, cond)]
+
+    def loss(self, batch) -> torch.Tensor:
+        xt, t, cond, target = self._noised(batch)
+        if self.teacher is not None:
+            with torch.no_grad():
+                target = Denoiser(self.teacher)(xt, t, cond)
+        return F.mse_loss(Denoiser(self.model)(xt, t, cond), target)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=0.0)
+
+
+def recover_and_quantize(dense: nn.Module, calibration: list[dict], recipe, evaluator, progress: bool = True):
+    """The recipe's method, pruned -> recovered -> [quantized] in one ``Trainer.fit`` from a fresh
+    dense copy, on the same calibration; returns (model, rows of metrics)."""
+    from ditprune.callbacks import DiTPruning
+
+    p, r = recipe.pruning, recipe.recovery
+    model = copy.deepcopy(dense)
+    module = ReferenceRecovery(model, lr=r.lr)
+    setting = {"pattern": p.pattern} if p.pattern else {"sparsity": p.sparsity}
+    callback = DiTPruning(p.method, **setting, targets=p.targets, ignore=p.ignore, calibration=calibration,
+                          distill=r.distill, quantize=recipe.quantization.config,
+                          block_sequential=p.block_sequential, **dict(p.options))
+    trainer = Trainer(max_steps=r.steps, callbacks=[callback], accelerator="cpu", logger=False,
+                      enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False)
+    trainer.fit(module, reference_dataloader(r.batch_size))
+    label = f"{p.method} + {r.steps} recovery steps" + (f" + {recipe.quantization.config}" if recipe.quantization.config else "")
+    row = {"model": module.kind, "method": label, "setting": p.pattern or p.sparsity,
+           "sparsity": callback.report.sparsity, **evaluator(model), "samples": evaluator.last_samples}
+    return model, [row]

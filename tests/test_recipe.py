@@ -1,0 +1,55 @@
+from pathlib import Path
+
+import pytest
+
+from ditprune.models import family_of
+from ditprune.models.tiny import tiny_model
+from ditprune.recipe import RecipeError, load_recipe
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+TINY = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3", "PixArtTransformer2DModel": "pixart",
+        "DiTTransformer2DModel": "dit", "SanaTransformer2DModel": "sana"}
+
+
+def test_every_config_is_checked():
+    names = {p.stem for p in CONFIGS}
+    assert {"demo", "flux_dev", "flux_schnell", "sd3_medium", "pixart_sigma", "dit_xl_256", "sana"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_parses_and_its_model_class_builds_tiny(path):
+    recipe = load_recipe(path)
+    assert 0 <= recipe.pruning.sparsity < 1
+    if recipe.model.source.startswith("reference:"):
+        return
+    cls = recipe.model.transformer_class
+    assert cls in TINY, f"{path.name}: model.transformer_class must name a supported diffusers class"
+    model = tiny_model(TINY[cls])
+    assert type(model).__name__ == cls and family_of(model).name == TINY[cls]
+
+
+def test_overrides_and_the_demo_default():
+    assert load_recipe(None).model.source == "reference:flux"
+    assert load_recipe(Path("configs/demo.yaml"), ["pruning.sparsity=0.6"]).pruning.sparsity == 0.6
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("pruning.sparsty=0.6", "unknown recipe key 'pruning.sparsty'; did you mean 'pruning.sparsity'"),
+        ("modle.source=x", "unknown recipe key 'modle'; did you mean 'model'"),
+        ("pruning.sparsity=1.5", r"sparsity must be in \[0, 1\)"),
+        ("pruning.sparsity=abc", "bad value for recipe key 'pruning.sparsity'"),
+        ("pruning.method=wandda", "unknown method 'wandda'"),
+        ("pruning.pattern=2-4", "pattern must look like 'N:M'"),
+        ("export.format=zip", "export.format"),
+    ],
+)
+def test_bad_recipes_name_the_key(override, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(Path("configs/demo.yaml"), [override])
+
+
+def test_missing_file():
+    with pytest.raises(RecipeError, match="not found"):
+        load_recipe("configs/nope.yaml")
