@@ -183,7 +183,8 @@ class DiTPruning(Callback):
             module_fqn, name = fqn.rsplit(".", 1)
             key = f"{prefix}{module_fqn}.parametrizations.{name}.original"
             if key in state_dict:
-                state_dict[f"{prefix}{fqn}"] = state_dict.pop(key) * mask.to(state_dict[key].device)
+                original = state_dict.pop(key)
+                state_dict[f"{prefix}{fqn}"] = original * mask.to(original.device, original.dtype)
 
     def _log(self, when: str) -> None:
         rows = []

@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["magnitude", "wanda", "ria", "energy_balanced", "row_output_error", "balanced_mask"]
+__all__ = ["magnitude", "wanda", "ria", "energy_balanced", "row_output_error", "balanced_mask", "refine_mask"]
 
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -86,3 +86,60 @@ def balanced_mask(
                     keep[rows.to(keep.device)] = cand[rows.to(cand.device)]
                     chosen[c] = {"cluster": c, "rows": int(rows.sum()), "alpha": alpha, "grouping": name}
     return keep, [chosen[c] for c in clusters]
+
+
+@torch.no_grad()
+def refine_mask(
+    weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor, max_swaps: int = 64, group: int | None = None,
+    damp: float = 0.0,
+) -> tuple[torch.Tensor, int]:
+    """Energy-guided swaps: in every row, revive the pruned weight and prune the kept weight whose
+    exchange lowers the row's removed output energy dW_i H dW_i^T the most, while any exchange
+    lowers it (at most ``max_swaps`` per row). Counts per row (and per ``group`` of consecutive
+    inputs, for N:M) never change, and the layer error only decreases. A training-free mask
+    update in the spirit of DSnoT (Zhang et al., ICLR 2024), with the exact quadratic change:
+
+        e' - e = 2 w_p g_p + w_p^2 H_pp - 2 w_q g_q + w_q^2 H_qq - 2 w_p w_q H_pq,  g = H dW_i^T
+
+    for pruning kept weight p and reviving pruned weight q. ``damp`` adds damp * mean(diag H) to
+    the diagonal of H (as SparseGPT dampens), so that swaps cannot exploit directions the
+    calibration data never visited. Returns (keep mask, swaps made)."""
+    w, h = weight.float(), gram.float().to(weight.device)
+    if damp:
+        h = h + damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], device=h.device)
+    keep = keep.clone()
+    g = (w * ~keep) @ h
+    dh = torch.diagonal(h)
+    rows = torch.arange(w.shape[0], device=w.device)
+    cols = torch.arange(w.shape[1], device=w.device)
+    swaps = 0
+    inf = float("inf")
+    for _ in range(max_swaps):
+        revive = (w * w * dh - 2 * w * g).masked_fill(keep, inf)  # change in e from reviving q alone
+        prune = (w * w * dh + 2 * w * g).masked_fill(~keep, inf)  # change in e from pruning p alone
+        if group is not None:
+            same = lambda j: cols.unsqueeze(0) // group == (j // group).unsqueeze(1)  # noqa: E731
+        # two candidate exchanges per row, each exact with the cross term: the best revival with
+        # its best partner, and the best pruning with its best partner
+        q1 = revive.argmin(1)
+        cross = 2 * w * w[rows, q1].unsqueeze(1) * h[q1]
+        partner = prune - cross if group is None else (prune - cross).masked_fill(~same(q1), inf)
+        p1 = partner.argmin(1)
+        d1 = revive[rows, q1] + partner[rows, p1]
+        p2 = (prune if group is None else prune).argmin(1)
+        cross = 2 * w * w[rows, p2].unsqueeze(1) * h[p2]
+        partner = revive - cross if group is None else (revive - cross).masked_fill(~same(p2), inf)
+        q2 = partner.argmin(1)
+        d2 = prune[rows, p2] + partner[rows, q2]
+        second = d2 < d1
+        p, q, delta = torch.where(second, p2, p1), torch.where(second, q2, q1), torch.minimum(d1, d2)
+        scale = (w * g).abs().sum(1).clamp_min(1e-30)
+        act = torch.isfinite(delta) & (delta < -1e-9 * scale)
+        if not act.any():
+            break
+        r, pa, qa = rows[act], p[act], q[act]
+        keep[r, pa] = False
+        keep[r, qa] = True
+        g[r] += w[r, pa].unsqueeze(1) * h[pa] - w[r, qa].unsqueeze(1) * h[qa]
+        swaps += int(act.sum())
+    return keep, swaps

@@ -237,11 +237,13 @@ class DiTPruningSparsifier(SaliencySparsifier):
     Rows are clustered (seeded k-means on :func:`~ditprune.granularity.row_features`, k by BIC).
     With ``alpha="auto"`` each cluster takes, from ``alphas`` x {per-row, cluster-pooled} (N:M:
     ``alphas`` alone), the mask that removes the least output energy tr(dW H dW^T) on the
-    calibration data, never worse than Wanda on that objective. ``reconstruct=True`` then updates
-    the kept weights with SparseGPT's OBS solver for that fixed mask.
+    calibration data, never worse than Wanda on that objective. ``refine`` (swaps per row) then
+    exchanges pruned and kept weights while that lowers the same objective
+    (:func:`~ditprune.saliency.refine_mask`). ``reconstruct=True`` finally updates the kept
+    weights with SparseGPT's OBS solver for that fixed mask.
 
     ``method: dit``, ``sparsity: 0.5``, ``alpha: auto``, ``alphas: [0.3, 0.4, 0.5, 0.6]``,
-    ``granularity: clusters``, ``max_clusters: 6``, ``reconstruct: false``.
+    ``granularity: clusters``, ``max_clusters: 6``, ``refine: 64``, ``reconstruct: false``.
     """
 
     default_granularity = "clusters"
@@ -254,6 +256,8 @@ class DiTPruningSparsifier(SaliencySparsifier):
         alpha: float | str = "auto",
         alphas: Sequence[float] = (0.3, 0.4, 0.5, 0.6),
         max_clusters: int = 6,
+        refine: int = 64,
+        damp: float = 0.0,
         reconstruct: bool = False,
         seed: int = 0,
     ):
@@ -266,12 +270,14 @@ class DiTPruningSparsifier(SaliencySparsifier):
             raise ValueError(f"alphas must lie in [0, 1], got {list(alphas)}")
         super().__init__(
             sparsity, pattern, granularity, alpha=alpha, alphas=grid, max_clusters=int(max_clusters),
-            reconstruct=bool(reconstruct), seed=int(seed),
+            refine=int(refine), damp=float(damp), reconstruct=bool(reconstruct), seed=int(seed),
         )
-        self.needs_gram = alpha == "auto" or bool(reconstruct)
+        if int(refine) < 0:
+            raise ValueError(f"refine is a number of swaps per row (0 = off), got {refine}")
+        self.needs_gram = alpha == "auto" or bool(reconstruct) or int(refine) > 0
 
-    def compute_mask(self, weight, stats, *, sparsity, nm, granularity, alpha, alphas, max_clusters, reconstruct,
-                     seed, **options):
+    def compute_mask(self, weight, stats, *, sparsity, nm, granularity, alpha, alphas, max_clusters, refine,
+                     damp, reconstruct, seed, **options):
         energy = stats.energy
         rows = weight.shape[0]
         if granularity == "clusters":
@@ -292,8 +298,11 @@ class DiTPruningSparsifier(SaliencySparsifier):
             keep = next(iter(fns.values()))(saliency.energy_balanced(weight, energy, alpha))
             choice = [{"cluster": int(c), "rows": int((labels == c).sum()), "alpha": alpha,
                        "grouping": next(iter(fns))} for c in labels.unique()]
+        info = {"clusters": choice}
+        if refine:
+            keep, info["swaps"] = saliency.refine_mask(weight, keep, stats.gram, refine, nm[1] if nm else None, damp)
         new_weight = obs_prune(weight, stats.gram, prune_mask=~keep)[0] if reconstruct else None
-        return keep, new_weight, {"clusters": choice}
+        return keep, new_weight, info
 
 
 METHODS: dict[str, type[SaliencySparsifier]] = {

@@ -52,3 +52,32 @@ def test_balanced_mask_never_worse_than_wanda_and_keeps_counts():
         assert err <= saliency.row_output_error(w, wanda_keep, gram).sum() + 1e-6
         assert (~keep).sum() == 24 * 16
         assert sum(c["rows"] for c in choice) == 24
+
+
+def test_refine_mask_hand_computed_swap():
+    # inputs 0 and 1 are strongly correlated (H01 = 0.95) and their weights have opposite signs:
+    # pruning both removes little output energy, which per-weight scores cannot see
+    w = torch.tensor([[1.0, -0.9, 0.85, 2.0]])
+    h = torch.eye(4)
+    h[0, 1] = h[1, 0] = 0.95
+    start = G.row_mask(saliency.wanda(w, torch.diagonal(h)), 0.5)
+    assert start.tolist() == [[True, False, False, True]]  # Wanda prunes -0.9 and 0.85: error 1.5325
+    keep, swaps = saliency.refine_mask(w, start, h)
+    assert keep.tolist() == [[False, False, True, True]] and swaps == 1
+    torch.testing.assert_close(saliency.row_output_error(w, keep, h), torch.tensor([1 + 0.81 - 2 * 0.9 * 0.95]))
+
+
+@pytest.mark.parametrize("group", [None, 4])
+def test_refine_mask_keeps_counts_and_only_lowers_error(group):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 64, generator=g)
+    x = torch.randn(500, 64, generator=g) @ torch.randn(64, 64, generator=g)
+    h = x.T @ x / 500
+    start = G.row_mask(saliency.wanda(w, torch.diagonal(h)), 0.5) if group is None else G.nm_mask(w.abs(), 2, 4)
+    keep, swaps = saliency.refine_mask(w, start, h, max_swaps=32, group=group)
+    assert swaps > 0
+    assert torch.equal(keep.sum(1), start.sum(1))
+    if group:
+        assert keep.reshape(32, -1, 4).sum(-1).eq(2).all()
+    before, after = saliency.row_output_error(w, start, h), saliency.row_output_error(w, keep, h)
+    assert (after <= before + 1e-5).all() and after.sum() < before.sum()

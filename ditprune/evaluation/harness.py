@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 CALIBRATION_SEED = 0  # calibration trajectories; the evaluation uses EVAL_SEED, never the same noise
 EVAL_SEED = 1000
-GUIDANCE = {"dit": 1.5, "flux": 1.0}  # classifier-free guidance of each reference model's sampler
+GUIDANCE = {"dit": 1.5, "flux": 1.5}  # classifier-free guidance of each reference model's sampler
 
 
 def reference_calibration(model: nn.Module, n_prompts: int = 16, steps: int = 10, seed: int = CALIBRATION_SEED) -> list[dict]:

@@ -4,6 +4,7 @@ came from the commands recorded in each model's ``training.json``.
     python -m ditprune.reference.train judge --out ditprune/reference/weights/judge
     python -m ditprune.reference.train flux --steps 4000 --out ditprune/reference/weights/flux
     python -m ditprune.reference.train dit --steps 4000 --out ditprune/reference/weights/dit
+    python -m ditprune.reference.train record   # dense metrics of the shipped models, for the tests
 """
 
 from __future__ import annotations
@@ -99,14 +100,18 @@ def train_judge(epochs: int = 20, seed: int = 0, progress=True) -> tuple[Judge, 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kind", choices=["flux", "dit", "judge"])
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("kind", choices=["flux", "dit", "judge", "record"])
+    p.add_argument("--out", type=Path)
     p.add_argument("--steps", type=int, default=4000, help="generator optimizer steps")
     p.add_argument("--epochs", type=int, default=20, help="judge epochs")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.kind == "record":
+        return record_dense_metrics()
+    if args.out is None:
+        p.error("--out is required to train")
     start = time.time()
     record = {"command": "python -m ditprune.reference.train " + shlex.join(argv if argv is not None else sys.argv[1:]),
               "torch": torch.__version__, "threads": torch.get_num_threads()}
@@ -122,6 +127,19 @@ def main(argv: list[str] | None = None) -> None:
         record["seconds"] = round(time.time() - start, 1)
         (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
+
+
+def record_dense_metrics() -> None:
+    """Evaluate each shipped generator as the harness does by default and store the numbers
+    beside its weights (``dense_metrics.json``); the suite checks that they reproduce."""
+    from ..evaluation.harness import Evaluator
+    from . import load, weights_dir
+
+    for kind in ("flux", "dit"):
+        model = load(kind)
+        metrics = {k: v for k, v in Evaluator(model)(model).items() if k in ("judge_acc", "judge_prob", "fd")}
+        (weights_dir(kind) / "dense_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        print(kind, metrics)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,67 @@
+import json
+
+import pytest
+import torch
+
+from ditprune.evaluation.metrics import frechet_distance, judge_scores, psnr, relative_error, ssim
+from ditprune.reference import load, load_judge, training_record, weights_dir
+from ditprune.reference.data import SPLITS, digits
+
+
+@pytest.fixture(scope="module")
+def holdout():
+    return digits("holdout")
+
+
+def test_splits_are_disjoint_and_balanced():
+    seen = set()
+    for split, (lo, hi) in SPLITS.items():
+        x, y = digits(split)
+        assert torch.bincount(y).tolist() == [hi - lo] * 10
+        keys = {tuple(img.flatten()[::7].tolist()) for img in x}
+        assert not keys & seen, f"{split} shares images with another split"
+        seen |= keys
+
+
+def test_identical_images_give_infinite_psnr_and_zero_error(holdout):
+    x = holdout[0][:20]
+    assert psnr(x, x) == float("inf")
+    assert ssim(x, x) == pytest.approx(1.0)
+    assert relative_error(x, x) == 0.0
+    noisy = x + 0.1 * torch.randn_like(x)
+    assert 10 < psnr(noisy, x) < 40 and ssim(noisy, x) < 1.0
+    assert relative_error(noisy, x) == pytest.approx(((noisy - x) ** 2).sum().item() / (x**2).sum().item())
+
+
+def test_judge_accuracy_falls_on_shuffled_labels(holdout):
+    x, y = holdout
+    judge = load_judge()
+    acc, prob = judge_scores(judge, x, y)
+    assert acc >= 0.9 and prob >= 0.85
+    shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
+    assert judge_scores(judge, x, shuffled)[0] < 0.3
+
+
+def test_frechet_distance_separates_real_from_noise(holdout):
+    judge = load_judge()
+    real_vs_real = frechet_distance(judge, holdout[0], digits("judge")[0])
+    noise = torch.rand_like(holdout[0]) * 2 - 1
+    assert real_vs_real < 20 < frechet_distance(judge, noise, holdout[0])
+
+
+def test_judge_record_reproduces():
+    x, y = digits("holdout")
+    acc, _ = judge_scores(load_judge(), x, y)
+    assert acc == pytest.approx(training_record("judge")["holdout_accuracy"], abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["flux", "dit"])
+def test_shipped_generators_reproduce_their_recorded_dense_accuracy(kind):
+    from ditprune.evaluation.harness import Evaluator
+
+    recorded = json.loads((weights_dir(kind) / "dense_metrics.json").read_text())
+    model = load(kind)
+    got = Evaluator(model)(model)
+    assert recorded["judge_acc"] >= 0.9
+    assert got["judge_acc"] == pytest.approx(recorded["judge_acc"], abs=0.011)
+    assert got["fd"] == pytest.approx(recorded["fd"], rel=0.05)
