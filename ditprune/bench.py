@@ -30,6 +30,9 @@ def _ablation(kind: str, quick: bool, progress: bool) -> list[dict]:
     balance = [Candidate("wanda", "wanda"), Candidate("dit alpha=auto", "dit")]
     balance += [Candidate(f"dit alpha={a}", "dit", {"alpha": a}) for a in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)]
     grouping = [Candidate(f"dit {g}", "dit", {"granularity": g}) for g in ("row", "layer", "clusters")]
+    grouping += [Candidate("dit refine=0", "dit", {"refine": 0}),
+                 Candidate("wanda mask + refine", "dit", {"alpha": 0.5, "granularity": "row"}),
+                 Candidate("dit refine=256", "dit", {"refine": 256})]
     engine = [Candidate("dit whole-model", "dit", {"block_sequential": False})]
     rows += compare(kind, balance + grouping + engine, settings, progress=progress)
     for n_prompts, steps in ([(4, 2), (16, 10)] if quick else [(4, 2), (4, 10), (16, 2), (16, 5), (16, 10), (32, 10)]):

@@ -68,7 +68,21 @@ def main(argv: list[str] | None = None) -> int:
     b.set_defaults(func=_cmd_bench)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    if not args.verbose:
+        _quiet_dependencies()
     return args.func(args)
+
+
+def _quiet_dependencies() -> None:
+    """The CLI is an application: silence import-time chatter of torchao, diffusers, transformers."""
+    for name in ("torchao", "torch.utils._pytree", "torch._dynamo"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ class QuantizationConfig:
 
 @dataclass
 class ExportConfig:
-    output_dir: str = "outputs/ditprune"
+    output_dir: str = "outputs/demo"
     format: str = "diffusers"  # diffusers (dense with zeros) | compact (mask + values)
 
 
