@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .stats import HookOwner
 
-__all__ = ["capture_inputs", "next_inputs", "run_block_sequential", "run_whole_model", "EmptyCalibrationError"]
+__all__ = ["capture_inputs", "next_inputs", "to_device", "run_block_sequential", "run_whole_model", "EmptyCalibrationError"]
 
 Inputs = list[tuple[tuple, dict]]
 
@@ -30,15 +30,17 @@ class _Captured(Exception):
     pass
 
 
-def _to(obj: Any, device) -> Any:
+def to_device(obj: Any, device, copy: bool = False) -> Any:
+    """``obj`` with every tensor inside (nested lists, tuples, dicts) moved to ``device``
+    (None: left where it is); ``copy=True`` detaches and copies even on the same device."""
     if device is None:
         return obj
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        return obj.detach().to(device, copy=True) if copy else obj.to(device)
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_to(o, device) for o in obj)
+        return type(obj)(to_device(o, device, copy) for o in obj)
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: to_device(v, device, copy) for k, v in obj.items()}
     return obj
 
 
@@ -55,7 +57,7 @@ def capture_inputs(model: nn.Module, block: nn.Module, calibration: Iterable[dic
     captured: Inputs = []
 
     def grab(_module, args, kwargs):
-        captured.append((_to(args, offload), _to(kwargs, offload)))
+        captured.append((to_device(args, offload), to_device(kwargs, offload)))
         raise _Captured
 
     with HookOwner() as hooks:
@@ -113,12 +115,12 @@ def run_block_sequential(
 
         def replay(block=block):
             for args, kwargs in inputs:
-                block(*_to(args, device), **_to(kwargs, device))
+                block(*to_device(args, device), **to_device(kwargs, device))
 
         calibrate_block(name, block, replay)
         if block is not blocks[-1][1]:
             inputs = [
-                tuple(_to(x, offload) for x in next_inputs(args, kwargs, block(*_to(args, device), **_to(kwargs, device))))
+                tuple(to_device(x, offload) for x in next_inputs(args, kwargs, block(*to_device(args, device), **to_device(kwargs, device))))
                 for args, kwargs in inputs
             ]
 

@@ -41,6 +41,7 @@ class PruneReport:
     layers: list[LayerReport]
     seconds: float
     peak_stats_bytes: int = 0  # the most calibration statistics held at once
+    sparsifier: Any = field(default=None, repr=False)  # set when prune(..., squash=False)
 
     @property
     def sparsity(self) -> float:

@@ -11,7 +11,7 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-__all__ = ["Recipe", "RecipeError", "load_recipe", "DEMO"]
+__all__ = ["Recipe", "RecipeError", "load_recipe", "pruning_setting", "DEMO"]
 
 
 @dataclass
@@ -94,6 +94,11 @@ DEMO = Recipe()  # the embedded default: `ditprune prune` with no arguments
 
 class RecipeError(ValueError):
     pass
+
+
+def pruning_setting(pruning) -> dict:
+    """The ``prune`` argument a recipe's pruning section sets: ``pattern`` if given, else ``sparsity``."""
+    return {"pattern": pruning.pattern} if pruning.pattern else {"sparsity": pruning.sparsity}
 
 
 def _valid_keys(node, prefix=""):

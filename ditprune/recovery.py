@@ -79,10 +79,12 @@ def recover_and_quantize(dense: nn.Module, calibration: list[dict], recipe, eval
     dense copy, on the same calibration; returns (model, rows of metrics)."""
     from ditprune.callbacks import DiTPruning
 
+    from .recipe import pruning_setting
+
     p, r = recipe.pruning, recipe.recovery
     model = copy.deepcopy(dense)
     module = ReferenceRecovery(model, lr=r.lr)
-    setting = {"pattern": p.pattern} if p.pattern else {"sparsity": p.sparsity}
+    setting = pruning_setting(p)
     callback = DiTPruning(p.method, **setting, targets=p.targets, ignore=p.ignore, calibration=calibration,
                           distill=r.distill, quantize=recipe.quantization.config,
                           block_sequential=p.block_sequential, **dict(p.options))

@@ -12,29 +12,30 @@ from omegaconf import DictConfig, OmegaConf
 
 from ._io import atomic_dir, atomic_file
 from .pruning import PruneReport, prune
+from .recipe import pruning_setting
 
 __all__ = ["run_recipe", "prune_with_overrides"]
 
 log = logging.getLogger(__name__)
 
 
-def prune_with_overrides(model, calibration, method: str, pruning: DictConfig | dict, **setting: Any) -> PruneReport:
-    """``prune`` as a recipe's ``pruning`` section says. Each override (targets + sparsity/pattern)
-    is a prune pass of its own over its targets; the main pass then prunes the remaining targets.
-    The passes share the calibration batches (materialise them as a list)."""
+def prune_with_overrides(model, calibration, method: str, pruning: DictConfig | dict, **kw: Any) -> PruneReport:
+    """``prune`` as a recipe's ``pruning`` section says; ``kw`` are further ``prune`` arguments
+    (``sparsity`` or ``pattern``, ``progress``). Each override (targets + sparsity/pattern) is a
+    prune pass of its own over its targets; the main pass then prunes the remaining targets."""
     p = OmegaConf.to_container(pruning, resolve=True) if isinstance(pruning, DictConfig) else dict(pruning)
-    common = dict(method=method, block_sequential=p.get("block_sequential", True))
+    common = dict(method=method, block_sequential=p.get("block_sequential", True), **kw)
     if method == p.get("method"):  # the recipe's options are its method's; baselines keep their defaults
         common.update(p.get("options", {}))
     calibration = list(calibration)
     taken: list[str] = []
     reports = []
     for ov in p.get("overrides", []):
-        local = {"pattern": ov["pattern"]} if ov.get("pattern") else {"sparsity": ov.get("sparsity", setting.get("sparsity"))}
-        reports.append(prune(model, calibration, targets=ov["targets"], ignore=p.get("ignore"), **local, **common))
+        local = dict(common, sparsity=ov["sparsity"] if ov.get("sparsity") is not None else kw.get("sparsity", 0.5),
+                     pattern=ov.get("pattern"))
+        reports.append(prune(model, calibration, targets=ov["targets"], ignore=p.get("ignore"), **local))
         taken += ov["targets"]
-    main = prune(model, calibration, targets=p.get("targets"), ignore=(p.get("ignore") or []) + taken or None,
-                 **setting, **common)
+    main = prune(model, calibration, targets=p.get("targets"), ignore=(p.get("ignore") or []) + taken or None, **common)
     if reports:
         main.layers = [layer for r in reports for layer in r.layers] + main.layers
     return main
@@ -58,7 +59,7 @@ def _run_reference(recipe: DictConfig, out: Path, progress: bool) -> dict:
 
     kind = recipe.model.source.split(":", 1)[1]
     p = recipe.pruning
-    setting = {"pattern": p.pattern} if p.pattern else {"sparsity": p.sparsity}
+    setting = pruning_setting(p)
     main_label = f"{p.method} (recipe)"
     candidates = [Candidate("dense", None), Candidate(main_label, p.method)]
     candidates += [Candidate(m, m) for m in recipe.evaluation.compare if m != p.method]

@@ -126,7 +126,7 @@ def refine_mask(
         partner = prune - cross if group is None else (prune - cross).masked_fill(~same(q1), inf)
         p1 = partner.argmin(1)
         d1 = revive[rows, q1] + partner[rows, p1]
-        p2 = (prune if group is None else prune).argmin(1)
+        p2 = prune.argmin(1)
         cross = 2 * w * w[rows, p2].unsqueeze(1) * h[p2]
         partner = revive - cross if group is None else (revive - cross).masked_fill(~same(p2), inf)
         q2 = partner.argmin(1)

@@ -125,7 +125,8 @@ class Comparison:
         for cand, setting in tqdm(jobs, desc=f"{self.kind}: methods", disable=not progress):
             model = copy.deepcopy(self.dense)
             start = time.perf_counter()
-            report = (prune_fn or prune)(model, self.calibration, method=cand.method, **setting, **cand.options)
+            report = (prune_fn or prune)(model, self.calibration, method=cand.method, **setting, **cand.options,
+                                         progress=progress)
             seconds = time.perf_counter() - start
             rows.append({"model": self.kind, "method": cand.label, "setting": setting.get("pattern") or setting["sparsity"],
                          "sparsity": report.sparsity, "prune_s": seconds, "stats_mb": report.peak_stats_bytes / 2**20,

@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._io import atomic_dir, atomic_file
+from ..calibration import to_device
 from ..stats import HookOwner
 
 __all__ = ["DTYPES", "load_pipeline", "pipeline_calibration", "read_prompts", "run_pipeline_recipe", "BUILTIN_PROMPTS"]
@@ -58,16 +59,6 @@ def load_pipeline(source: str, dtype: str = "float32", device: str = "cpu", tran
     return pipe.to(device)
 
 
-def _offload(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_offload(o) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _offload(v) for k, v in obj.items()}
-    return obj
-
-
 @torch.no_grad()
 def pipeline_calibration(pipe, prompts: list[str], steps: int, guidance: float, resolution: int, seed: int = 0,
                          batch_size: int = 4, progress: bool = True) -> list[dict]:
@@ -83,7 +74,7 @@ def pipeline_calibration(pipe, prompts: list[str], steps: int, guidance: float, 
         for name, param in signature.parameters.items():
             if param.kind is inspect.Parameter.VAR_KEYWORD and name in bound:
                 bound.update(bound.pop(name))
-        record.append(_offload(dict(bound)))
+        record.append(to_device(dict(bound), "cpu", copy=True))
 
     is_dit = type(pipe).__name__ == "DiTPipeline"
     with HookOwner() as hooks:
@@ -104,6 +95,7 @@ def pipeline_calibration(pipe, prompts: list[str], steps: int, guidance: float, 
 def run_pipeline_recipe(recipe: DictConfig, out: Path, progress: bool = True) -> dict:
     """Prune the transformer of a diffusers pipeline as the recipe says; save it as a diffusers
     model directory under ``out/transformer``."""
+    from ..recipe import pruning_setting
     from ..runner import prune_with_overrides
 
     m, c, p = recipe.model, recipe.calibration, recipe.pruning
@@ -115,9 +107,8 @@ def run_pipeline_recipe(recipe: DictConfig, out: Path, progress: bool = True) ->
     pipe = load_pipeline(m.source, m.dtype, m.device, m.transformer_class)
     prompts = read_prompts(c.prompts, c.num_prompts, class_conditional=type(pipe).__name__ == "DiTPipeline")
     calibration = pipeline_calibration(pipe, prompts, c.steps, c.guidance, c.resolution, c.seed, progress=progress)
-    calibration = [{k: v.to(m.device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in calibration]
-    setting = {"pattern": p.pattern} if p.pattern else {"sparsity": p.sparsity}
-    report = prune_with_overrides(pipe.transformer, calibration, p.method, p, **setting)
+    calibration = to_device(calibration, m.device)
+    report = prune_with_overrides(pipe.transformer, calibration, p.method, p, **pruning_setting(p), progress=progress)
     if recipe.quantization.config:
         from ..quantize import quantize
 
