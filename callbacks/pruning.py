@@ -137,6 +137,7 @@ class DiTPruning(Callback):
 
     def _prune(self, trainer: Trainer, pl_module: LightningModule) -> None:
         model = self._model(pl_module)
+        self._log("before pruning", resolve_targets(model, self.targets, self.ignore).items())
         calibration = self._calibration(trainer, pl_module)
         if self.distill:
             teacher = copy.deepcopy(model).eval().requires_grad_(False)
@@ -186,9 +187,9 @@ class DiTPruning(Callback):
                 original = state_dict.pop(key)
                 state_dict[f"{prefix}{fqn}"] = original * mask.to(original.device, original.dtype)
 
-    def _log(self, when: str) -> None:
-        rows = []
-        for g in self.sparsifier.groups:
-            w = getattr(g["module"], g["tensor_name"])
-            rows.append(f"  {g['module_fqn']:50s} {1.0 - w.count_nonzero().item() / w.numel():.4f}")
+    def _log(self, when: str, layers=None) -> None:
+        """Per-layer sparsity, from rank zero only."""
+        if layers is None:
+            layers = [(g["module_fqn"], g["module"]) for g in self.sparsifier.groups]
+        rows = [f"  {name:50s} {1.0 - m.weight.count_nonzero().item() / m.weight.numel():.4f}" for name, m in layers]
         rank_zero_info(f"ditprune: per-layer sparsity {when} ({self.method})\n" + "\n".join(rows))

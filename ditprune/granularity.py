@@ -93,14 +93,17 @@ def pooled_mask(scores: torch.Tensor, labels: torch.Tensor, sparsity: float) -> 
 
 def row_features(weight: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
     """2-D features of each output row: log row energy ||W_i||^2 and log of the energy the row
-    draws from its inputs per unit weight energy, sum_j W_ij^2 a_j / ||W_i||^2. Standardized."""
+    draws from its inputs per unit weight energy, sum_j W_ij^2 a_j / ||W_i||^2. Both are log
+    energies (the same unit), so they are centred and scaled by one common factor: a feature that
+    barely varies is not blown up to the weight of one that separates the rows."""
     w2 = weight.float().pow(2)
     row_w = w2.sum(1)
     row_out = w2 @ energy.float()
     eps = torch.finfo(torch.float32).tiny
     f = torch.stack([torch.log(row_w + eps), torch.log(row_out + eps) - torch.log(row_w + eps)], 1)
-    std = f.std(0, unbiased=False)
-    return (f - f.mean(0)) / torch.where(std > 1e-6, std, torch.ones_like(std))
+    f = f - f.mean(0)
+    scale = f.pow(2).mean().sqrt()
+    return f / scale if scale > 1e-6 else f
 
 
 def cluster_rows(

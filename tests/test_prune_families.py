@@ -89,3 +89,27 @@ def test_report_carries_method_settings():
         assert sum(c["rows"] for c in clusters) == layer.shape[0]
         assert all(c["alpha"] in (0.3, 0.4, 0.5, 0.6) and c["grouping"] in ("row", "pooled") for c in clusters)
     assert layer.name in str(report)
+
+
+def test_clusters_compose_with_n_m():
+    """Rows of three very different scales: three clusters, each with its own balance, and 2:4 holds."""
+    from torch import nn
+
+    class Fused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.qkv = nn.Linear(32, 48, bias=False)
+            with torch.no_grad():
+                self.qkv.weight.mul_(torch.tensor([0.01, 0.1, 1.0]).repeat_interleave(16).unsqueeze(1))
+
+        def forward(self, x):
+            return self.qkv(x)
+
+    model = Fused()
+    g = torch.Generator().manual_seed(0)
+    batches = [{"x": torch.randn(4, 16, 32, generator=g) * torch.logspace(-1, 1, 32)} for _ in range(4)]
+    report = ditprune.prune(model, batches, method="dit", pattern="2:4")
+    [layer] = report.layers
+    assert sorted(c["rows"] for c in layer.info["clusters"]) == [16, 16, 16]
+    assert (model.qkv.weight != 0).reshape(48, -1, 4).sum(-1).eq(2).all()
