@@ -134,7 +134,8 @@ def prune(
 
     Args:
         model: any ``nn.Module``; diffusers DiT transformers are recognised (see :mod:`ditprune.models`).
-        calibration: iterable of dicts, each fed as ``model(**batch)`` (prompts x timesteps).
+        calibration: iterable of dicts, each fed as ``model(**batch)`` (prompts x timesteps);
+            not read by ``"magnitude"``.
         method: ``"dit"`` | ``"wanda"`` | ``"magnitude"`` | ``"ria"`` | ``"sparsegpt"``.
         sparsity: fraction of each targeted weight set to zero, in [0, 1).
         pattern: ``"N:M"`` (keep N of every M consecutive inputs, e.g. ``"2:4"``); wins over sparsity.
@@ -169,7 +170,9 @@ def prune(
     model.eval()
     sparsifier.prepare(model, [{"tensor_fqn": f"{name}.weight"} for name in layers])
     try:
-        if block_sequential:
+        if not (sparsifier.needs_energy or sparsifier.needs_gram):
+            sparsifier.step()  # data-free (magnitude): calibration is not read
+        elif block_sequential:
 
             def calibrate_block(name, block, replay):
                 fqns = by_block[name]

@@ -76,22 +76,32 @@ class ReferenceRecovery(LightningModule):
 
 def recover_and_quantize(dense: nn.Module, calibration: list[dict], recipe, evaluator, progress: bool = True):
     """The recipe's method, pruned -> recovered -> [quantized] in one ``Trainer.fit`` from a fresh
-    dense copy, on the same calibration; returns (model, rows of metrics)."""
+    dense copy, on the same calibration. Returns (model, rows): one row after recovery (measured
+    at the end of training, before quantization) and, with a quantization config, one after it."""
+    from lightning.pytorch import Callback
+
     from ditprune.callbacks import DiTPruning
 
     from .recipe import pruning_setting
 
-    p, r = recipe.pruning, recipe.recovery
+    p, r, q = recipe.pruning, recipe.recovery, recipe.quantization.config
     model = copy.deepcopy(dense)
     module = ReferenceRecovery(model, lr=r.lr)
-    setting = pruning_setting(p)
-    callback = DiTPruning(p.method, **setting, targets=p.targets, ignore=p.ignore, calibration=calibration,
-                          distill=r.distill, quantize=recipe.quantization.config,
-                          block_sequential=p.block_sequential, **dict(p.options))
-    trainer = Trainer(max_steps=r.steps, callbacks=[callback], accelerator="cpu", logger=False,
+    rows: list[dict] = []
+
+    def row(label: str) -> dict:
+        return {"model": module.kind, "method": label, "setting": p.pattern or p.sparsity,
+                "sparsity": callback.report.sparsity, **evaluator(model), "samples": evaluator.last_samples}
+
+    class _Measure(Callback):  # listed before DiTPruning: runs before it squashes and quantizes
+        def on_train_end(self, trainer, pl_module):
+            rows.append(row(f"{p.method} + {r.steps} recovery steps"))
+
+    callback = DiTPruning(p.method, **pruning_setting(p), targets=p.targets, ignore=p.ignore, calibration=calibration,
+                          distill=r.distill, quantize=q, block_sequential=p.block_sequential, **dict(p.options))
+    trainer = Trainer(max_steps=r.steps, callbacks=[_Measure(), callback], accelerator="cpu", logger=False,
                       enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False)
     trainer.fit(module, reference_dataloader(r.batch_size))
-    label = f"{p.method} + {r.steps} recovery steps" + (f" + {recipe.quantization.config}" if recipe.quantization.config else "")
-    row = {"model": module.kind, "method": label, "setting": p.pattern or p.sparsity,
-           "sparsity": callback.report.sparsity, **evaluator(model), "samples": evaluator.last_samples}
-    return model, [row]
+    if q:
+        rows.append(row(f"{p.method} + {r.steps} recovery steps + {q}"))
+    return model, rows

@@ -292,6 +292,16 @@ class DiTPruningSparsifier(SaliencySparsifier):
             fns = {"pooled": lambda s: G.pooled_mask(s, labels.to(s.device), sparsity)}
             if granularity == "clusters":
                 fns["row"] = lambda s: G.row_mask(s, sparsity)
+        swaps = []
+        if refine:  # every candidate is refined before it is judged: the balance is chosen for the final mask
+            def refined(fn):
+                def make(s):
+                    keep, n = saliency.refine_mask(weight, fn(s), stats.gram, refine, nm[1] if nm else None, damp)
+                    swaps.append(n)
+                    return keep
+                return make
+
+            fns = {name: refined(fn) for name, fn in fns.items()}
         if alpha == "auto":
             keep, choice = saliency.balanced_mask(weight, energy, stats.gram, alphas, fns, labels)
         else:
@@ -299,8 +309,6 @@ class DiTPruningSparsifier(SaliencySparsifier):
             choice = [{"cluster": int(c), "rows": int((labels == c).sum()), "alpha": alpha,
                        "grouping": next(iter(fns))} for c in labels.unique()]
         info = {"clusters": choice}
-        if refine:
-            keep, info["swaps"] = saliency.refine_mask(weight, keep, stats.gram, refine, nm[1] if nm else None, damp)
         new_weight = obs_prune(weight, stats.gram, prune_mask=~keep)[0] if reconstruct else None
         return keep, new_weight, info
 

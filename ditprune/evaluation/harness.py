@@ -72,9 +72,14 @@ class Evaluator:
 
     @torch.no_grad()
     def _run(self, model: nn.Module) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        den = Denoiser(model)
-        samples = sample(den, self.cond, steps=self.steps, seed=self.seed, guidance=GUIDANCE[self.kind])
-        return samples, [den(x, t, c) for x, t, c in self.noised]
+        was_training = model.training
+        model.eval()  # e.g. DiT's label embedding drops labels in training mode
+        try:
+            den = Denoiser(model)
+            samples = sample(den, self.cond, steps=self.steps, seed=self.seed, guidance=GUIDANCE[self.kind])
+            return samples, [den(x, t, c) for x, t, c in self.noised]
+        finally:
+            model.train(was_training)
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
         """The metrics of ``model``; its samples stay in ``self.last_samples``."""
