@@ -78,9 +78,12 @@ def _run_reference(recipe: DictConfig, out: Path, progress: bool) -> dict:
         model, extra = recover_and_quantize(bench.dense, bench.calibration, recipe, bench.evaluator, progress)
         rows.extend(extra)
     outputs = {}
-    with atomic_dir(out / "model") as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-    outputs["model"] = str(out / "model")
+    if recipe.quantization.config:
+        outputs["model"] = "not exported: safetensors cannot hold torchao's quantized tensors (rerun without quantization.config)"
+    else:
+        with atomic_dir(out / "model") as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+        outputs["model"] = str(out / "model")
     outputs["samples"] = str(save_grid({r["method"]: r["samples"] for r in rows}, out / "samples.png"))
     table = markdown_table(rows)
     metrics = [{k: v for k, v in r.items() if k not in ("samples", "report", "pruned")} for r in rows]
