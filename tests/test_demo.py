@@ -26,3 +26,15 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert "embedder" not in " ".join(k for k, v in pruned.items() if (v == 0).float().mean() > 0.4)
     after = load_file(str(weights_dir("flux") / "diffusion_pytorch_model.safetensors"))
     assert all((shipped[k] == after[k]).all() for k in shipped)  # shipped weights untouched
+
+
+def test_recovery_recipe_runs_prune_recover_quantize(tmp_path, capsys):
+    out = tmp_path / "rec"
+    code = main(["-q", "prune", "configs/recovery_demo.yaml", "recovery.steps=3", "evaluation.n_samples=10",
+                 "evaluation.steps=3", "calibration.num_prompts=4", "calibration.steps=2", f"export.output_dir={out}"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "| dit + 3 recovery steps |" in text and "| dit + 3 recovery steps + int8_weight_only |" in text
+    assert "not exported" in text and not (out / "model").exists()
+    rows = {r["method"]: r for r in json.loads((out / "metrics.json").read_text())}
+    assert rows["dit + 3 recovery steps"]["sparsity"] == rows["dit (recipe)"]["sparsity"]
