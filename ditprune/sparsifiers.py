@@ -234,13 +234,13 @@ class DiTPruningSparsifier(SaliencySparsifier):
 
     S_ij = (W_ij^2 / E_W)^(1 - alpha) * (a_j / E_A)^alpha  (alpha = 0.5 is Wanda's ranking).
 
-    Rows are clustered (seeded k-means on :func:`~ditprune.granularity.row_features`, k by BIC).
-    With ``alpha="auto"`` each cluster takes, from ``alphas`` x {per-row, cluster-pooled} (N:M:
-    ``alphas`` alone), the mask that removes the least output energy tr(dW H dW^T) on the
-    calibration data, never worse than Wanda on that objective. ``refine`` (swaps per row) then
-    exchanges pruned and kept weights while that lowers the same objective
-    (:func:`~ditprune.saliency.refine_mask`). ``reconstruct=True`` finally updates the kept
-    weights with SparseGPT's OBS solver for that fixed mask.
+    Rows are clustered (seeded k-means on :func:`~ditprune.granularity.row_features`, k by
+    silhouette). Every candidate mask, from ``alphas`` x {per-row, cluster-pooled} (N:M: ``alphas``
+    alone), is first improved by ``refine`` energy-guided swaps per row
+    (:func:`~ditprune.saliency.refine_mask`); with ``alpha="auto"`` each cluster then takes the
+    candidate that removes the least output energy tr(dW H dW^T) on the calibration data, never
+    worse on that objective than Wanda's mask refined the same way. ``reconstruct=True`` finally
+    updates the kept weights with SparseGPT's OBS solver for that fixed mask.
 
     ``method: dit``, ``sparsity: 0.5``, ``alpha: auto``, ``alphas: [0.3, 0.4, 0.5, 0.6]``,
     ``granularity: clusters``, ``max_clusters: 6``, ``refine: 64``, ``reconstruct: false``.
