@@ -4,7 +4,7 @@ all inside one ``Trainer.fit``."""
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer

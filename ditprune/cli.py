@@ -7,7 +7,6 @@ to 50% with DiT-Pruning, beside the dense model and Wanda, on the same calibrati
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path

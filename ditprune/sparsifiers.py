@@ -156,13 +156,13 @@ class SaliencySparsifier(BaseSparsifier):
         return [g for g in self.groups if g["tensor_fqn"] in wanted]
 
 
-def mask_from_scores(scores: torch.Tensor, sparsity: float, nm, granularity: str, labels=None) -> torch.Tensor:
+def mask_from_scores(scores: torch.Tensor, sparsity: float, nm, granularity: str) -> torch.Tensor:
     if nm is not None:
         return G.nm_mask(scores, *nm)
     if granularity == "layer":
         return G.layer_mask(scores, sparsity)
     if granularity == "clusters":
-        return G.pooled_mask(scores, labels if labels is not None else G.cluster_rows(_features(scores)), sparsity)
+        return G.pooled_mask(scores, G.cluster_rows(_features(scores)), sparsity)
     return G.row_mask(scores, sparsity)
 
 

@@ -1,6 +1,5 @@
 """DiTPruning in a Trainer.fit on the reference DiT: prune -> masked recovery -> squash -> int8."""
 
-import copy
 
 import pytest
 import torch

@@ -1,7 +1,6 @@
 """Wanda and SparseGPT recomputed here from their published algorithms, independently of the
 library, on one layer; the library's masks and weights must match."""
 
-import pytest
 import torch
 from torch import nn
 
