@@ -1,41 +1,54 @@
 """``ditprune.callbacks.DiTPruning``: prune -> masked recovery fine-tune -> squash -> [quantize],
-all inside one ``Trainer.fit``."""
+all inside one ``Trainer.fit``, single process or under Lightning's DDP."""
 
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any, Iterable, Sequence
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
-from torch.nn.utils import parametrize
 
-from ditprune.pruning import make_sparsifier, prune, resolve_targets
+from ditprune.errors import InputError, InputTypeError
+from ditprune.pruning import PrunePlan, make_sparsifier
 
 __all__ = ["DiTPruning"]
 
+log = logging.getLogger(__name__)
+
 
 class DiTPruning(Callback):
-    """Prune the LightningModule's DiT at the start of training, keep the masks fixed while it
+    """Prune the LightningModule's DiT when training starts, keep the masks fixed while it
     fine-tunes, bake them in at the end, then optionally quantize with torchao.
 
+    The LightningModule must hold the DiT as ``model_attr`` (default ``module.model``) and either
+    yield training batches that are dicts for ``model(**batch)`` or define
+    ``calibration_inputs(batch) -> list[dict]``; with ``distill=True`` it finds a frozen dense copy
+    of the DiT as ``module.teacher`` (not a submodule: never trained nor saved) for its loss.
+
     Lifecycle:
-      - ``on_train_start``: calibrate on the first ``calibration_batches`` training batches (each
-        turned into ``model(**inputs)`` calls by ``pl_module.calibration_inputs(batch)``, or fed
-        as is when the batch is already a dict), keep a frozen dense copy as
-        ``pl_module.teacher`` when ``distill``, then prune with the masks left as ``FakeSparsity``
-        parametrizations: gradients never revive a pruned weight;
-      - checkpoints hold plain weights (masks applied) and the masks in this callback's state, so
-        they load into an unpruned model with the zeros in place, and a resumed fit re-applies
-        the same masks instead of pruning again;
+      - ``setup``: the dense teacher is copied and all-ones ``FakeSparsity`` masks are attached,
+        before the strategy wraps the model (DDP sees the final parameters: no
+        ``find_unused_parameters``);
+      - ``on_train_start``: calibration on the first ``calibration_batches`` training batches of
+        each rank (or ``calibration=``); under DDP the statistics are summed over the ranks and
+        rank 0's masks broadcast, so every rank holds the same masks. The masks are written in
+        place; gradients never revive a pruned weight;
+      - checkpoints hold plain weights (masks applied: they load into an unpruned model) and, in
+        this callback's state, the masks, method and sparsity. Resuming checks them against the
+        model and this callback's settings (names, shapes, method, sparsity: a mismatch is an
+        error) and re-applies the masks instead of pruning again; the teacher is the model as the
+        module held it before the checkpoint loaded, so build the module from the dense weights;
       - ``on_train_end``: squash the masks into the weights, then ``quantize`` (a torchao config
-        name, see :func:`ditprune.quantize.quantize`).
+        name, see :func:`ditprune.quantize.quantize`). The masks stay in the callback's state,
+        so a checkpoint written after ``fit`` still resumes masked.
 
     Args:
-        method, sparsity, pattern, targets, ignore, block_sequential, **method_options: as
-            :func:`ditprune.prune`.
+        method, sparsity, pattern, targets, ignore, overrides, block_sequential, offload,
+            **method_options: as :func:`ditprune.prune`.
         model_attr: attribute of the LightningModule holding the DiT (None: the module itself).
         calibration: calibration batches (dicts for ``model(**batch)``) to use instead of the
             first training batches, e.g. the sampler trajectories that ``ditprune prune`` uses.
@@ -57,51 +70,62 @@ class DiTPruning(Callback):
         targets: Sequence[str] | None = None,
         ignore: Sequence[str] | None = None,
         *,
+        overrides: Sequence[dict] | None = None,
         model_attr: str | None = "model",
         calibration: Iterable[dict] | None = None,
         calibration_batches: int = 8,
         distill: bool = True,
         quantize: str | None = None,
         block_sequential: bool | None = None,
+        offload: str | torch.device | None = None,
         **method_options: Any,
     ) -> None:
         if isinstance(method, type) or not isinstance(method, str):
-            raise TypeError(f"method is a name such as 'dit' or 'wanda', got {method!r}")
+            raise InputTypeError(f"method is a name such as 'dit' or 'wanda', got {method!r}")
         if not isinstance(calibration_batches, int) or calibration_batches < 1:
-            raise ValueError(f"calibration_batches must be a positive int, got {calibration_batches!r}")
+            raise InputError(f"calibration_batches must be a positive int, got {calibration_batches!r}")
         if quantize is not None:
             from ditprune.quantize import check_config
 
             check_config(quantize)
         make_sparsifier(method, sparsity, pattern, **method_options)  # validates early: errors at construction
         self.method, self.sparsity, self.pattern = method, sparsity, pattern
-        self.targets, self.ignore, self.block_sequential = targets, ignore, block_sequential
-        self.method_options = method_options
+        self.targets, self.ignore, self.overrides = targets, ignore, overrides
+        self.block_sequential, self.offload, self.method_options = block_sequential, offload, method_options
         self.model_attr, self.calibration_batches = model_attr, calibration_batches
         self.calibration = list(calibration) if calibration is not None else None
         self.distill, self.quantize = distill, quantize
-        self.sparsifier = None
+        self.plan: PrunePlan | None = None
         self.report = None
-        self._restored_masks: dict[str, torch.Tensor] | None = None
+        self._masks: dict[str, torch.Tensor] | None = None  # kept after squash, for checkpoints
+        self._restored = False
+        self._hooks: list = []
+        self._teacher: nn.Module | None = None
+        self._prefix = ""
 
     # -- hooks (thin; each delegates) ---------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._attach(pl_module)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume(state_dict)
+
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._restored_masks is not None:
-            self._reapply(pl_module)
-        else:
+        if not self._restored and self._masks is None:
             self._prune(trainer, pl_module)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._finish(pl_module)
+        self._finish(trainer, pl_module)
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
         self._plain_state_dict(checkpoint["state_dict"])
 
     def state_dict(self) -> dict[str, Any]:
-        return {"masks": self.masks()} if self.sparsifier is not None else {}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._restored_masks = state_dict.get("masks")
+        masks = self.masks()
+        if masks is None:
+            return {}
+        return {"method": self.method, "sparsity": self.sparsity, "pattern": self.pattern, "masks": masks}
 
     # -- work ---------------------------------------------------------------------------------
     def _model(self, pl_module: LightningModule) -> nn.Module:
@@ -115,12 +139,26 @@ class DiTPruning(Callback):
             )
         return model
 
-    def _calibration(self, trainer: Trainer, pl_module: LightningModule) -> Iterable[dict]:
+    def _attach(self, pl_module: LightningModule) -> None:
+        if self.plan is not None:  # a second fit with the same callback: masks are already there
+            return
+        model = self._model(pl_module)
+        if self.distill:
+            self._teacher = copy.deepcopy(model).eval().requires_grad_(False)
+            object.__setattr__(pl_module, "teacher", self._teacher)  # not a submodule: never trained nor saved
+        self.plan = PrunePlan(model, self.method, self.sparsity, self.pattern, self.targets, ignore=self.ignore,
+                              overrides=self.overrides, block_sequential=self.block_sequential,
+                              **self.method_options)
+        self.plan.attach()
+        self._prefix = f"{self.model_attr}." if self.model_attr else ""
+        for g in self.plan.sparsifier.groups:
+            self._hooks.append(g["module"].register_load_state_dict_pre_hook(_plain_keys_loader(g["tensor_name"])))
+
+    def _calibration(self, trainer: Trainer, pl_module: LightningModule) -> list[dict]:
         if self.calibration is not None:
             return self.calibration
-        loader = trainer.train_dataloader
         batches = []
-        for i, batch in enumerate(loader):
+        for i, batch in enumerate(trainer.train_dataloader):
             if i == self.calibration_batches:
                 break
             batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
@@ -129,67 +167,122 @@ class DiTPruning(Callback):
             elif isinstance(batch, dict):
                 batches.append(batch)
             else:
-                raise TypeError(
+                raise InputTypeError(
                     "training batches are not dicts for model(**batch): define "
                     "calibration_inputs(self, batch) -> list[dict] on the LightningModule"
                 )
         return batches
 
     def _prune(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        model = self._model(pl_module)
-        self._log("before pruning", resolve_targets(model, self.targets, self.ignore).items())
-        calibration = self._calibration(trainer, pl_module)
-        if self.distill:
-            teacher = copy.deepcopy(model).eval().requires_grad_(False)
-            object.__setattr__(pl_module, "teacher", teacher)  # not a submodule: never trained nor saved
-        self.report = prune(
-            model, calibration, self.method, self.sparsity, self.pattern, self.targets, ignore=self.ignore,
-            block_sequential=self.block_sequential, squash=False, **self.method_options,
-        )
-        self.sparsifier = self.report.sparsifier
-        self._log("after pruning")
+        self._log(trainer, "before pruning")
+        self.plan.calibrate(self._calibration(trainer, pl_module), offload=self.offload)
+        self.report = self.plan.report()
+        self._log(trainer, "after pruning")
 
-    def _reapply(self, pl_module: LightningModule) -> None:
-        model = self._model(pl_module)
-        self.sparsifier = make_sparsifier(self.method, self.sparsity, self.pattern)
-        config = [{"tensor_fqn": fqn} for fqn in self._restored_masks]
-        self.sparsifier.prepare(model, config)
-        for g in self.sparsifier.groups:
-            mask = g["module"].parametrizations[g["tensor_name"]][0].mask
-            mask.copy_(self._restored_masks[g["tensor_fqn"]].to(mask.device, mask.dtype))
-        self._restored_masks = None
-        self._log("masks restored from checkpoint")
+    def _resume(self, state: dict[str, Any]) -> None:
+        """Check a checkpoint's masks against the model and these settings, then apply them."""
+        masks = state.get("masks")
+        if not masks:
+            return  # a checkpoint from before pruning: prune as usual at train start
+        if self.plan is None:
+            raise InputError("DiTPruning state loaded outside of a fit: resume with trainer.fit(..., ckpt_path=...)")
+        asked = {"method": self.method, "sparsity": self.sparsity, "pattern": self.pattern}
+        for key, value in asked.items():
+            if key in state and state[key] != value:
+                raise InputError(f"the checkpoint was pruned with {key}={state[key]!r}, this DiTPruning asks "
+                                 f"{key}={value!r}: resume with the checkpoint's settings, or start a new fit from "
+                                 "the dense model")
+        groups = {g["tensor_fqn"]: g for g in self.plan.sparsifier.groups}
+        missing, extra = sorted(set(groups) - set(masks)), sorted(set(masks) - set(groups))
+        if missing or extra:
+            raise InputError(f"the checkpoint's masks do not fit this model's targets: "
+                             f"{len(missing)} targets without a mask (e.g. {missing[:2]}), "
+                             f"{len(extra)} masks without a target (e.g. {extra[:2]})")
+        for fqn, mask in masks.items():
+            buf = groups[fqn]["module"].parametrizations[groups[fqn]["tensor_name"]][0].mask
+            if tuple(mask.shape) != tuple(buf.shape):
+                raise InputError(f"the checkpoint's mask for '{fqn}' has shape {tuple(mask.shape)}, the model's "
+                                 f"weight {tuple(buf.shape)}")
+        for fqn, mask in masks.items():
+            g = groups[fqn]
+            g["module"].parametrizations[g["tensor_name"]][0].mask.copy_(mask.to(torch.bool))
+        self._restored = True
+        self._check_teacher(masks)
+        rank_zero_info(f"ditprune: {len(masks)} masks restored from the checkpoint ({self.method}, "
+                       f"{self.pattern or self.sparsity}); not pruning again")
 
-    def _finish(self, pl_module: LightningModule) -> None:
-        if self.sparsifier is None:
+    def _check_teacher(self, masks: dict[str, torch.Tensor]) -> None:
+        teacher = self._teacher
+        if teacher is None:
             return
-        self._log("after recovery")
-        self.sparsifier.squash_mask()
+        pruned_already = all(
+            (teacher.get_submodule(fqn.rsplit(".", 1)[0]).weight[~m.to(torch.bool)] == 0).all() for fqn, m in masks.items()
+        )
+        if pruned_already:
+            rank_zero_warn("ditprune: the distillation teacher already has the pruned zeros: build the "
+                           "LightningModule from the dense weights before resuming, or distill=False")
+
+    def _finish(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.plan is None or self._masks is not None:
+            return
+        self._log(trainer, "after recovery")
+        self._masks = self.masks()
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self.plan.squash()
         if self.quantize is not None:
             from ditprune.quantize import quantize
 
-            quantize(self._model(pl_module), self.quantize, targets=[g["module_fqn"] for g in self.sparsifier.groups])
+            quantize(self._model(pl_module), self.quantize, targets=[g["module_fqn"] for g in self.plan.sparsifier.groups])
 
-    def masks(self) -> dict[str, torch.Tensor]:
-        """tensor_fqn -> bool mask (True = kept) of every pruned weight."""
+    def masks(self) -> dict[str, torch.Tensor] | None:
+        """tensor_fqn -> bool mask (True = kept) of every pruned weight; None before pruning."""
+        if self._masks is not None:
+            return self._masks
+        if self.plan is None or not (self._restored or self.report is not None):
+            return None
         return {g["tensor_fqn"]: g["module"].parametrizations[g["tensor_name"]][0].mask.bool().cpu()
-                for g in self.sparsifier.groups if parametrize.is_parametrized(g["module"], g["tensor_name"])}
+                for g in self.plan.sparsifier.groups}
 
     def _plain_state_dict(self, state_dict: dict) -> None:
         """``a.parametrizations.weight.original`` -> ``a.weight`` with the mask applied, in place."""
-        if self.sparsifier is None:
+        if self.plan is None or self._masks is not None:
             return
-        prefix = f"{self.model_attr}." if self.model_attr else ""
-        for fqn, mask in self.masks().items():
-            module_fqn, name = fqn.rsplit(".", 1)
-            key = f"{prefix}{module_fqn}.parametrizations.{name}.original"
+        for g in self.plan.sparsifier.groups:
+            fqn, name = g["module_fqn"], g["tensor_name"]
+            key = f"{self._prefix}{fqn}.parametrizations.{name}.original"
             if key in state_dict:
                 original = state_dict.pop(key)
-                state_dict[f"{prefix}{fqn}"] = original * mask.to(original.device, original.dtype)
+                mask = g["module"].parametrizations[name][0].mask
+                state_dict[f"{self._prefix}{fqn}.{name}"] = original * mask.to(original.device, original.dtype)
 
-    def _log(self, when: str, layers=None) -> None:
-        """Per-layer sparsity, from rank zero only."""
-        if layers is None:
-            layers = [(g["module_fqn"], g["module"]) for g in self.sparsifier.groups]
-        rows = [f"  {name:50s} {1.0 - m.weight.count_nonzero().item() / m.weight.numel():.4f}" for name, m in layers]
-        rank_zero_info(f"ditprune: per-layer sparsity {when} ({self.method})\n" + "\n".join(rows))
+    def _log(self, trainer: Trainer, when: str) -> None:
+        """One line on the console (rank zero); per-layer sparsity to the trainer's logger and
+        to the ``ditprune`` Python logger at DEBUG."""
+        rows = {g["module_fqn"]: 1.0 - g["module"].weight.count_nonzero().item() / g["module"].weight.numel()
+                for g in self.plan.sparsifier.groups}
+        total = sum(g["module"].weight.numel() for g in self.plan.sparsifier.groups)
+        zeros = sum(r * g["module"].weight.numel() for r, g in zip(rows.values(), self.plan.sparsifier.groups))
+        rank_zero_info(f"ditprune: {when} ({self.method}, {self.pattern or self.sparsity}): {len(rows)} layers, "
+                       f"sparsity {zeros / max(total, 1):.4f}")
+        for name, s in rows.items():
+            log.debug("sparsity %s %s: %.4f", when, name, s)
+        if trainer.logger is not None and trainer.is_global_zero:
+            trainer.logger.log_metrics({f"sparsity/{when.replace(' ', '_')}/{n}": s for n, s in rows.items()},
+                                       step=trainer.global_step)
+
+
+def _plain_keys_loader(tensor_name: str):
+    """A load_state_dict pre-hook for a parametrized module: checkpoints hold ``prefix.weight``
+    (masked); the module expects ``prefix.parametrizations.weight.original`` and the mask buffer."""
+
+    def hook(module, state_dict, prefix, *args):
+        plain = prefix + tensor_name
+        if plain in state_dict:
+            state_dict[f"{prefix}parametrizations.{tensor_name}.original"] = state_dict.pop(plain)
+        mask_key = f"{prefix}parametrizations.{tensor_name}.0.mask"
+        if mask_key not in state_dict and hasattr(module, "parametrizations"):
+            state_dict[mask_key] = module.parametrizations[tensor_name][0].mask.clone()
+
+    return hook

@@ -1,15 +1,35 @@
-"""Atomic file output: write beside the target, then rename over it in one step."""
+"""Safe file output: nothing ditprune did not write is ever replaced or deleted.
+
+- :func:`atomic_file`: write beside the target, then rename over it in one step.
+- :class:`OutputDir`: a run's outputs (model, recipe, metrics, report, ...) are written into a
+  staging directory inside the output directory and moved into place together by ``commit``.
+  A manifest (``.ditprune.json``) lists what ditprune wrote; a later run replaces only those
+  entries (anything else only with ``overwrite=True``). A run that dies leaves its staging
+  directory with its pid; the next run into the same directory removes it and says so.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
+import socket
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
-__all__ = ["atomic_dir", "atomic_file"]
+from .errors import InputError
+
+__all__ = ["atomic_file", "OutputDir", "check_output_dir", "MANIFEST", "STAGING_PREFIX"]
+
+log = logging.getLogger(__name__)
+
+MANIFEST = ".ditprune.json"
+STAGING_PREFIX = ".ditprune-staging-"
+_PID = ".pid"
 
 
 def _umask() -> int:
@@ -18,25 +38,16 @@ def _umask() -> int:
     return mask
 
 
-@contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary directory; on success it replaces ``path`` whole, on error it vanishes."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like mkdir's
-    try:
-        yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def _chmod_tree(root: Path) -> None:
+    """Files 0666 and directories 0777, less the umask: what open() and mkdir() would give
+    (temporary files and directories are created 0600/0700)."""
+    umask = _umask()
+    os.chmod(root, 0o777 & ~umask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), 0o777 & ~umask)
+        for f in filenames:
+            os.chmod(os.path.join(dirpath, f), 0o666 & ~umask)
 
 
 @contextmanager
@@ -53,3 +64,171 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _read_manifest(path: Path) -> dict:
+    try:
+        data = json.loads((path / MANIFEST).read_text())
+        return data if isinstance(data, dict) and isinstance(data.get("files"), list) else {"files": []}
+    except (OSError, ValueError):
+        return {"files": []}
+
+
+def _inside(a: Path, b: Path) -> bool:
+    """``a`` is ``b`` or lies inside it (both resolved)."""
+    return a == b or b in a.parents
+
+
+def _probe_writable(path: Path, key: str) -> None:
+    """Create ``path`` (and its parents) and a file in it, then remove whatever the probe created."""
+    created = []
+    p = path
+    while not p.exists() and p != p.parent:
+        created.append(p)
+        p = p.parent
+    if p.exists() and not p.is_dir():
+        raise InputError(f"{key}: cannot create {path}: {p} is a file, not a directory")
+    try:
+        for d in reversed(created):
+            d.mkdir()
+        fd, probe = tempfile.mkstemp(prefix=".ditprune-probe-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise InputError(f"{key}: cannot write into {path} ({e.strerror or e}); choose a writable directory") from None
+    finally:
+        for d in created:
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+
+
+def check_output_dir(path: str | os.PathLike, names: Iterable[str], protect: Iterable[str | os.PathLike] = (),
+                     overwrite: bool = False, key: str = "export.output_dir") -> Path:
+    """Refuse, before any work, an output directory that would lose a user's files: one that is a
+    file or not writable, one equal to, inside or containing a ``protect`` path (the model's
+    source), or one holding any of ``names`` that ditprune did not write (unless ``overwrite``)."""
+    path = Path(path).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{key}: {path} is a file; give a directory")
+    real = path.resolve()
+    for p in protect:
+        src = Path(p).expanduser().resolve()
+        if _inside(real, src) or _inside(src, real):
+            how = "is" if real == src else ("lies inside" if _inside(real, src) else "contains")
+            raise InputError(f"{key}: {path} {how} the model source {src}; ditprune never writes over its "
+                             "input: choose another output directory")
+    _probe_writable(path, key)
+    if path.is_dir():
+        mine = set(_read_manifest(path)["files"])
+        for name in names:
+            target = path / name
+            if (target.exists() or target.is_symlink()) and name not in mine and not overwrite:
+                raise InputError(f"{key}: {target} exists and was not written by ditprune; move it away, choose "
+                                 "another output directory, or set export.overwrite=true to replace it")
+    return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_stale(path: Path) -> None:
+    """Remove the staging directories of runs that died (same host, pid gone); refuse while a
+    live run writes here."""
+    if not path.is_dir():
+        return
+    for d in sorted(path.glob(STAGING_PREFIX + "*")):
+        if not d.is_dir():
+            continue
+        try:
+            pid_s, host = (d / _PID).read_text().split(maxsplit=1)
+            pid = int(pid_s)
+        except (OSError, ValueError):
+            log.warning("left alone: %s (a ditprune staging directory without a readable pid file)", d)
+            continue
+        if host.strip() != socket.gethostname():
+            log.warning("left alone: %s (staging directory of a run on host %s)", d, host.strip())
+        elif pid != os.getpid() and _alive(pid):
+            raise InputError(f"another ditprune run (pid {pid}) is writing into {path}; wait for it or choose "
+                             "another output directory")
+        else:
+            shutil.rmtree(d, ignore_errors=True)
+            log.warning("removed %s: the leftovers of an interrupted run (pid %d)", d, pid)
+
+
+class OutputDir:
+    """The outputs of one run, written into ``path/.ditprune-staging-*`` and committed together.
+
+    ``names`` are the entries (files or directories, directly under ``path``) the run may write;
+    they are checked at construction, before any work. Use as a context manager: on success every
+    staged entry replaces its target (old entries are moved aside first, then deleted), the
+    manifest is updated and the staging directory removed; on error the staging directory is
+    removed and nothing in ``path`` changes.
+    """
+
+    def __init__(self, path: str | os.PathLike, names: Iterable[str], protect: Iterable[str | os.PathLike] = (),
+                 overwrite: bool = False, key: str = "export.output_dir"):
+        self.names = list(names)
+        self.overwrite = overwrite
+        self.path = check_output_dir(path, self.names, protect, overwrite, key)
+        self.staging: Path | None = None
+
+    def __enter__(self) -> "OutputDir":
+        _clean_stale(self.path)
+        self._created = not self.path.exists()
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.path))
+        (self.staging / _PID).write_text(f"{os.getpid()} {socket.gethostname()}\n")
+        return self
+
+    def __truediv__(self, name: str) -> Path:
+        """Where to write entry ``name`` now (inside the staging directory)."""
+        if name not in self.names:
+            raise ValueError(f"{name!r} is not one of this run's declared outputs {self.names}")
+        return self.staging / name
+
+    def final(self, name: str) -> Path:
+        """Where entry ``name`` will be once committed."""
+        return self.path / name
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.commit()
+        finally:
+            if self.staging is not None:
+                shutil.rmtree(self.staging, ignore_errors=True)
+                self.staging = None
+            if exc_type is not None and self._created:
+                try:
+                    self.path.rmdir()  # a directory this run made, left empty by its failure
+                except OSError:
+                    pass
+
+    def commit(self) -> None:
+        staged = [p.name for p in self.staging.iterdir() if p.name != _PID]
+        _chmod_tree(self.staging)
+        mine = set(_read_manifest(self.path)["files"])
+        aside = self.staging / ".replaced"
+        aside.mkdir()
+        for name in staged:  # re-checked: something may have appeared since the run started
+            target = self.path / name
+            if (target.exists() or target.is_symlink()) and name not in mine and not self.overwrite:
+                raise InputError(f"{target} appeared during the run and was not written by ditprune; "
+                                 f"nothing was written (outputs were in {self.staging})")
+        for name in staged:
+            target = self.path / name
+            if target.exists() or target.is_symlink():
+                os.replace(target, aside / name)
+            os.replace(self.staging / name, target)
+        files = sorted((mine | set(staged)) & {p.name for p in self.path.iterdir()})
+        with atomic_file(self.path / MANIFEST) as tmp:
+            tmp.write_text(json.dumps({"files": files, "written": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))

@@ -1,7 +1,12 @@
-"""``ditprune prune [CONFIG] [key=value ...]`` and ``ditprune bench``.
+"""ditprune: post-training pruning for Diffusion Transformers.
 
-With no CONFIG, ``prune`` runs the embedded demo: the shipped FLUX-layout reference model pruned
-to 50% with DiT-Pruning, beside the dense model and Wanda, on the same calibration and seeds.
+  ditprune prune                         the embedded demo: the shipped FLUX-layout reference DiT,
+                                         DiT-Pruning at 50% beside the dense model and Wanda
+  ditprune prune CONFIG [key=value ...]  a recipe (see configs/), with overrides
+  ditprune bench [--ablation]            every method x sparsity x reference model
+
+A user error (a bad key or value, a missing file, an output that would overwrite something)
+is one line on stderr and exit code 2, before any work; -v shows the traceback.
 """
 
 from __future__ import annotations
@@ -11,29 +16,31 @@ import logging
 import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 __all__ = ["main"]
 
 log = logging.getLogger("ditprune")
 
+EXIT_USER_ERROR = 2
+
 
 def _cmd_prune(args: argparse.Namespace) -> int:
-    from .recipe import RecipeError, load_recipe
-    from .runner import run_recipe
+    from omegaconf import OmegaConf
+
+    from .recipe import load_recipe
+    from .runner import check_run, run_recipe
 
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not Path(config).exists():
         config, overrides = None, [config, *overrides]  # `ditprune prune key=value` on the demo
-    try:
-        recipe = load_recipe(config, overrides)
-    except RecipeError as e:
-        print(f"ditprune: {e}", file=sys.stderr)
-        return 2
+    recipe = load_recipe(config, overrides)
+    out = check_run(recipe)
     print("# resolved recipe\n" + OmegaConf.to_yaml(recipe))
-    result = run_recipe(recipe, progress=not args.quiet)
+    result = run_recipe(recipe, out, progress=not args.quiet)
     print(result["table"])
     print()
+    short = result["report"].shortfall()
+    if short:
+        print("note: " + result["report"].summary().split("; ", 1)[1])
     for what, where in result["outputs"].items():
         print(f"{what:>10}: {where}")
     return 0
@@ -50,26 +57,41 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ditprune", description=__doc__,
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log details, and show tracebacks of errors")
+    parser = argparse.ArgumentParser(prog="ditprune", description=__doc__, parents=[common],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log per-layer details")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("prune", help="prune a model as a recipe says (no CONFIG: the embedded demo)")
+    p = sub.add_parser("prune", parents=[common], help="prune a model as a recipe says (no CONFIG: the embedded demo)")
     p.add_argument("config", nargs="?", help="recipe YAML (see configs/)")
-    p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. pruning.sparsity=0.6")
+    p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. pruning.sparsity=0.6 pruning.pattern=2:4")
     p.set_defaults(func=_cmd_prune)
-    b = sub.add_parser("bench", help="every method x sparsity x reference model, one table and plot")
+    b = sub.add_parser("bench", parents=[common], help="every method x sparsity x reference model, one table and plot")
     b.add_argument("--out", default="outputs/bench", help="where the table and plot go")
     b.add_argument("--ablation", action="store_true", help="the ablation grid instead of the method comparison")
     b.add_argument("--quick", action="store_true", help="fewer samples and settings (smoke run)")
     b.set_defaults(func=_cmd_bench)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    args.quiet, args.verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     if not args.verbose:
         _quiet_dependencies()
-    return args.func(args)
+    from .errors import UserError
+
+    try:
+        return args.func(args)
+    except UserError as e:
+        if args.verbose:
+            raise
+        print(f"ditprune: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 def _quiet_dependencies() -> None:
@@ -80,6 +102,7 @@ def _quiet_dependencies() -> None:
     import transformers
 
     diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()  # ditprune shows its own progress
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 

@@ -13,6 +13,8 @@ import re
 import numpy as np
 import torch
 
+from .errors import InputError
+
 __all__ = [
     "parse_pattern",
     "check_sparsity",
@@ -30,9 +32,9 @@ _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 def check_sparsity(sparsity: float) -> float:
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not math.isfinite(sparsity):
-        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+        raise InputError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
     if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1) (the fraction of weights set to zero), got {sparsity}")
+        raise InputError(f"sparsity must be in [0, 1) (the fraction of weights set to zero), got {sparsity}")
     return float(sparsity)
 
 
@@ -40,10 +42,10 @@ def parse_pattern(pattern: str) -> tuple[int, int]:
     """``"N:M"`` -> (N, M): keep at most N non-zeros in every M consecutive input weights (2:4 = 50%)."""
     match = _PATTERN.match(str(pattern))
     if not match:
-        raise ValueError(f"pattern must look like 'N:M' (e.g. '2:4'), got {pattern!r}")
+        raise InputError(f"pattern must look like 'N:M' (e.g. '2:4'), got {pattern!r}")
     n, m = int(match[1]), int(match[2])
     if not 0 < n < m:
-        raise ValueError(f"pattern {pattern!r}: need 0 < N < M (N weights kept out of every M)")
+        raise InputError(f"pattern {pattern!r}: need 0 < N < M (N weights kept out of every M)")
     return n, m
 
 
@@ -75,7 +77,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """N:M: in each row, every M consecutive inputs keep their N best (M - N pruned)."""
     out, cols = scores.shape
     if cols % m:
-        raise ValueError(f"pattern {n}:{m} does not divide a layer with {cols} input features")
+        raise InputError(f"pattern {n}:{m} does not divide a layer with {cols} input features")
     return _prune_lowest(scores.reshape(out, cols // m, m), m - n).reshape(out, cols)
 
 

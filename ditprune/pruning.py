@@ -1,4 +1,12 @@
-"""``ditprune.prune``: resolve targets, validate, calibrate, mask, squash; undo on failure."""
+"""``ditprune.prune``: resolve targets, validate, calibrate, mask, squash; undo on failure.
+
+:class:`PrunePlan` is the same thing in steps, for callers that must attach the masks before
+they can calibrate (the Lightning callback attaches them before DDP wraps the model):
+``plan = PrunePlan(model, ...)`` validates and resolves without touching the model;
+``plan.attach()`` adds all-ones ``FakeSparsity`` masks; ``plan.calibrate(batches)`` gathers
+statistics and writes the masks in place; ``plan.report()``; ``plan.squash()`` or
+``plan.restore()``.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +19,13 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from . import models
-from .calibration import run_block_sequential, run_whole_model
-from .granularity import parse_pattern
+from . import distributed, models
+from .calibration import EmptyCalibrationError, run_block_sequential, run_whole_model
+from .errors import InputError, InputTypeError
+from .granularity import check_sparsity, parse_pattern
 from .sparsifiers import METHODS, SaliencySparsifier
 
-__all__ = ["prune", "make_sparsifier", "resolve_targets", "LayerReport", "PruneReport"]
+__all__ = ["prune", "PrunePlan", "make_sparsifier", "resolve_targets", "LayerReport", "PruneReport", "DEFAULT_IGNORE"]
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +37,10 @@ DEFAULT_IGNORE = (r"embedder", r"\.emb\.")  # timestep/condition embedders neste
 class LayerReport:
     name: str
     shape: tuple[int, int]
-    sparsity: float
+    sparsity: float  # the fraction of zeros actually in the weight
     seconds: float
+    target: float = 0.0  # what was asked (1 - N/M for a pattern)
+    pattern: str | None = None
     info: dict = field(default_factory=dict)
 
 
@@ -49,9 +60,22 @@ class PruneReport:
         total = sum(r.shape[0] * r.shape[1] for r in self.layers)
         return sum(r.sparsity * r.shape[0] * r.shape[1] for r in self.layers) / max(total, 1)
 
+    def shortfall(self, tol: float = 1e-3) -> list[LayerReport]:
+        """Layers that reached less sparsity than asked (per-row methods prune ``int(in * s)`` per row)."""
+        return [r for r in self.layers if r.sparsity < r.target - tol]
+
+    def summary(self) -> str:
+        line = (f"{self.method} ({self.pattern or self.target_sparsity}): {len(self.layers)} layers, "
+                f"sparsity {self.sparsity:.4f}, {self.seconds:.1f}s")
+        short = self.shortfall()
+        if short:
+            low = min(short, key=lambda r: r.sparsity)
+            line += (f"; {len(short)} layers reached less than asked (lowest {low.sparsity:.4f} of "
+                     f"{low.target:.4f}, {low.name}: its rows prune int(in x sparsity) weights each)")
+        return line
+
     def __str__(self) -> str:
-        lines = [f"{self.method} ({self.pattern or self.target_sparsity}): {len(self.layers)} layers, "
-                 f"sparsity {self.sparsity:.4f}, {self.seconds:.1f}s"]
+        lines = [self.summary()]
         for r in self.layers:
             extra = "".join(f" {k}={v}" for k, v in r.info.items())
             lines.append(f"  {r.name:60s} {str(r.shape):14s} {r.sparsity:.4f} {r.seconds * 1e3:8.1f}ms{extra}")
@@ -60,59 +84,220 @@ class PruneReport:
 
 def make_sparsifier(method: str, sparsity: float = 0.5, pattern: str | None = None, **options) -> SaliencySparsifier:
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
+        raise InputError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
     try:
         return METHODS[method](sparsity=sparsity, pattern=pattern, **options)
     except TypeError as e:
         import inspect
 
         valid = [p for p in inspect.signature(METHODS[method]).parameters if p not in ("sparsity", "pattern")]
-        raise TypeError(f"method {method!r} got an unknown option ({e}); its options are {valid}") from None
+        raise InputTypeError(f"method {method!r} got an unknown option ({e}); its options are {valid}") from None
+
+
+def _compile(patterns: Sequence[str], what: str) -> list[re.Pattern]:
+    if isinstance(patterns, str):
+        raise InputTypeError(f"{what} is a list of regexes, not a single string")
+    out = []
+    for p in patterns:
+        try:
+            out.append(re.compile(p))
+        except re.error as e:
+            raise InputError(f"{what}: regex {p!r} does not compile ({e})") from None
+    return out
 
 
 def resolve_targets(
     model: nn.Module, targets: Sequence[str] | None = None, ignore: Sequence[str] | None = None
 ) -> dict[str, nn.Linear]:
     """Linear layers whose qualified name matches any ``targets`` regex (``re.search``) and no
-    ``ignore`` regex. ``targets=None``: the model family's defaults (Linears inside the blocks)."""
-    if isinstance(targets, str) or isinstance(ignore, str):
-        raise TypeError("targets and ignore are lists of regexes, not a single string")
+    ``ignore`` regex. ``targets=None``: the model family's defaults (Linears inside the blocks).
+    ``ignore=None``: :data:`DEFAULT_IGNORE` (embedders nested in blocks); ``ignore=[]`` keeps them."""
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    patterns = list(targets) if targets is not None else models.default_targets(model)
-    ignore = list(ignore) if ignore is not None else (list(DEFAULT_IGNORE) if targets is None else [])
+    patterns = _compile(list(targets) if targets is not None else models.default_targets(model), "targets")
+    ignored = _compile(list(ignore) if ignore is not None else list(DEFAULT_IGNORE), "ignore")
     chosen: dict[str, nn.Linear] = {}
-    for pattern in patterns:
-        regex = re.compile(pattern)
+    for regex in patterns:
         hits = [n for n in linears if regex.search(n)]
         if not hits:
             sample = ", ".join(list(linears)[:5])
-            raise ValueError(f"target regex {pattern!r} matches no nn.Linear in the model (names look like: {sample})")
+            raise InputError(f"target regex {regex.pattern!r} matches no nn.Linear in the model (names look like: {sample})")
         chosen.update({n: linears[n] for n in hits})
-    chosen = {n: m for n, m in chosen.items() if not any(re.search(i, n) for i in ignore)}
-    if not chosen:
-        raise ValueError("the ignore regexes removed every targeted layer")
-    return dict(sorted(chosen.items(), key=lambda nm: list(linears).index(nm[0])))
+    kept = {n: m for n, m in chosen.items() if not any(i.search(n) for i in ignored)}
+    if not kept:
+        hint = " (the default ignore list skips embedders: pass ignore=[] to prune them)" if ignore is None else ""
+        raise InputError(f"the ignore regexes removed every targeted layer{hint}")
+    order = list(linears)
+    return dict(sorted(kept.items(), key=lambda nm: order.index(nm[0])))
 
 
-def _validate_layers(layers: dict[str, nn.Linear], nm: tuple[int, int] | None) -> None:
+def _setting(sparsity: float | None, pattern: str | None, where: str) -> tuple[float, tuple[int, int] | None]:
+    try:
+        if pattern is not None:
+            n, m = parse_pattern(pattern)
+            return 1.0 - n / m, (n, m)
+        return check_sparsity(sparsity), None
+    except ValueError as e:
+        raise InputError(f"{where}: {e}") from None
+
+
+def _layer_settings(model, targets, ignore, overrides, sparsity, pattern) -> dict[str, dict]:
+    """Layer name -> {"sparsity", "nm", "pattern"}: the main setting, or an override's. Every
+    override keeps the ignore list; two overrides that match one layer are refused."""
+    main = resolve_targets(model, targets, ignore)
+    s, nm = _setting(sparsity, pattern, "prune")
+    settings = {n: {"sparsity": s, "nm": nm, "pattern": pattern} for n in main}
+    owner: dict[str, int] = {}
+    for i, ov in enumerate(overrides or []):
+        ov = dict(ov)
+        if not ov.get("targets"):
+            raise InputError(f"override {i}: give 'targets' (a list of regexes)")
+        if ov.get("sparsity") is None and ov.get("pattern") is None:
+            raise InputError(f"override {i}: set 'sparsity' or 'pattern'")
+        s_i, nm_i = _setting(ov.get("sparsity"), ov.get("pattern"), f"override {i}")
+        for name in resolve_targets(model, ov["targets"], ignore):
+            if name in owner:
+                j = owner[name]
+                raise InputError(f"overrides {j} ({list(overrides[j]['targets'])}) and {i} ({list(ov['targets'])}) "
+                                 f"both match layer '{name}'; make their target regexes disjoint")
+            owner[name] = i
+            settings[name] = {"sparsity": s_i, "nm": nm_i, "pattern": ov.get("pattern")}
+    order = [n for n, _ in model.named_modules()]
+    return dict(sorted(settings.items(), key=lambda kv: order.index(kv[0])))
+
+
+def _validate_layers(layers: dict[str, nn.Linear], settings: dict[str, dict]) -> None:
     for name, m in layers.items():
         if m.weight.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(
+            raise InputTypeError(
                 f"layer '{name}' has dtype {m.weight.dtype}; ditprune prunes float32, float16 or bfloat16 weights "
                 "(prune before quantizing)"
             )
+        nm = settings[name]["nm"]
         if nm is not None and m.in_features % nm[1]:
-            raise ValueError(
+            raise InputError(
                 f"pattern {nm[0]}:{nm[1]} does not divide layer '{name}' with in_features={m.in_features}; "
                 "ignore that layer or choose another M"
             )
 
 
-def _targets_by_block(model: nn.Module, layers: dict[str, nn.Linear]) -> dict[str, list[str]] | None:
+def _targets_by_block(model: nn.Module, names: Iterable[str]) -> dict[str, list[str]] | None:
     """Block name -> tensor_fqns of its targets, or None when some target lies outside every block."""
-    names = [b for b, _ in models.blocks(model)]
-    by_block = {b: [f"{n}.weight" for n in layers if n.startswith(b + ".")] for b in names}
-    return by_block if names and sum(map(len, by_block.values())) == len(layers) else None
+    names = list(names)
+    blocks = [b for b, _ in models.blocks(model)]
+    by_block = {b: [f"{n}.weight" for n in names if n.startswith(b + ".")] for b in blocks}
+    return by_block if blocks and sum(map(len, by_block.values())) == len(names) else None
+
+
+class PrunePlan:
+    """One prune, in steps (see the module docstring). Construction validates every argument
+    and resolves the targets without touching the model."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: str = "dit",
+        sparsity: float = 0.5,
+        pattern: str | None = None,
+        targets: Sequence[str] | None = None,
+        *,
+        ignore: Sequence[str] | None = None,
+        overrides: Sequence[dict] | None = None,
+        block_sequential: bool | None = None,
+        **method_options: Any,
+    ) -> None:
+        self.model, self.method, self.pattern = model, method, pattern
+        self.sparsifier = make_sparsifier(method, sparsity, pattern, **method_options)
+        self.settings = _layer_settings(model, targets, ignore, overrides, sparsity, pattern)
+        layers = {n: model.get_submodule(n) for n in self.settings}
+        _validate_layers(layers, self.settings)
+        by_block = _targets_by_block(model, layers) if block_sequential is not False else None
+        if block_sequential and by_block is None:
+            raise InputError(
+                "block_sequential=True needs every target inside a transformer block (an nn.ModuleList of "
+                "blocks); use block_sequential=False"
+            )
+        self.by_block = by_block
+        self.seconds = 0.0
+
+    @property
+    def target_sparsity(self) -> float:
+        return self.sparsifier.defaults["sparsity"]
+
+    def attach(self) -> None:
+        """All-ones ``FakeSparsity`` masks on every target: the model computes as before."""
+        config = [{"tensor_fqn": f"{n}.weight", "sparsity": s["sparsity"], "nm": s["nm"]}
+                  for n, s in self.settings.items()]
+        self.sparsifier.prepare(self.model, config)
+
+    def calibrate(self, calibration: Iterable[dict], *, offload=None, progress: bool = False,
+                  sync: bool | None = None) -> None:
+        """Gather statistics over ``calibration`` and write every mask. Under torch.distributed
+        (``sync=None``: whenever a process group of several ranks is up) each rank passes its own
+        shard: statistics are summed over ranks and rank 0's masks and weights are broadcast.
+        On any error the model is put back as it was before :meth:`attach`, and it re-raises."""
+        start = time.perf_counter()
+        sp = self.sparsifier
+        sync = distributed.active() if sync is None else sync
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            if sync:
+                calibration = list(calibration)
+                if distributed.min_over_ranks(len(calibration)) == 0:
+                    raise EmptyCalibrationError("calibration is empty on at least one rank: give every rank "
+                                                "at least one batch")
+            if not (sp.needs_energy or sp.needs_gram):
+                self._step(None, sync)  # data-free (magnitude): calibration is not read
+            elif self.by_block is not None:
+
+                def calibrate_block(name, block, replay):
+                    fqns = self.by_block[name]
+                    if fqns:
+                        self._observe(fqns, replay, sync)
+                        self._step(fqns, sync)
+
+                run_block_sequential(self.model, models.blocks(self.model), calibration, calibrate_block, offload,
+                                     progress)
+            else:
+                self._observe(None, lambda: run_whole_model(self.model, calibration, progress), sync)
+                self._step(None, sync)
+        except BaseException:
+            self.restore()
+            raise
+        finally:
+            self.model.train(was_training)
+        self.seconds += time.perf_counter() - start
+
+    def _observe(self, fqns, run, sync: bool) -> None:
+        with self.sparsifier.observe(fqns) as stats:
+            run()
+        if sync:
+            distributed.all_reduce_stats(self.sparsifier.state[f]["stats"] for f in stats)
+
+    def _step(self, fqns, sync: bool) -> None:
+        self.sparsifier.step(tensor_fqns=fqns)
+        if sync:
+            groups = self.sparsifier._groups(fqns)
+            distributed.broadcast_(g["module"].parametrizations[g["tensor_name"]][0].mask for g in groups)
+            distributed.broadcast_(g["module"].parametrizations[g["tensor_name"]].original for g in groups)
+
+    def report(self) -> PruneReport:
+        sp = self.sparsifier
+        layers = []
+        for g in sp.groups:
+            w = g["module"].weight  # under the parametrization: original * mask
+            info = dict(sp.state[g["tensor_fqn"]].get("info", {}))
+            s = self.settings[g["module_fqn"]]
+            layers.append(LayerReport(g["module_fqn"], tuple(w.shape), 1.0 - w.count_nonzero().item() / w.numel(),
+                                      info.pop("seconds", 0.0), s["sparsity"], s["pattern"], info))
+        return PruneReport(self.method, self.target_sparsity, self.pattern, layers, self.seconds,
+                           getattr(sp, "peak_stats_bytes", 0))
+
+    def squash(self) -> None:
+        self.sparsifier.squash_mask()
+
+    def restore(self) -> None:
+        self.sparsifier.restore()
 
 
 def prune(
@@ -124,10 +309,12 @@ def prune(
     targets: Sequence[str] | None = None,
     *,
     ignore: Sequence[str] | None = None,
+    overrides: Sequence[dict] | None = None,
     block_sequential: bool | None = None,
     offload: str | torch.device | None = None,
     squash: bool = True,
     progress: bool = False,
+    sync: bool | None = None,
     **method_options: Any,
 ) -> PruneReport:
     """Prune ``model`` in place, one shot, and return a per-layer report.
@@ -139,73 +326,36 @@ def prune(
         method: ``"dit"`` | ``"wanda"`` | ``"magnitude"`` | ``"ria"`` | ``"sparsegpt"``.
         sparsity: fraction of each targeted weight set to zero, in [0, 1).
         pattern: ``"N:M"`` (keep N of every M consecutive inputs, e.g. ``"2:4"``); wins over sparsity.
-        targets: regexes of Linear names (``re.search``); None = the family's defaults, less
-            embedders nested in blocks.
-        ignore: regexes of names to leave dense.
+        targets: regexes of Linear names (``re.search``); None = the family's defaults.
+        ignore: regexes of names to leave dense; None = :data:`DEFAULT_IGNORE` (embedders nested
+            in blocks), applied to ``targets`` and to every override.
+        overrides: ``[{"targets": [regex, ...], "sparsity": s}]`` or ``{..., "pattern": "N:M"}``:
+            those layers take that setting instead (pruned even if ``targets`` misses them); two
+            overrides may not match one layer. All layers are pruned in the same single pass.
         block_sequential: prune block by block, each block calibrated on the outputs of the
             already-pruned blocks before it; False: all statistics from the dense model in one
             pass. None (default): block by block when every target sits in a transformer block.
         offload: device where captured block inputs wait between blocks (e.g. ``"cpu"``).
         squash: bake masks into the weights (False: leave the ``FakeSparsity`` parametrizations,
             e.g. for a masked fine-tune; then ``report`` has the sparsifier as ``.sparsifier``).
+        sync: all-reduce statistics over torch.distributed ranks (None: when a process group
+            with several ranks is initialized; every rank then passes its own calibration shard).
         **method_options: the method's own options (e.g. ``alpha=0.4`` for ``"dit"``).
 
     A failed prune (bad input, NaN activations, ...) raises and leaves the model as it was.
     """
     start = time.perf_counter()
-    sparsifier = make_sparsifier(method, sparsity, pattern, **method_options)
-    nm = parse_pattern(pattern) if pattern is not None else None
-    layers = resolve_targets(model, targets, ignore)
-    _validate_layers(layers, nm)
-
-    by_block = _targets_by_block(model, layers) if block_sequential is not False else None
-    if block_sequential and by_block is None:
-        raise ValueError(
-            "block_sequential=True needs every target inside a transformer block (an nn.ModuleList of blocks); "
-            "use block_sequential=False"
-        )
-    block_sequential = by_block is not None
-
-    was_training = model.training
-    model.eval()
-    sparsifier.prepare(model, [{"tensor_fqn": f"{name}.weight"} for name in layers])
-    try:
-        if not (sparsifier.needs_energy or sparsifier.needs_gram):
-            sparsifier.step()  # data-free (magnitude): calibration is not read
-        elif block_sequential:
-
-            def calibrate_block(name, block, replay):
-                fqns = by_block[name]
-                if not fqns:
-                    return
-                with sparsifier.observe(fqns):
-                    replay()
-                sparsifier.step(tensor_fqns=fqns)
-
-            run_block_sequential(model, models.blocks(model), calibration, calibrate_block, offload, progress)
-        else:
-            with sparsifier.observe():
-                run_whole_model(model, calibration, progress)
-            sparsifier.step()
-    except BaseException:
-        sparsifier.restore()
-        model.train(was_training)
-        raise
-    model.train(was_training)
-
-    reports = []
-    for g in sparsifier.groups:
-        mask = g["module"].parametrizations[g["tensor_name"]][0].mask
-        info = dict(sparsifier.state[g["tensor_fqn"]].get("info", {}))
-        reports.append(
-            LayerReport(g["module_fqn"], tuple(mask.shape), 1.0 - mask.count_nonzero().item() / mask.numel(),
-                        info.pop("seconds", 0.0), info)
-        )
-    report = PruneReport(method, sparsifier.defaults["sparsity"], pattern, reports, time.perf_counter() - start,
-                         getattr(sparsifier, "peak_stats_bytes", 0))
+    plan = PrunePlan(model, method, sparsity, pattern, targets, ignore=ignore, overrides=overrides,
+                     block_sequential=block_sequential, **method_options)
+    plan.attach()
+    plan.calibrate(calibration, offload=offload, progress=progress, sync=sync)
+    plan.seconds = time.perf_counter() - start
+    report = plan.report()
     if squash:
-        sparsifier.squash_mask()
+        plan.squash()
     else:
-        report.sparsifier = sparsifier
-    log.info("pruned %d layers with %s to sparsity %.4f", len(reports), method, report.sparsity)
+        report.sparsifier = plan.sparsifier
+    if report.shortfall():
+        log.warning("%s", report.summary())
+    log.info("pruned %d layers with %s to sparsity %.4f", len(report.layers), method, report.sparsity)
     return report

@@ -1,36 +1,49 @@
-"""Run recipes: a structured OmegaConf schema (dataclasses), so unknown keys and wrong types are
-errors that name the key (and the nearest valid one) before anything runs."""
+"""Run recipes: a structured OmegaConf schema (dataclasses). Unknown keys, wrong types and bad
+values are errors that name the key (and the nearest valid one); every key takes effect or is
+refused. Two layers of checks, both before any model is loaded:
+
+- :func:`load_recipe` parses (YAML 1.2 numbers: ``pattern: 2:4`` stays the string ``"2:4"``),
+  refuses environment-variable interpolation, merges ``key=value`` overrides, and checks values;
+- :func:`preflight` checks what the recipe points at: prompt file, model source, device,
+  quantization support, output directory.
+"""
 
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+import yaml
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-__all__ = ["Recipe", "RecipeError", "load_recipe", "pruning_setting", "DEMO"]
+from .errors import InputError
+
+__all__ = ["Recipe", "RecipeError", "load_recipe", "preflight", "pruning_setting", "is_reference", "DEMO",
+           "DTYPES"]
+
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
 class ModelConfig:
-    source: str = "reference:flux"  # reference:flux | reference:dit | a local diffusers directory | a hub id
-    subfolder: Optional[str] = None  # e.g. "transformer" inside a pipeline directory
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    source: str = "reference:flux"  # reference:flux | reference:dit | a local diffusers pipeline directory | a hub id
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (pipelines; the reference models run in float32)
     transformer_class: Optional[str] = None  # e.g. FluxTransformer2DModel: checked against what loads
-    device: str = "cpu"  # where the pipeline runs calibration: cpu | cuda
+    device: str = "cpu"  # where the pipeline runs: cpu | cuda | cuda:N (pipelines only)
 
 
 @dataclass
 class CalibrationConfig:
-    prompts: Optional[str] = None  # a text file, one prompt per line (DiT: ImageNet class names); None = built-in
+    prompts: Optional[str] = None  # pipelines: a text file, one prompt a line (DiT: class names); None = built-in
     num_prompts: int = 16
     steps: int = 10  # sampler steps; every step's model inputs are calibration batches
-    guidance: float = 3.5
-    resolution: int = 512
-    seed: int = 0
+    guidance: Optional[float] = None  # pipelines: guidance scale; None = the pipeline's default
+    resolution: Optional[int] = None  # pipelines: image side in pixels; None = the pipeline's default
+    seed: int = 0  # noise of the calibration trajectories
 
 
 @dataclass
@@ -44,17 +57,18 @@ class OverrideConfig:
 class PruningConfig:
     method: str = "dit"  # dit | wanda | magnitude | ria | sparsegpt
     sparsity: float = 0.5
-    pattern: Optional[str] = None  # "N:M", e.g. "2:4"; wins over sparsity
+    pattern: Optional[str] = None  # "N:M", e.g. 2:4; wins over sparsity
     targets: Optional[list[str]] = None  # regexes; None = the model family's defaults
-    ignore: Optional[list[str]] = None
+    ignore: Optional[list[str]] = None  # regexes; None = the defaults (timestep embedders inside blocks)
     overrides: list[OverrideConfig] = field(default_factory=list)
     block_sequential: bool = True
+    offload: Optional[str] = None  # where captured block inputs wait between blocks, e.g. cpu
     options: dict[str, Any] = field(default_factory=dict)  # the method's own options, e.g. {alpha: 0.4}
 
 
 @dataclass
 class RecoveryConfig:
-    steps: int = 0  # 0 = no recovery fine-tune
+    steps: int = 0  # 0 = no recovery fine-tune (reference models only)
     lr: float = 1e-4
     batch_size: int = 32
     distill: bool = True  # match the frozen dense model's outputs (else the model's own loss)
@@ -62,20 +76,21 @@ class RecoveryConfig:
 
 @dataclass
 class QuantizationConfig:
-    config: Optional[str] = None  # torchao: int8_weight_only | int8_dynamic | int4_weight_only | float8_weight_only
+    config: Optional[str] = None  # torchao: int8_weight_only | int8_dynamic | float8_weight_only | ...
 
 
 @dataclass
 class ExportConfig:
     output_dir: str = "outputs/demo"
-    format: str = "diffusers"  # diffusers (dense with zeros) | compact (mask + values)
+    format: str = "diffusers"  # diffusers: dense weights with zeros in place
+    overwrite: bool = False  # replace outputs that ditprune did not write
 
 
 @dataclass
-class EvaluationConfig:
-    compare: list[str] = field(default_factory=lambda: ["wanda"])  # baselines run beside it, same data and seeds
-    n_samples: int = 100
-    steps: int = 20
+class EvaluationConfig:  # reference models; None = the default shown
+    compare: Optional[list[str]] = None  # baselines run beside the recipe's method (default [wanda])
+    n_samples: Optional[int] = None  # generated samples per method (default 100)
+    steps: Optional[int] = None  # sampler steps of the evaluation (default 20)
 
 
 @dataclass
@@ -90,15 +105,66 @@ class Recipe:
 
 
 DEMO = Recipe()  # the embedded default: `ditprune prune` with no arguments
+EVALUATION_DEFAULTS = {"compare": ["wanda"], "n_samples": 100, "steps": 20}
 
 
-class RecipeError(ValueError):
+class RecipeError(InputError):
     pass
 
 
 def pruning_setting(pruning) -> dict:
     """The ``prune`` argument a recipe's pruning section sets: ``pattern`` if given, else ``sparsity``."""
     return {"pattern": pruning.pattern} if pruning.pattern else {"sparsity": pruning.sparsity}
+
+
+def is_reference(recipe: DictConfig) -> bool:
+    return recipe.model.source.startswith("reference:")
+
+
+# -- parsing ------------------------------------------------------------------------------------
+def _yaml_loader():
+    """OmegaConf's YAML loader with YAML 1.2 numbers: no base-60 integers or floats, so ``2:4``
+    is the string "2:4" (YAML 1.1 reads it as 124)."""
+    from omegaconf._yaml import get_yaml_loader
+
+    base = get_yaml_loader()
+    numeric = {"tag:yaml.org,2002:int", "tag:yaml.org,2002:float"}
+    resolvers = {
+        first: [(tag, re.compile(r"(?!.*:)" + rx.pattern, rx.flags) if tag in numeric else rx) for tag, rx in rs]
+        for first, rs in base.yaml_implicit_resolvers.items()
+    }
+    return type("RecipeLoader", (base,), {"yaml_implicit_resolvers": resolvers})
+
+
+_LOADER = None
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    global _LOADER
+    _LOADER = _LOADER or _yaml_loader()
+    try:
+        return yaml.load(text, Loader=_LOADER)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(f"{where}: not valid YAML{at}: {problem}") from None
+
+
+_ENV = re.compile(r"\$\{\s*(oc\.env|env)\s*:")
+
+
+def _refuse_env(node: Any, path: str = "") -> None:
+    """Recipes are printed and saved with the run: they may not read environment variables."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _refuse_env(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _refuse_env(v, f"{path}[{i}]")
+    elif isinstance(node, str) and _ENV.search(node):
+        raise RecipeError(f"{path}: recipes may not read environment variables ({node!r}); they are printed and "
+                          "saved with the outputs. Put the value in the recipe or pass it as key=value")
 
 
 def _valid_keys(node, prefix=""):
@@ -119,41 +185,246 @@ def _explain(err: OmegaConfBaseException, schema: DictConfig) -> str:
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
     """The recipe at ``path`` (YAML; None = the embedded demo) with ``key=value`` overrides,
-    validated against the schema."""
+    validated against the schema. Raises :class:`RecipeError` with a one-line message."""
     schema = OmegaConf.structured(Recipe)
+    layers: list[DictConfig | dict] = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file not found: {path}")
+        try:
+            data = _parse_yaml(path.read_text(encoding="utf-8"), str(path))
+        except (OSError, UnicodeDecodeError) as e:
+            raise RecipeError(f"cannot read recipe {path}: {e}") from None
+        if data is not None and not isinstance(data, dict):
+            raise RecipeError(f"{path}: a recipe is a YAML mapping of sections (model, calibration, pruning, ...)")
+        _refuse_env(data or {})
+        layers.append(data or {})
     try:
+        for item in overrides or []:
+            key, eq, value = item.partition("=")
+            if not eq or not key.strip():
+                raise RecipeError(f"override {item!r} is not key=value (e.g. pruning.sparsity=0.6)")
+            value = _parse_yaml(value, f"override {item!r}") if value else None
+            _refuse_env(value, key.strip())
+            dot = OmegaConf.create()
+            OmegaConf.update(dot, key.strip(), value, merge=True)
+            layers.append(dot)
         cfg = schema
-        if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise RecipeError(f"recipe file not found: {path}")
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
-        if overrides:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        for layer in layers:
+            cfg = OmegaConf.merge(cfg, layer)
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
         raise RecipeError(_explain(e, schema)) from None
-    _check(cfg)
+    check_recipe(cfg)
     return cfg
 
 
-def _check(cfg: DictConfig) -> None:
+# -- value checks (no file system, no model) ----------------------------------------------------
+def _regexes(key: str, patterns) -> None:
+    if patterns is None:
+        return
+    if isinstance(patterns, str):
+        raise RecipeError(f"{key} is a list of regexes, e.g. [\"attn\"], not a single string")
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise RecipeError(f"{key}: regex {p!r} does not compile ({e})") from None
+
+
+def _positive(key: str, value, minimum: int = 1) -> None:
+    if value is None or value < minimum:
+        raise RecipeError(f"{key} must be >= {minimum}, got {value}")
+
+
+def check_recipe(cfg: DictConfig) -> None:
+    """Every check that needs nothing but the recipe itself."""
     from .granularity import check_sparsity, parse_pattern
+    from .pruning import make_sparsifier
+    from .quantize import CONFIGS
     from .sparsifiers import METHODS
 
-    p = cfg.pruning
+    m, c, p, r, e, ev = cfg.model, cfg.calibration, cfg.pruning, cfg.recovery, cfg.export, cfg.evaluation
+    reference = is_reference(cfg)
+    # model
+    if reference:
+        from .reference import KINDS
+
+        kind = m.source.split(":", 1)[1]
+        if kind not in KINDS:
+            raise RecipeError(f"model.source: unknown reference model {kind!r}; choose one of "
+                              f"{['reference:' + k for k in KINDS]}, a pipeline directory or a hub id")
+        for key, default in (("dtype", "float32"), ("device", "cpu")):
+            if m[key] != default:
+                raise RecipeError(f"model.{key}={m[key]} applies to pipelines; the reference models run in "
+                                  "float32 on the CPU: remove it")
+    if m.dtype not in DTYPES:
+        raise RecipeError(f"model.dtype must be one of {list(DTYPES)}, got {m.dtype!r}")
+    if m.transformer_class is not None:
+        import diffusers
+
+        cls = getattr(diffusers, m.transformer_class, None)
+        if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
+            raise RecipeError(f"model.transformer_class: {m.transformer_class!r} is not a diffusers model class "
+                              "(e.g. FluxTransformer2DModel)")
+    # calibration
+    _positive("calibration.num_prompts", c.num_prompts)
+    _positive("calibration.steps", c.steps)
+    if reference:
+        for key, what in (("prompts", "take digits, not a prompt file"), ("guidance", "sample with guidance 1.5"),
+                          ("resolution", "are 16x16")):
+            if c[key] is not None:
+                raise RecipeError(f"calibration.{key} applies to pipelines; the reference models {what}: remove it")
+    elif c.resolution is not None:
+        _positive("calibration.resolution", c.resolution, 8)
+    if c.guidance is not None and c.guidance < 0:
+        raise RecipeError(f"calibration.guidance must be >= 0, got {c.guidance}")
+    # pruning
     if p.method not in METHODS:
         raise RecipeError(f"pruning.method: unknown method {p.method!r}; choose one of {sorted(METHODS)}")
     try:
         check_sparsity(p.sparsity)
         if p.pattern is not None:
             parse_pattern(p.pattern)
-    except ValueError as e:
-        raise RecipeError(f"pruning: {e}") from None
-    for name in cfg.evaluation.compare:
-        if name not in METHODS:
-            raise RecipeError(f"evaluation.compare: unknown method {name!r}; choose from {sorted(METHODS)}")
-    if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
-        raise RecipeError(f"model.dtype must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")
-    if cfg.export.format not in ("diffusers", "compact"):
-        raise RecipeError(f"export.format must be 'diffusers' or 'compact', got {cfg.export.format!r}")
+    except ValueError as err:
+        raise RecipeError(f"pruning: {err}") from None
+    _regexes("pruning.targets", p.targets)
+    _regexes("pruning.ignore", p.ignore)
+    for i, ov in enumerate(p.overrides):
+        key = f"pruning.overrides[{i}]"
+        if not ov.targets:
+            raise RecipeError(f"{key}.targets: give at least one regex")
+        _regexes(f"{key}.targets", ov.targets)
+        if ov.sparsity is None and ov.pattern is None:
+            raise RecipeError(f"{key}: set sparsity or pattern (an override with neither changes nothing)")
+        try:
+            if ov.sparsity is not None:
+                check_sparsity(ov.sparsity)
+            if ov.pattern is not None:
+                parse_pattern(ov.pattern)
+        except ValueError as err:
+            raise RecipeError(f"{key}: {err}") from None
+    try:
+        make_sparsifier(p.method, 0.5, None, **OmegaConf.to_container(p.options))
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"pruning.options: {err}") from None
+    # recovery, quantization, export, evaluation
+    _positive("recovery.steps", r.steps, 0)
+    _positive("recovery.batch_size", r.batch_size)
+    if not r.lr > 0:
+        raise RecipeError(f"recovery.lr must be > 0, got {r.lr}")
+    if r.steps > 0 and not reference:
+        raise RecipeError("recovery.steps > 0 runs only on the reference models: for a pipeline, put "
+                          "ditprune.callbacks.DiTPruning in your own Trainer with your data")
+    if cfg.quantization.config is not None and cfg.quantization.config not in CONFIGS:
+        raise RecipeError(f"quantization.config: unknown {cfg.quantization.config!r}; choose one of {sorted(CONFIGS)}")
+    if cfg.quantization.config is not None and not reference:
+        raise RecipeError("quantization.config on a pipeline: quantized export is not built yet; quantize after "
+                          "loading the exported transformer, or remove quantization.config")
+    if e.format != "diffusers":
+        raise RecipeError(f"export.format must be 'diffusers', got {e.format!r}")
+    if not e.output_dir:
+        raise RecipeError("export.output_dir is empty")
+    if reference:
+        for name in ev.compare or []:
+            if name not in METHODS:
+                raise RecipeError(f"evaluation.compare: unknown method {name!r}; choose from {sorted(METHODS)}")
+        if ev.n_samples is not None:
+            _positive("evaluation.n_samples", ev.n_samples, 2)
+        if ev.steps is not None:
+            _positive("evaluation.steps", ev.steps)
+    else:
+        for key in ("compare", "n_samples", "steps"):
+            if ev[key] is not None:
+                raise RecipeError(f"evaluation.{key}: the evaluation runs on the reference models only; remove it "
+                                  "for a pipeline")
+
+
+def evaluation_settings(cfg: DictConfig) -> dict:
+    """The reference evaluation's settings, defaults filled in."""
+    ev = cfg.evaluation
+    return {k: (list(ev[k]) if isinstance(ev[k], ListConfig) else ev[k]) if ev[k] is not None else v
+            for k, v in EVALUATION_DEFAULTS.items()}
+
+
+# -- preflight: what the recipe points at --------------------------------------------------------
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _check_source(source: str) -> None:
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "model_index.json").is_file():
+            raise RecipeError(f"model.source: {source} is not a diffusers pipeline directory (no model_index.json)")
+        return
+    if not _HUB_ID.match(source) or source.startswith((".", "/", "~")):
+        raise RecipeError(f"model.source: no such directory {source!r}, and it is not a hub id (org/name)")
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(source, "model_index.json"), str):
+        raise RecipeError(f"model.source: {source!r} is not in the local hub cache and HF_HUB_OFFLINE is set; "
+                          "download it first or give a local pipeline directory")
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise RecipeError(f"model.device: {device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise RecipeError(f"model.device={device}: no such CUDA device on this machine; use model.device=cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise RecipeError(f"model.device={device}: MPS is not available; use model.device=cpu")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise RecipeError(f"model.device: {device!r} is not supported (cpu, cuda, cuda:N, mps)")
+
+
+def read_prompt_file(path: str) -> list[str]:
+    p = Path(path).expanduser()
+    try:
+        prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except OSError as e:
+        raise RecipeError(f"calibration.prompts: cannot read {path} ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"calibration.prompts: {path} is not UTF-8 text (one prompt a line)") from None
+    if not prompts:
+        raise RecipeError(f"calibration.prompts: {path} has no prompts (one a line)")
+    return prompts
+
+
+def preflight(cfg: DictConfig, outputs: list[str]) -> "Any":
+    """Check what the recipe points at, before any model is loaded; returns the
+    :class:`~ditprune._io.OutputDir` the run will write ``outputs`` into."""
+    from ._io import OutputDir
+    from .quantize import CONFIGS
+
+    m, c = cfg.model, cfg.calibration
+    protect: list[str] = []
+    if is_reference(cfg):
+        from .reference import weights_dir
+
+        protect.append(str(weights_dir(m.source.split(":", 1)[1])))
+    else:
+        _check_source(m.source)
+        _check_device(m.device)
+        if Path(m.source).expanduser().exists():
+            protect.append(m.source)
+        else:
+            from huggingface_hub import constants
+
+            protect.append(constants.HF_HUB_CACHE)
+        if c.prompts is not None:
+            read_prompt_file(c.prompts)
+    q = cfg.quantization.config
+    if q is not None and not CONFIGS[q][1]:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RecipeError(f"quantization.config={q} needs a CUDA GPU; on CPU use one of "
+                              f"{[n for n, (_, cpu) in CONFIGS.items() if cpu]}")
+    if cfg.pruning.offload is not None:
+        _check_device(cfg.pruning.offload)
+    return OutputDir(cfg.export.output_dir, outputs, protect=protect, overwrite=cfg.export.overwrite)

@@ -83,6 +83,7 @@ def recover_and_quantize(dense: nn.Module, calibration: list[dict], recipe, eval
     from ditprune.callbacks import DiTPruning
 
     from .recipe import pruning_setting
+    from .runner import recipe_prune_kwargs
 
     p, r, q = recipe.pruning, recipe.recovery, recipe.quantization.config
     model = copy.deepcopy(dense)
@@ -97,8 +98,8 @@ def recover_and_quantize(dense: nn.Module, calibration: list[dict], recipe, eval
         def on_train_end(self, trainer, pl_module):
             rows.append(row(f"{p.method} + {r.steps} recovery steps"))
 
-    callback = DiTPruning(p.method, **pruning_setting(p), targets=p.targets, ignore=p.ignore, calibration=calibration,
-                          distill=r.distill, quantize=q, block_sequential=p.block_sequential, **dict(p.options))
+    callback = DiTPruning(p.method, **pruning_setting(p), calibration=calibration, distill=r.distill, quantize=q,
+                          **recipe_prune_kwargs(p, p.method))
     trainer = Trainer(max_steps=r.steps, callbacks=[_Measure(), callback], accelerator="cpu", logger=False,
                       enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False)
     trainer.fit(module, reference_dataloader(r.batch_size))

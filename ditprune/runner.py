@@ -1,5 +1,6 @@
-"""Carry out a recipe: load, calibrate, prune (with per-target overrides), [recover], [quantize],
-evaluate beside the baselines, export."""
+"""Carry out a recipe: check it, load, calibrate, prune, [recover], [quantize], evaluate beside
+the baselines (reference models), export. Every output goes to a staging directory and is
+moved into ``export.output_dir`` together at the end (:class:`ditprune._io.OutputDir`)."""
 
 from __future__ import annotations
 
@@ -10,66 +11,102 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ._io import atomic_dir, atomic_file
-from .pruning import PruneReport, prune
-from .recipe import pruning_setting
+from ._io import OutputDir
+from .pruning import PrunePlan, PruneReport, prune
+from .recipe import evaluation_settings, is_reference, preflight, pruning_setting, read_prompt_file
 
-__all__ = ["run_recipe", "prune_with_overrides"]
+__all__ = ["check_run", "run_recipe", "recipe_prune_kwargs"]
 
 log = logging.getLogger(__name__)
 
 
-def prune_with_overrides(model, calibration, method: str, pruning: DictConfig | dict, **kw: Any) -> PruneReport:
-    """``prune`` as a recipe's ``pruning`` section says; ``kw`` are further ``prune`` arguments
-    (``sparsity`` or ``pattern``, ``progress``). Each override (targets + sparsity/pattern) is a
-    prune pass of its own over its targets; the main pass then prunes the remaining targets."""
-    p = OmegaConf.to_container(pruning, resolve=True) if isinstance(pruning, DictConfig) else dict(pruning)
-    common = dict(method=method, block_sequential=p.get("block_sequential", True), **kw)
-    if method == p.get("method"):  # the recipe's options are its method's; baselines keep their defaults
-        common.update(p.get("options", {}))
-    calibration = list(calibration)
-    taken: list[str] = []
-    reports = []
-    for ov in p.get("overrides", []):
-        local = dict(common, sparsity=ov["sparsity"] if ov.get("sparsity") is not None else kw.get("sparsity", 0.5),
-                     pattern=ov.get("pattern"))
-        reports.append(prune(model, calibration, targets=ov["targets"], ignore=p.get("ignore"), **local))
-        taken += ov["targets"]
-    main = prune(model, calibration, targets=p.get("targets"), ignore=(p.get("ignore") or []) + taken or None, **common)
-    if reports:
-        main.layers = [layer for r in reports for layer in r.layers] + main.layers
-    return main
+def outputs_of(recipe: DictConfig) -> list[str]:
+    """The entries a run of ``recipe`` writes into its output directory."""
+    names = ["recipe.yaml", "metrics.json", "report.txt"]
+    if not recipe.quantization.config:
+        names.append("transformer")
+    if is_reference(recipe):
+        names.append("samples.png")
+    return names
 
 
-def run_recipe(recipe: DictConfig, progress: bool = True) -> dict:
-    out = Path(recipe.export.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_file(out / "recipe.yaml") as tmp:
-        tmp.write_text(OmegaConf.to_yaml(recipe))
-    if not recipe.model.source.startswith("reference:"):
-        from .models.loading import run_pipeline_recipe
-
-        return run_pipeline_recipe(recipe, out, progress)
-    return _run_reference(recipe, out, progress)
+def check_run(recipe: DictConfig) -> OutputDir:
+    """Every check that can be made before loading anything; returns the run's output directory."""
+    return preflight(recipe, outputs_of(recipe))
 
 
-def _run_reference(recipe: DictConfig, out: Path, progress: bool) -> dict:
+def recipe_prune_kwargs(pruning: DictConfig, method: str) -> dict[str, Any]:
+    """``prune`` keyword arguments from a recipe's pruning section, for ``method`` (the recipe's
+    own method gets its options; baselines keep their defaults but prune the same layers)."""
+    p = OmegaConf.to_container(pruning, resolve=True)
+    kw = dict(targets=p["targets"], ignore=p["ignore"], overrides=p["overrides"] or None,
+              block_sequential=p["block_sequential"], offload=p["offload"])
+    if method == p["method"]:
+        kw.update(p["options"])
+    return kw
+
+
+def run_recipe(recipe: DictConfig, out: OutputDir | None = None, progress: bool = True) -> dict:
+    """Run ``recipe``; ``out`` from :func:`check_run` (checked again when None)."""
+    out = out or check_run(recipe)
+    with out:
+        (out / "recipe.yaml").write_text(OmegaConf.to_yaml(recipe))
+        result = (_run_reference if is_reference(recipe) else _run_pipeline)(recipe, out, progress)
+    result["outputs"] = {what: str(out.final(name)) if name in out.names else name
+                         for what, name in result["outputs"].items()}
+    return result
+
+
+def _write(out: OutputDir, report: PruneReport, metrics: Any) -> None:
+    (out / "report.txt").write_text(str(report) + "\n")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str, allow_nan=False) + "\n")
+
+
+def _run_pipeline(recipe: DictConfig, out: OutputDir, progress: bool) -> dict:
+    from .models.loading import BUILTIN_CLASSES, BUILTIN_PROMPTS, cycle_prompts, load_pipeline, pipeline_calibration
+
+    m, c, p = recipe.model, recipe.calibration, recipe.pruning
+    pipe = load_pipeline(m.source, m.dtype, m.device, m.transformer_class)
+    kw = recipe_prune_kwargs(p, p.method)
+    offload = kw.pop("offload")
+    plan = PrunePlan(pipe.transformer, p.method, **pruning_setting(p), **kw)  # checks the layers before calibrating
+    is_dit = type(pipe).__name__ == "DiTPipeline"
+    pool = read_prompt_file(c.prompts) if c.prompts else (BUILTIN_CLASSES if is_dit else BUILTIN_PROMPTS)
+    calibration = pipeline_calibration(pipe, cycle_prompts(pool, c.num_prompts), c.steps, c.guidance, c.resolution,
+                                       c.seed, progress=progress)
+    from .calibration import to_device
+
+    calibration = to_device(calibration, m.device)
+    plan.attach()
+    plan.calibrate(calibration, offload=offload, progress=progress)
+    report = plan.report()
+    plan.squash()
+    pipe.transformer.save_pretrained(out / "transformer", safe_serialization=True)
+    summary = {"method": p.method, "sparsity": report.sparsity, "layers": len(report.layers),
+               "calibration_batches": len(calibration), "seconds": report.seconds}
+    _write(out, report, summary)
+    table = "| " + " | ".join(summary) + " |\n|" + "---|" * len(summary) + "\n| " + " | ".join(
+        f"{v:.4f}" if isinstance(v, float) else str(v) for v in summary.values()) + " |"
+    return {"rows": [summary], "table": table, "report": report,
+            "outputs": {"model": "transformer", "layers": "report.txt", "metrics": "metrics.json"}}
+
+
+def _run_reference(recipe: DictConfig, out: OutputDir, progress: bool) -> dict:
     from .evaluation.harness import Candidate, Comparison
     from .evaluation.report import markdown_table, save_grid
 
     kind = recipe.model.source.split(":", 1)[1]
-    p = recipe.pruning
-    setting = pruning_setting(p)
+    p, ev = recipe.pruning, evaluation_settings(recipe)
     main_label = f"{p.method} (recipe)"
     candidates = [Candidate("dense", None), Candidate(main_label, p.method)]
-    candidates += [Candidate(m, m) for m in recipe.evaluation.compare if m != p.method]
+    candidates += [Candidate(m, m) for m in ev["compare"] if m != p.method]
 
     def prune_fn(model, calibration, method, **kw):
-        return prune_with_overrides(model, calibration, method, p, **kw)
+        return prune(model, calibration, method, **kw, **recipe_prune_kwargs(p, method))
 
-    bench = Comparison(kind, recipe.calibration.num_prompts, recipe.calibration.steps,
-                       recipe.evaluation.n_samples, recipe.evaluation.steps)
-    rows = bench.run(candidates, [setting], progress=progress, keep_models=True, prune_fn=prune_fn)
+    bench = Comparison(kind, recipe.calibration.num_prompts, recipe.calibration.steps, ev["n_samples"], ev["steps"],
+                       calibration_seed=recipe.calibration.seed)
+    rows = bench.run(candidates, [pruning_setting(p)], progress=progress, keep_models=True, prune_fn=prune_fn)
     main = next(r for r in rows if r["method"] == main_label)
     model = main["pruned"]
     if recipe.recovery.steps > 0 or recipe.quantization.config:
@@ -79,18 +116,24 @@ def _run_reference(recipe: DictConfig, out: Path, progress: bool) -> dict:
         rows.extend(extra)
     outputs = {}
     if recipe.quantization.config:
-        outputs["model"] = "not exported: safetensors cannot hold torchao's quantized tensors (rerun without quantization.config)"
+        outputs["model"] = "not exported: quantized export is not built yet (rerun without quantization.config)"
     else:
-        with atomic_dir(out / "model") as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
-        outputs["model"] = str(out / "model")
-    outputs["samples"] = str(save_grid({r["method"]: r["samples"] for r in rows}, out / "samples.png"))
-    table = markdown_table(rows)
+        model.save_pretrained(out / "transformer", safe_serialization=True)
+        outputs["model"] = "transformer"
+    save_grid({r["method"]: r["samples"] for r in rows}, out / "samples.png")
+    outputs["samples"] = "samples.png"
     metrics = [{k: v for k, v in r.items() if k not in ("samples", "report", "pruned")} for r in rows]
-    with atomic_file(out / "metrics.json") as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2, default=str) + "\n")
-    outputs["metrics"] = str(out / "metrics.json")
-    with atomic_file(out / "report.txt") as tmp:
-        tmp.write_text(str(main["report"]) + "\n")
-    outputs["layers"] = str(out / "report.txt")
-    return {"rows": rows, "table": table, "outputs": outputs}
+    _write(out, main["report"], _finite(metrics))
+    outputs.update(metrics="metrics.json", layers="report.txt")
+    return {"rows": rows, "table": markdown_table(rows), "report": main["report"], "outputs": outputs}
+
+
+def _finite(obj: Any) -> Any:
+    """Strict JSON: a non-finite float (the dense model's infinite PSNR) becomes null."""
+    if isinstance(obj, float):
+        return obj if obj == obj and abs(obj) != float("inf") else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj

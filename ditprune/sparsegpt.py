@@ -7,15 +7,44 @@ w^2 / [H^-1]_jj^2 are pruned (``pattern`` N:M: M - N per row in each M columns).
 the reference thresholds with ``<=`` (one extra weight per block, more with ties); here each block
 prunes exactly its share, so the layer's sparsity is exact. With ``prune_mask`` given, that mask
 is used as is and only the reconstruction runs (the ``dit`` method's OBS option).
+
+As in the reference, input channels that were zero throughout calibration (diag H = 0) have
+their weights set to zero: those zeros are part of the returned mask, so reports count them.
+With N:M the blocks are a multiple of M wide, so groups always start at a multiple of M of the
+layer's columns. If H + lambda I is not positive definite (numerically), lambda is raised
+tenfold until it is, and the retry is logged.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
 from .granularity import prune_count
 
-__all__ = ["obs_prune"]
+__all__ = ["obs_prune", "inverse_cholesky"]
+
+log = logging.getLogger(__name__)
+
+
+def inverse_cholesky(H: torch.Tensor, percdamp: float = 0.01, tries: int = 6) -> tuple[torch.Tensor, float]:
+    """(upper Cholesky factor of (H + lambda I)^-1, the percdamp used), lambda = percdamp * mean(diag H);
+    on failure percdamp is multiplied by 10, up to ``tries`` times."""
+    eye = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
+    mean_diag = torch.mean(torch.diag(H))
+    damp = percdamp
+    for attempt in range(tries):
+        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
+        if info == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info == 0:
+                if attempt:
+                    log.warning("Cholesky of H failed with percdamp=%g; succeeded with percdamp=%g", percdamp, damp)
+                return U, damp
+        damp *= 10
+    raise RuntimeError(f"H + lambda I is not positive definite even with percdamp={damp / 10:g}: the calibration "
+                       "statistics are degenerate (check for constant or duplicated inputs)")
 
 
 @torch.no_grad()
@@ -27,17 +56,17 @@ def obs_prune(
     prune_mask: torch.Tensor | None = None,
     blocksize: int = 128,
     percdamp: float = 0.01,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (updated weight in ``weight``'s dtype, keep mask). Math runs in float32."""
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Returns (updated weight in ``weight``'s dtype, keep mask, percdamp used). Math runs in float32."""
     W = weight.detach().float().clone()
     H = gram.detach().float().clone().to(W.device)
     rows, cols = W.shape
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    damp = percdamp * torch.mean(torch.diag(H))
-    H += damp * torch.eye(cols, device=W.device)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Hinv, percdamp = inverse_cholesky(H, percdamp)
+    if nm is not None:
+        blocksize = max(nm[1], blocksize - blocksize % nm[1])  # N:M groups never straddle two blocks
 
     pruned = torch.zeros_like(W, dtype=torch.bool)
     block_counts = _block_counts(rows, cols, blocksize, sparsity) if nm is None else None
@@ -69,8 +98,9 @@ def obs_prune(
         W[:, i1:i2] = W1
         pruned[:, i1:i2] = mask1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    pruned[:, dead] = True
     W[pruned] = 0.0
-    return W.to(weight.dtype), ~pruned
+    return W.to(weight.dtype), ~pruned, percdamp
 
 
 def _block_counts(rows: int, cols: int, blocksize: int, sparsity: float) -> list[int]:

@@ -25,6 +25,7 @@ from torch.ao.pruning import BaseSparsifier
 from torch.nn.utils import parametrize
 
 from . import granularity as G
+from .errors import InputError
 from . import saliency
 from .sparsegpt import obs_prune
 from .stats import InputStats, observe
@@ -61,7 +62,7 @@ class SaliencySparsifier(BaseSparsifier):
         sparsity = 1.0 - nm[0] / nm[1] if nm else G.check_sparsity(sparsity)
         granularity = granularity or self.default_granularity
         if granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+            raise InputError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         super().__init__(defaults={"sparsity": sparsity, "nm": nm, "granularity": granularity, **defaults})
 
     # -- statistics ---------------------------------------------------------------------------
@@ -225,8 +226,8 @@ class SparseGPTSparsifier(SaliencySparsifier):
         super().__init__(sparsity, pattern, granularity, blocksize=blocksize, percdamp=percdamp)
 
     def compute_mask(self, weight, stats, *, sparsity, nm, granularity, blocksize, percdamp, **options):
-        new, keep = obs_prune(weight, stats.gram, sparsity, nm, blocksize=blocksize, percdamp=percdamp)
-        return keep, new, {}
+        new, keep, used = obs_prune(weight, stats.gram, sparsity, nm, blocksize=blocksize, percdamp=percdamp)
+        return keep, new, ({"percdamp": used} if used != percdamp else {})
 
 
 class DiTPruningSparsifier(SaliencySparsifier):
@@ -264,16 +265,16 @@ class DiTPruningSparsifier(SaliencySparsifier):
         if alpha != "auto":
             alpha = float(alpha)
             if not 0.0 <= alpha <= 1.0:
-                raise ValueError(f"alpha must be 'auto' or a number in [0, 1], got {alpha}")
+                raise InputError(f"alpha must be 'auto' or a number in [0, 1], got {alpha}")
         grid = tuple(sorted({float(a) for a in alphas} | {0.5}))  # Wanda's ranking is always a candidate
         if any(not 0.0 <= a <= 1.0 for a in grid):
-            raise ValueError(f"alphas must lie in [0, 1], got {list(alphas)}")
+            raise InputError(f"alphas must lie in [0, 1], got {list(alphas)}")
         super().__init__(
             sparsity, pattern, granularity, alpha=alpha, alphas=grid, max_clusters=int(max_clusters),
             refine=int(refine), damp=float(damp), reconstruct=bool(reconstruct), seed=int(seed),
         )
         if int(refine) < 0:
-            raise ValueError(f"refine is a number of swaps per row (0 = off), got {refine}")
+            raise InputError(f"refine is a number of swaps per row (0 = off), got {refine}")
         self.needs_gram = alpha == "auto" or bool(reconstruct) or int(refine) > 0
 
     def compute_mask(self, weight, stats, *, sparsity, nm, granularity, alpha, alphas, max_clusters, refine,
@@ -309,8 +310,12 @@ class DiTPruningSparsifier(SaliencySparsifier):
             choice = [{"cluster": int(c), "rows": int((labels == c).sum()), "alpha": alpha,
                        "grouping": next(iter(fns))} for c in labels.unique()]
         info = {"clusters": choice}
-        new_weight = obs_prune(weight, stats.gram, prune_mask=~keep)[0] if reconstruct else None
-        return keep, new_weight, info
+        if reconstruct:
+            new_weight, keep, used = obs_prune(weight, stats.gram, prune_mask=~keep)
+            if used != 0.01:
+                info["percdamp"] = used
+            return keep, new_weight, info
+        return keep, None, info
 
 
 METHODS: dict[str, type[SaliencySparsifier]] = {

@@ -1,3 +1,4 @@
+import json
 import warnings
 
 import pytest
@@ -29,3 +30,31 @@ def linear_batches(d_in=16, n=4, tokens=32, seed=0, scale=None):
 @pytest.fixture
 def two_linear():
     return TwoLinear()
+
+
+def save_tiny_dit_pipeline(path):
+    """A tiny DiTPipeline (random weights) saved as a hub pipeline directory would be."""
+    import diffusers
+
+    from ditprune.models.tiny import tiny_model
+
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                                  up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), latent_channels=4,
+                                  norm_num_groups=4, sample_size=8)
+    id2label = {str(i): name for i, name in enumerate(["golden retriever", "tabby", "goldfish", "volcano",
+                                                         "espresso", "castle", "pizza", "daisy", "tench", "robin"])}
+    diffusers.DiTPipeline(transformer=tiny_model("dit"), vae=vae, scheduler=diffusers.DDIMScheduler(),
+                          id2label=id2label).save_pretrained(path)
+    index = json.loads((path / "model_index.json").read_text())  # as on the hub: labels live in model_index.json
+    (path / "model_index.json").write_text(json.dumps({**index, "id2label": id2label}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory):
+    return save_tiny_dit_pipeline(tmp_path_factory.mktemp("tiny_dit_pipeline"))
+
+
+def tree_bytes(path):
+    """{relative path: bytes} of every file under ``path``: to show nothing changed."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}

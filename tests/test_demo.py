@@ -20,7 +20,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     metrics = {r["method"]: r for r in json.loads((out / "metrics.json").read_text())}
     assert metrics["dit (recipe)"]["sparsity"] == 0.5 and metrics["wanda"]["sparsity"] == 0.5
     assert (out / "samples.png").stat().st_size > 1000
-    pruned = load_file(str(out / "model" / "diffusion_pytorch_model.safetensors"))
+    pruned = load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
     w = pruned["single_transformer_blocks.0.proj_out.weight"]
     assert (w == 0).float().mean().item() == 0.5
     assert "embedder" not in " ".join(k for k, v in pruned.items() if (v == 0).float().mean() > 0.4)
@@ -35,6 +35,6 @@ def test_recovery_recipe_runs_prune_recover_quantize(tmp_path, capsys):
     assert code == 0
     text = capsys.readouterr().out
     assert "| dit + 3 recovery steps |" in text and "| dit + 3 recovery steps + int8_weight_only |" in text
-    assert "not exported" in text and not (out / "model").exists()
+    assert "not exported" in text and not (out / "transformer").exists()
     rows = {r["method"]: r for r in json.loads((out / "metrics.json").read_text())}
     assert rows["dit + 3 recovery steps"]["sparsity"] == rows["dit (recipe)"]["sparsity"]

@@ -108,10 +108,11 @@ class Candidate:
 class Comparison:
     """One dense reference model, one calibration set, one evaluator: every method run on them."""
 
-    def __init__(self, kind: str, n_prompts: int = 16, calib_steps: int = 10, n_samples: int = 100, steps: int = 20):
+    def __init__(self, kind: str, n_prompts: int = 16, calib_steps: int = 10, n_samples: int = 100, steps: int = 20,
+                 calibration_seed: int = CALIBRATION_SEED):
         self.kind = kind
         self.dense = load(kind)
-        self.calibration = reference_calibration(self.dense, n_prompts, calib_steps)
+        self.calibration = reference_calibration(self.dense, n_prompts, calib_steps, calibration_seed)
         self.evaluator = Evaluator(self.dense, n_samples, steps)
 
     def dense_row(self) -> dict:

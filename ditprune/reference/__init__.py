@@ -37,7 +37,7 @@ def load(kind: str = "flux", dtype: torch.dtype = torch.float32) -> torch.nn.Mod
     if kind not in KINDS:
         raise ValueError(f"reference model must be one of {KINDS}, got {kind!r}")
     cls = diffusers.FluxTransformer2DModel if kind == "flux" else diffusers.DiTTransformer2DModel
-    return cls.from_pretrained(weights_dir(kind), torch_dtype=dtype, use_safetensors=True).eval()
+    return cls.from_pretrained(weights_dir(kind), dtype=dtype, use_safetensors=True).eval()
 
 
 def load_judge() -> Judge:

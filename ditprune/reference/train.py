@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .._io import atomic_dir
+from .._io import OutputDir
 from .data import digits
 from .nets import Conditioning, Denoiser, Judge, build
 from .text import TEMPLATES
@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace files in --out that ditprune did not write")
     args = p.parse_args(argv)
     if args.kind == "record":
         return record_dense_metrics()
@@ -115,17 +116,18 @@ def main(argv: list[str] | None = None) -> None:
     start = time.time()
     record = {"command": "python -m ditprune.reference.train " + shlex.join(argv if argv is not None else sys.argv[1:]),
               "torch": torch.__version__, "threads": torch.get_num_threads()}
-    with atomic_dir(args.out) as tmp:
+    names = ["judge.safetensors"] if args.kind == "judge" else ["config.json", "diffusion_pytorch_model.safetensors"]
+    with OutputDir(args.out, names + ["training.json"], overwrite=args.overwrite, key="--out") as out:
         if args.kind == "judge":
             judge, acc = train_judge(args.epochs, args.seed)
-            save_file(judge.state_dict(), str(tmp / "judge.safetensors"))
+            save_file(judge.state_dict(), str(out / "judge.safetensors"))
             record.update(epochs=args.epochs, holdout_accuracy=acc)
         else:
             model, loss = train_generator(args.kind, args.steps, args.batch, args.lr, args.seed)
-            model.save_pretrained(tmp, safe_serialization=True)
+            model.save_pretrained(out.staging, safe_serialization=True)
             record.update(steps=args.steps, batch=args.batch, lr=args.lr, final_loss=loss)
         record["seconds"] = round(time.time() - start, 1)
-        (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+        (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
 
 

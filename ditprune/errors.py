@@ -1,0 +1,22 @@
+"""Errors a user can fix. The CLI prints any :class:`UserError` as one line and exits with 2
+(a traceback only with ``-v``); the Python API raises them like any exception.
+
+``InputError`` is also a ``ValueError`` and ``InputTypeError`` a ``TypeError``, so code that
+catches the built-in kinds keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = ["UserError", "InputError", "InputTypeError"]
+
+
+class UserError(Exception):
+    """Bad input: the message names what is wrong and what to do."""
+
+
+class InputError(UserError, ValueError):
+    pass
+
+
+class InputTypeError(UserError, TypeError):
+    pass

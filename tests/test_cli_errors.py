@@ -1,0 +1,151 @@
+"""Every user error is one line on stderr and exit code 2, and the checks that need only the
+recipe (and the files it names) run before any model is loaded."""
+
+from pathlib import Path
+
+import pytest
+
+import ditprune.runner
+from ditprune.cli import main
+
+ROOT = Path(__file__).parent.parent
+DEMO = str(ROOT / "configs/demo.yaml")
+PIPE = str(ROOT / "configs/dit_xl_256.yaml")
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Loading a model or running anything fails the test: errors must come first."""
+
+    def forbidden(*a, **k):
+        raise AssertionError("the run started before the error was found")
+
+    monkeypatch.setattr(ditprune.runner, "_run_reference", forbidden)
+    monkeypatch.setattr(ditprune.runner, "_run_pipeline", forbidden)
+
+
+def _one_line_error(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert "\n" not in err and "Traceback" not in err and err.startswith("ditprune: error: ")
+    return err
+
+
+CASES = [  # (arguments after `prune`, expected part of the message)
+    ([DEMO, "calibration.num_prompts=0"], "calibration.num_prompts must be >= 1, got 0"),
+    ([DEMO, "calibration.num_prompts=-1"], "calibration.num_prompts must be >= 1, got -1"),
+    ([DEMO, "calibration.steps=-3"], "calibration.steps must be >= 1, got -3"),
+    ([DEMO, "model.source=reference:xyz"], "unknown reference model 'xyz'"),
+    ([DEMO, 'pruning.targets=["["]'], "pruning.targets: regex '[' does not compile"),
+    ([DEMO, 'pruning.ignore=["(a"]'], "pruning.ignore: regex '(a' does not compile"),
+    ([DEMO, "quantization.config=bogus"], "quantization.config: unknown 'bogus'"),
+    ([DEMO, "pruning.options={alfa: 0.3}"], "pruning.options: method 'dit' got an unknown option"),
+    ([DEMO, "pruning.pattern=2-4"], "pattern must look like 'N:M'"),
+    ([DEMO, "calibration.prompts=prompts.txt"], "calibration.prompts applies to pipelines"),
+    ([DEMO, "calibration.guidance=3.5"], "calibration.guidance applies to pipelines"),
+    ([DEMO, "model.dtype=bfloat16"], "model.dtype=bfloat16 applies to pipelines"),
+    ([DEMO, "model.device=cuda"], "model.device=cuda applies to pipelines"),
+    ([DEMO, "model.subfolder=transformer"], "unknown recipe key 'model.subfolder'"),
+    ([DEMO, "export.format=compact"], "export.format must be"),
+    ([DEMO, "recovery.steps=-5"], "recovery.steps must be >= 0, got -5"),
+    ([DEMO, "evaluation.n_samples=1"], "evaluation.n_samples must be >= 2"),
+    ([DEMO, "pruning.overrides=[{targets: [attn]}]"], "pruning.overrides[0]: set sparsity or pattern"),
+    ([DEMO, "model.source=${oc.env:SECRET_TOKEN}"], "may not read environment variables"),
+    ([DEMO, "pruning.sparsty=0.6"], "did you mean 'pruning.sparsity'"),
+    (["configs/nope.yaml"], "recipe file not found"),
+    ([PIPE, "model.source=/nonexistent/pipeline"], "no such directory '/nonexistent/pipeline'"),
+    ([PIPE, "model.source=./relative/missing"], "no such directory"),
+    ([PIPE, "model.device=cuda"], "no such CUDA device"),
+    ([PIPE, "model.device=tpu"], "is not a device"),
+    ([PIPE, "recovery.steps=10"], "recovery.steps > 0 runs only on the reference models"),
+    ([PIPE, "quantization.config=int8_weight_only"], "quantization.config on a pipeline"),
+    ([PIPE, "evaluation.compare=[wanda]"], "evaluation.compare: the evaluation runs on the reference models only"),
+]
+
+
+@pytest.mark.parametrize("args, message", CASES, ids=[" ".join(a[1:]) or a[0] for a, _ in CASES])
+def test_user_error_is_one_line_and_exit_2_before_any_work(args, message, capsys, no_work, tmp_path, monkeypatch,
+                                                            tiny_pipeline_dir):
+    monkeypatch.setenv("SECRET_TOKEN", "hunter2")
+    monkeypatch.chdir(ROOT)
+    if args[0] == PIPE and "model.source" not in " ".join(args):
+        args = [PIPE, f"model.source={tiny_pipeline_dir}", *args[1:]]
+    err = _one_line_error(capsys, ["prune", *args, f"export.output_dir={tmp_path / 'out'}"])
+    assert message in err
+    assert "hunter2" not in err
+
+
+def test_pipeline_preflight_errors(capsys, no_work, tiny_pipeline_dir, tmp_path, monkeypatch):
+    src = f"model.source={tiny_pipeline_dir}"
+    cases = {
+        "calibration.prompts=/no/such/prompts.txt": "calibration.prompts: cannot read /no/such/prompts.txt",
+        f"calibration.prompts={tmp_path / 'empty.txt'}": "has no prompts",
+        f"model.source={ROOT / 'configs'}": "is not a diffusers pipeline directory",
+        f"export.output_dir={ROOT / 'README.md'}": "is a file; give a directory",
+        f"export.output_dir={ROOT / 'README.md' / 'out'}": "is a file, not a directory",
+    }
+    (tmp_path / "empty.txt").write_text("\n\n")
+    for arg, message in cases.items():
+        argv = ["prune", PIPE, src, "model.device=cpu", f"export.output_dir={tmp_path / 'out'}", arg]
+        assert message in _one_line_error(capsys, argv)
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    err = _one_line_error(capsys, ["prune", PIPE, "model.device=cpu", f"export.output_dir={tmp_path / 'o'}"])
+    assert "not in the local hub cache and HF_HUB_OFFLINE is set" in err
+
+
+def test_errors_found_on_the_model_come_before_calibration(capsys, tiny_pipeline_dir, tmp_path, monkeypatch):
+    import ditprune.models.loading as loading
+
+    monkeypatch.setattr(loading, "pipeline_calibration", lambda *a, **k: pytest.fail("calibrated first"))
+    base = ["prune", PIPE, f"model.source={tiny_pipeline_dir}", "model.device=cpu",
+            f"export.output_dir={tmp_path / 'out'}"]
+    assert "pattern 3:7 does not divide layer" in _one_line_error(capsys, base + ["pruning.pattern=3:7"])
+    err = _one_line_error(capsys, base + ["pruning.overrides=[{targets: [ff], sparsity: 0.3}, "
+                                          "{targets: [net], sparsity: 0.6}]"])
+    assert "overrides 0 (['ff']) and 1 (['net']) both match layer" in err
+    assert "matches no nn.Linear" in _one_line_error(capsys, base + ['pruning.targets=["no_such_layer"]'])
+    assert not (tmp_path / "out").exists()
+
+
+def test_verbose_shows_the_traceback(no_work):
+    from ditprune.recipe import RecipeError
+
+    with pytest.raises(RecipeError):
+        main(["prune", DEMO, "calibration.steps=0", "-v"])
+
+
+def test_two_four_unquoted_on_the_command_line_and_in_yaml(tmp_path):
+    from ditprune.recipe import load_recipe
+
+    assert load_recipe(DEMO, ["pruning.pattern=2:4"]).pruning.pattern == "2:4"
+    assert load_recipe(DEMO, ["pruning.pattern=4:8"]).pruning.pattern == "4:8"
+    path = tmp_path / "r.yaml"
+    path.write_text("pruning:\n  pattern: 2:4\n  overrides:\n    - targets: [ff]\n      pattern: 1:4\n")
+    recipe = load_recipe(path)
+    assert recipe.pruning.pattern == "2:4" and recipe.pruning.overrides[0].pattern == "1:4"
+    assert load_recipe(DEMO, ["pruning.sparsity=0.5"]).pruning.sparsity == 0.5  # numbers stay numbers
+    # references between keys still work; only environment variables are refused
+    assert load_recipe(DEMO, ["evaluation.n_samples=${calibration.num_prompts}"]).evaluation.n_samples == 16
+
+
+def test_malformed_yaml_names_the_line(tmp_path, capsys, no_work):
+    path = tmp_path / "bad.yaml"
+    path.write_text("pruning:\n  sparsity: 0.5\n   method: dit\n")
+    assert "not valid YAML (line 3" in _one_line_error(capsys, ["prune", str(path)])
+
+
+def test_unreachable_sparsity_is_reported(capsys, tiny_pipeline_dir, tmp_path):
+    code = main(["-q", "prune", PIPE, f"model.source={tiny_pipeline_dir}", "model.device=cpu", "pruning.method=wanda",
+                 "calibration.num_prompts=2", "calibration.steps=2", "pruning.sparsity=0.99999",
+                 f"export.output_dir={tmp_path / 'out'}"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "layers reached less than asked" in out and "int(in x sparsity)" in out
+
+
+def test_flags_work_after_the_subcommand(capsys, no_work):
+    assert main(["prune", "-q", DEMO, "calibration.steps=0"]) == 2
+    assert main(["-q", "prune", DEMO, "calibration.steps=0"]) == 2
