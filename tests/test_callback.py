@@ -8,6 +8,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from ditprune import resolve_targets
 from ditprune.callbacks import DiTPruning
+from ditprune.errors import InputError
 from ditprune.recovery import ReferenceRecovery, reference_dataloader
 from ditprune.reference import load
 
@@ -62,28 +63,93 @@ def test_prune_then_recover_keeps_sparsity_and_lowers_distillation_loss():
     assert module.teacher is not None and "teacher.pos_embed" not in str(module.state_dict().keys())
 
 
-def test_checkpoint_reload_keeps_the_masks(tmp_path):
+def _fit_with_checkpoint(tmp_path, method="magnitude", sparsity=0.6, steps=5):
     torch.manual_seed(0)
     module = ReferenceRecovery(load("dit"))
-    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=5, save_last=False, save_top_k=-1)
-    pruning = DiTPruning("magnitude", sparsity=0.6, distill=False)
-    _trainer([pruning, ckpt], steps=5, tmp_path=tmp_path).fit(module, reference_dataloader(32))
-    path = next(tmp_path.glob("*.ckpt"))
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=steps, save_last=False, save_top_k=-1)
+    pruning = DiTPruning(method, sparsity=sparsity, distill=False)
+    _trainer([pruning, ckpt], steps=steps, tmp_path=tmp_path).fit(module, reference_dataloader(32))
+    return next(tmp_path.glob("*.ckpt")), pruning
+
+
+def _target_keys(model, prefix="model."):
+    return [f"{prefix}{name}.weight" for name in resolve_targets(model)]
+
+
+def test_checkpoint_reload_keeps_the_masks(tmp_path):
+    path, pruning = _fit_with_checkpoint(tmp_path)
     saved = torch.load(path, weights_only=True)
-    zeros = {k: v == 0 for k, v in saved["state_dict"].items() if "transformer_blocks" in k and k.endswith("weight")}
+    keys = _target_keys(load("dit"))
+    assert len(keys) == 28 and all(k in saved["state_dict"] for k in keys)  # plain keys, masks applied
+    zeros = {k: saved["state_dict"][k] == 0 for k in keys}
+    masks = saved["callbacks"]["DiTPruning"]["masks"]
+    assert saved["callbacks"]["DiTPruning"]["method"] == "magnitude" and len(masks) == 28
+    for k in keys:
+        assert torch.equal(zeros[k], ~masks[k[len("model."):]]), k
     # 1) the checkpoint loads into a plain, unpruned module with the zeros in place
     fresh = ReferenceRecovery(load("dit"))
     fresh.load_state_dict(saved["state_dict"])
     assert _zero_fraction(fresh.model) == pytest.approx(0.6, abs=0.01)
-    # 2) a resumed fit re-applies the same masks instead of pruning again
+    # 2) a resumed fit re-applies the same masks instead of pruning again, and trains masked
     resumed = ReferenceRecovery(load("dit"))
-    again = DiTPruning("magnitude", sparsity=0.6, distill=False)
+    again = DiTPruning("magnitude", sparsity=0.6, distill=True)
     _trainer([again], steps=10, tmp_path=tmp_path).fit(resumed, reference_dataloader(32), ckpt_path=path)
     assert again.report is None  # no second prune
     state = resumed.state_dict()
-    for key, was_zero in zeros.items():
-        if key.startswith("model.") and key in state and "norm1.emb" not in key:
-            assert torch.equal(state[key] == 0, was_zero), key
+    compared = [k for k in keys if torch.equal(state[k] == 0, zeros[k])]
+    assert compared == keys
+    # the teacher is attached again, and it is the dense model the module was built from
+    dense = load("dit")
+    assert resumed.teacher is not None
+    for k in keys:
+        assert torch.equal(resumed.teacher.get_parameter(k[len("model."):]), dense.get_parameter(k[len("model."):]))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"sparsity": 0.5}, "pruned with sparsity=0.6, this DiTPruning asks sparsity=0.5"),
+    ({"method": "wanda"}, "pruned with method='magnitude', this DiTPruning asks method='wanda'"),
+])
+def test_resume_with_other_settings_is_refused(tmp_path, change, message):
+    path, _ = _fit_with_checkpoint(tmp_path)
+    settings = {"method": "magnitude", "sparsity": 0.6} | change
+    with pytest.raises(InputError, match=message):
+        _trainer([DiTPruning(settings.pop("method"), **settings)], steps=8, tmp_path=tmp_path).fit(
+            ReferenceRecovery(load("dit")), reference_dataloader(32), ckpt_path=path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.__setitem__("transformer_blocks.9.ff.net.2.weight", torch.ones(64, 256, dtype=torch.bool)),
+     "1 masks without a target"),
+    (lambda m: m.pop("transformer_blocks.0.ff.net.2.weight"), "1 targets without a mask"),
+    (lambda m: m.__setitem__("transformer_blocks.0.ff.net.2.weight", torch.ones(1, 256, dtype=torch.bool)),
+     "has shape \\(1, 256\\), the model's weight \\(64, 256\\)"),
+])
+def test_resume_checks_masks_against_the_model(tmp_path, edit, message):
+    path, _ = _fit_with_checkpoint(tmp_path)
+    ckpt = torch.load(path, weights_only=True)
+    edit(ckpt["callbacks"]["DiTPruning"]["masks"])
+    torch.save(ckpt, path)
+    with pytest.raises(InputError, match=message):
+        _trainer([DiTPruning("magnitude", sparsity=0.6)], steps=8, tmp_path=tmp_path).fit(
+            ReferenceRecovery(load("dit")), reference_dataloader(32), ckpt_path=path)
+
+
+def test_checkpoint_saved_after_fit_still_resumes_masked(tmp_path):
+    torch.manual_seed(0)
+    module = ReferenceRecovery(load("dit"), lr=1e-3)
+    pruning = DiTPruning("wanda", sparsity=0.5, calibration_batches=1, distill=False)
+    trainer = _trainer([pruning], steps=3, tmp_path=tmp_path)
+    trainer.fit(module, reference_dataloader(32))
+    trainer.save_checkpoint(tmp_path / "after.ckpt")
+    masks = torch.load(tmp_path / "after.ckpt", weights_only=True)["callbacks"]["DiTPruning"]["masks"]
+    assert len(masks) == 28
+    resumed = ReferenceRecovery(load("dit"), lr=1e-3)
+    again = DiTPruning("wanda", sparsity=0.5, distill=False)
+    _trainer([again], steps=20, tmp_path=tmp_path).fit(resumed, reference_dataloader(32),
+                                                       ckpt_path=tmp_path / "after.ckpt")
+    assert again.report is None and _zero_fraction(resumed.model) == 0.5  # fine-tuning revived nothing
+    for fqn, m in masks.items():
+        assert (resumed.model.get_parameter(fqn)[~m] == 0).all()
 
 
 def test_int8_weight_only_keeps_zeros():
@@ -108,3 +174,5 @@ def test_callback_validates_its_arguments():
         DiTPruning("wanda", quantize="int3")
     with pytest.raises(ValueError, match="calibration_batches"):
         DiTPruning("wanda", calibration_batches=0)
+    with pytest.raises(TypeError, match="unknown option"):
+        DiTPruning("dit", alfa=0.3)

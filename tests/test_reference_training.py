@@ -16,10 +16,10 @@ def test_generators_train_a_few_steps():
 
 def test_judge_trains_and_the_cli_writes_atomically(tmp_path):
     judge, acc = train_judge(epochs=1, progress=False)
-    assert 0.0 <= acc <= 1.0
+    assert acc > 0.4  # one epoch learns (0.58 with the fixed seed; chance is 0.1)
     main(["dit", "--steps", "2", "--batch", "4", "--out", str(tmp_path / "dit")])
     record = json.loads((tmp_path / "dit" / "training.json").read_text())
     assert record["steps"] == 2 and "command" in record
     assert sorted(p.name for p in (tmp_path / "dit").iterdir()) == [
-        "config.json", "diffusion_pytorch_model.safetensors", "training.json"]
+        ".ditprune.json", "config.json", "diffusion_pytorch_model.safetensors", "training.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["dit"]  # no temporary leftovers
