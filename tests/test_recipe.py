@@ -53,3 +53,28 @@ def test_bad_recipes_name_the_key(override, message):
 def test_missing_file():
     with pytest.raises(RecipeError, match="not found"):
         load_recipe("configs/nope.yaml")
+
+
+def test_calibration_seed_takes_effect_on_the_reference_path(monkeypatch, tmp_path):
+    import torch
+
+    import ditprune.evaluation.harness as harness
+    from ditprune.cli import main
+    from ditprune.reference import load
+
+    model = load("dit")
+    a, b = (harness.reference_calibration(model, 2, 2, seed=s) for s in (0, 1))
+    assert not torch.equal(a[0]["hidden_states"], b[0]["hidden_states"])
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def spy(kind, *args, calibration_seed=0, **kw):
+        seen["seed"] = calibration_seed
+        raise Stop
+
+    monkeypatch.setattr(harness, "Comparison", spy)
+    with pytest.raises(Stop):
+        main(["prune", "calibration.seed=7", f"export.output_dir={tmp_path / 'out'}"])
+    assert seen["seed"] == 7
