@@ -11,7 +11,7 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
-from .stats import InputStats
+from .stats import HOLDOUT_BELOW, InputStats
 
 __all__ = ["active", "rank", "all_reduce_stats", "broadcast_", "min_over_ranks"]
 
@@ -37,13 +37,26 @@ def _reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
 
 
 def all_reduce_stats(stats: Iterable[InputStats]) -> None:
-    """Sum every statistic (and token count) over the ranks, in the same order on every rank."""
+    """Sum every statistic (and token count) over the ranks, in the same order on every rank;
+    statistics shared by several layers are reduced once. Held-out statistics survive only if
+    every rank still has them."""
+    seen: set[int] = set()
     for s in stats:
+        if id(s) in seen:
+            continue
+        seen.add(id(s))
         _reduce(s.sq_sum)
         if s.gram_sum is not None:
             _reduce(s.gram_sum)
+            if min_over_ranks(int(s.held_sum is not None)) == 0:
+                s.held_sum = None
+            else:
+                _reduce(s.held_sum)
+                s.held_count = int(_reduce(torch.tensor([s.held_count], dtype=torch.float64)).item())
         count = torch.tensor([s.count], dtype=torch.float64)
         s.count = int(_reduce(count).item())
+        if s.held_sum is not None and s.count >= HOLDOUT_BELOW * s.sq_sum.numel():
+            s.held_sum = None
 
 
 def broadcast_(tensors: Iterable[torch.Tensor], src: int = 0) -> None:

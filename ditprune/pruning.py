@@ -217,6 +217,8 @@ class PrunePlan:
                 "blocks); use block_sequential=False"
             )
         self.by_block = by_block
+        self.scopes = [b for _, b in models.blocks(model)]
+        self.text_layers = {f"{n}.weight" for n in models.text_layers(model, self.settings)}
         self.seconds = 0.0
 
     @property
@@ -269,7 +271,7 @@ class PrunePlan:
         self.seconds += time.perf_counter() - start
 
     def _observe(self, fqns, run, sync: bool) -> None:
-        with self.sparsifier.observe(fqns) as stats:
+        with self.sparsifier.observe(fqns, self.scopes, self.text_layers) as stats:
             run()
         if sync:
             distributed.all_reduce_stats(self.sparsifier.state[f]["stats"] for f in stats)
@@ -356,6 +358,6 @@ def prune(
     else:
         report.sparsifier = plan.sparsifier
     if report.shortfall():
-        log.warning("%s", report.summary())
+        log.info("%s", report.summary())
     log.info("pruned %d layers with %s to sparsity %.4f", len(report.layers), method, report.sparsity)
     return report

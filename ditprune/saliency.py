@@ -10,7 +10,9 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["magnitude", "wanda", "ria", "energy_balanced", "row_output_error", "balanced_mask", "refine_mask"]
+from .refine import row_output_error
+
+__all__ = ["magnitude", "wanda", "ria", "energy_balanced", "balanced_mask", "sample_rows"]
 
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -46,100 +48,67 @@ def energy_balanced(weight: torch.Tensor, energy: torch.Tensor, alpha: float) ->
     return w.pow(1.0 - alpha) * a.pow(alpha)
 
 
-def row_output_error(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-    """Per output row, the energy the mask removes from the layer's output on the calibration
-    data: ||(W_i - (W*M)_i) X||^2 / N = dW_i H dW_i^T. Summed over rows: tr(dW H dW^T)."""
-    dw = weight.float() * (~keep)
-    return ((dw @ gram.float()) * dw).sum(1)
+def sample_rows(labels: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor | None:
+    """A seeded sample of about ``n`` row indices, stratified by cluster (every cluster gets its
+    share and at least min(its size, 8) rows); None when that would be every row."""
+    out = len(labels)
+    if n >= out:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    picked = []
+    for c in labels.unique().tolist():
+        rows = (labels == c).nonzero().squeeze(1)
+        take = min(len(rows), max(8, round(n * len(rows) / out)))
+        picked.append(rows[torch.randperm(len(rows), generator=g)[:take]])
+    return torch.cat(picked).sort().values
 
 
 def balanced_mask(
     weight: torch.Tensor,
     energy: torch.Tensor,
     gram: torch.Tensor,
-    alphas: Sequence[float],
-    mask_fns: dict[str, Callable[[torch.Tensor], torch.Tensor]],
     labels: torch.Tensor,
-) -> tuple[torch.Tensor, list[dict]]:
-    """Error-guided balance: for every candidate (alpha, grouping) build the mask, measure each
-    row's output-error energy, and let each cluster of rows (``labels``) take the candidate with
-    the least error. Every candidate prunes the same count per cluster, so the layer total is
-    unchanged, and the error is additive over rows, so the result is never worse on the layer's
-    own objective than any single candidate (Wanda is alpha = 0.5 with row grouping).
+    alphas: Sequence[float],
+    groupings: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]],
+    refine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    sample: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, list[dict], bool]:
+    """Error-guided balance. Each candidate (alpha, grouping) is masked, refined (``refine``) and
+    judged by the output energy it removes, tr(dW H dW^T), on the ``sample`` rows (None: all);
+    each cluster of rows (``labels``) takes the candidate with the least error on its rows. A
+    grouping is ``fn(scores, labels) -> keep`` over the rows it is given, so on a sample each
+    cluster's sampled rows form its pool and every candidate prunes the same count there.
 
-    Returns the keep mask and, per cluster, the chosen ``{"cluster", "rows", "alpha", "grouping"}``.
+    Returns (keep mask, per cluster ``{"cluster", "rows", "alpha", "grouping"}``, refined): with
+    no sample the chosen candidates are already refined; with a sample, ``keep`` holds each
+    cluster's chosen candidate built on all its rows, not yet refined.
     """
-    best_err = torch.full((weight.shape[0],), float("inf"))
+    rows = torch.arange(weight.shape[0]) if sample is None else sample
+    w_s, lab_s = weight[rows.to(weight.device)], labels[rows]
     clusters = labels.unique().tolist()
-    keep = torch.ones_like(weight, dtype=torch.bool)
-    chosen: dict[int, dict] = {}
+    best: dict[int, tuple[float, tuple[float, str]]] = {c: (float("inf"), (0.5, next(iter(groupings)))) for c in clusters}
+    refined: dict[int, torch.Tensor] = {}
     for alpha in alphas:
-        scores = energy_balanced(weight, energy, alpha)
-        for name, fn in mask_fns.items():
-            cand = fn(scores)
-            err = row_output_error(weight, cand, gram).cpu()
+        scores = energy_balanced(w_s, energy, alpha)
+        for name, fn in groupings.items():
+            cand = refine(w_s, fn(scores, lab_s.to(scores.device)))
+            err = row_output_error(w_s, cand, gram).cpu()
             for c in clusters:
-                rows = labels == c
-                e = err[rows].sum()
-                if e < best_err[rows].sum():
-                    best_err[rows] = err[rows]
-                    keep[rows.to(keep.device)] = cand[rows.to(cand.device)]
-                    chosen[c] = {"cluster": c, "rows": int(rows.sum()), "alpha": alpha, "grouping": name}
-    return keep, [chosen[c] for c in clusters]
-
-
-@torch.no_grad()
-def refine_mask(
-    weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor, max_swaps: int = 64, group: int | None = None,
-    damp: float = 0.0,
-) -> tuple[torch.Tensor, int]:
-    """Energy-guided swaps: in every row, revive the pruned weight and prune the kept weight whose
-    exchange lowers the row's removed output energy dW_i H dW_i^T the most, while any exchange
-    lowers it (at most ``max_swaps`` per row). Counts per row (and per ``group`` of consecutive
-    inputs, for N:M) never change, and the layer error only decreases. A training-free mask
-    update in the spirit of DSnoT (Zhang et al., ICLR 2024), with the exact quadratic change:
-
-        e' - e = 2 w_p g_p + w_p^2 H_pp - 2 w_q g_q + w_q^2 H_qq - 2 w_p w_q H_pq,  g = H dW_i^T
-
-    for pruning kept weight p and reviving pruned weight q. ``damp`` adds damp * mean(diag H) to
-    the diagonal of H (as SparseGPT dampens), so that swaps cannot exploit directions the
-    calibration data never visited. Returns (keep mask, swaps made)."""
-    w, h = weight.float(), gram.float().to(weight.device)
-    if damp:
-        h = h + damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], device=h.device)
-    keep = keep.clone()
-    g = (w * ~keep) @ h
-    dh = torch.diagonal(h)
-    rows = torch.arange(w.shape[0], device=w.device)
-    cols = torch.arange(w.shape[1], device=w.device)
-    swaps = 0
-    inf = float("inf")
-    for _ in range(max_swaps):
-        revive = (w * w * dh - 2 * w * g).masked_fill(keep, inf)  # change in e from reviving q alone
-        prune = (w * w * dh + 2 * w * g).masked_fill(~keep, inf)  # change in e from pruning p alone
-        if group is not None:
-            same = lambda j: cols.unsqueeze(0) // group == (j // group).unsqueeze(1)  # noqa: E731
-        # two candidate exchanges per row, each exact with the cross term: the best revival with
-        # its best partner, and the best pruning with its best partner
-        q1 = revive.argmin(1)
-        cross = 2 * w * w[rows, q1].unsqueeze(1) * h[q1]
-        partner = prune - cross if group is None else (prune - cross).masked_fill(~same(q1), inf)
-        p1 = partner.argmin(1)
-        d1 = revive[rows, q1] + partner[rows, p1]
-        p2 = prune.argmin(1)
-        cross = 2 * w * w[rows, p2].unsqueeze(1) * h[p2]
-        partner = revive - cross if group is None else (revive - cross).masked_fill(~same(p2), inf)
-        q2 = partner.argmin(1)
-        d2 = prune[rows, p2] + partner[rows, q2]
-        second = d2 < d1
-        p, q, delta = torch.where(second, p2, p1), torch.where(second, q2, q1), torch.minimum(d1, d2)
-        scale = (w * g).abs().sum(1).clamp_min(1e-30)
-        act = torch.isfinite(delta) & (delta < -1e-9 * scale)
-        if not act.any():
-            break
-        r, pa, qa = rows[act], p[act], q[act]
-        keep[r, pa] = False
-        keep[r, qa] = True
-        g[r] += w[r, pa].unsqueeze(1) * h[pa] - w[r, qa].unsqueeze(1) * h[qa]
-        swaps += int(act.sum())
-    return keep, swaps
+                mine = lab_s == c
+                e = float(err[mine].sum())
+                if e < best[c][0]:
+                    best[c] = (e, (alpha, name))
+                    if sample is None:
+                        refined[c] = cand[mine.to(cand.device)]
+    keep = torch.ones_like(weight, dtype=torch.bool)
+    choices = []
+    for c in clusters:
+        alpha, name = best[c][1]
+        rc = labels == c
+        rd = rc.to(weight.device)
+        if sample is None:
+            keep[rd] = refined[c]
+        else:
+            keep[rd] = groupings[name](energy_balanced(weight[rd], energy, alpha), labels[rc].to(weight.device))
+        choices.append({"cluster": c, "rows": int(rc.sum()), "alpha": alpha, "grouping": name})
+    return keep, choices, sample is None

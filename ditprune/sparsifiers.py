@@ -27,6 +27,7 @@ from torch.nn.utils import parametrize
 from . import granularity as G
 from .errors import InputError
 from . import saliency
+from .refine import refine_mask, row_output_error
 from .sparsegpt import obs_prune
 from .stats import InputStats, observe
 
@@ -67,21 +68,25 @@ class SaliencySparsifier(BaseSparsifier):
 
     # -- statistics ---------------------------------------------------------------------------
     @contextmanager
-    def observe(self, tensor_fqns: Iterable[str] | None = None) -> Iterator[dict[str, InputStats]]:
-        """Gather input statistics of the prepared layers (all, or ``tensor_fqns``) while open."""
+    def observe(self, tensor_fqns: Iterable[str] | None = None, scopes: Iterable[nn.Module] = (),
+                text_layers: Iterable[str] = ()) -> Iterator[dict[str, InputStats]]:
+        """Gather input statistics of the prepared layers (all, or ``tensor_fqns``) while open.
+        ``scopes`` and ``text_layers`` (tensor_fqns) as :func:`ditprune.stats.observe`."""
         groups = self._groups(tensor_fqns)
         if not (self.needs_energy or self.needs_gram):
             yield {}
             return
         layers = {g["tensor_fqn"]: g["module"] for g in groups}
-        with observe(layers, need_gram=self.needs_gram) as stats:
-            held = sum(s.nbytes for s in stats.values()) + sum(
-                st["stats"].nbytes for st in self.state.values() if "stats" in st
-            )
-            self.peak_stats_bytes = max(getattr(self, "peak_stats_bytes", 0), held)
+        with observe(layers, self.needs_gram, scopes, text_layers) as stats:
             yield stats
-        for fqn, s in stats.items():
-            self.state[fqn]["stats"] = s
+        for fqn, module in layers.items():  # a layer never reached: empty statistics, a clear error later
+            if fqn not in stats:
+                stats[fqn] = InputStats(fqn, module.in_features, self.needs_gram)
+        held = {id(s): s.nbytes for s in stats.values()}
+        held.update({id(st["stats"]): st["stats"].nbytes for st in self.state.values() if "stats" in st})
+        self.peak_stats_bytes = max(getattr(self, "peak_stats_bytes", 0), sum(held.values()))
+        for fqn, st in stats.items():
+            self.state[fqn]["stats"] = st
 
     # -- masks --------------------------------------------------------------------------------
     def step(self, use_path: bool = True, tensor_fqns: Iterable[str] | None = None) -> None:
@@ -231,20 +236,25 @@ class SparseGPTSparsifier(SaliencySparsifier):
 
 
 class DiTPruningSparsifier(SaliencySparsifier):
-    """DiT-Pruning (arXiv 2607.00927): energy-balanced saliency with clustering-aware groups.
+    """DiT-Pruning (arXiv 2607.00927): energy-balanced saliency, clustering-aware groups, and an
+    error-guided swap search.
 
     S_ij = (W_ij^2 / E_W)^(1 - alpha) * (a_j / E_A)^alpha  (alpha = 0.5 is Wanda's ranking).
 
     Rows are clustered (seeded k-means on :func:`~ditprune.granularity.row_features`, k by
-    silhouette). Every candidate mask, from ``alphas`` x {per-row, cluster-pooled} (N:M: ``alphas``
-    alone), is first improved by ``refine`` energy-guided swaps per row
-    (:func:`~ditprune.saliency.refine_mask`); with ``alpha="auto"`` each cluster then takes the
-    candidate that removes the least output energy tr(dW H dW^T) on the calibration data, never
-    worse on that objective than Wanda's mask refined the same way. ``reconstruct=True`` finally
-    updates the kept weights with SparseGPT's OBS solver for that fixed mask.
+    silhouette). With ``alpha="auto"``, every candidate from ``alphas`` x {per-row,
+    cluster-pooled} (N:M: ``alphas`` alone) is masked, improved by the swap search and judged by
+    the output energy it removes, tr(dW H dW^T), on up to ``sample_rows`` rows sampled per
+    cluster (rows are independent, so a sample judges a candidate for all); each cluster takes
+    its best candidate, built on all its rows. The chosen mask then gets ``refine`` rounds of the
+    swap search (:func:`ditprune.refine.refine_mask`: per row, the ``shortlist`` cheapest
+    revivals and prunings, swapped pairwise with exact cross terms while the error falls).
+    ``reconstruct=True`` finally updates the kept weights with SparseGPT's OBS solver for that
+    fixed mask.
 
-    ``method: dit``, ``sparsity: 0.5``, ``alpha: auto``, ``alphas: [0.3, 0.4, 0.5, 0.6]``,
-    ``granularity: clusters``, ``max_clusters: 6``, ``refine: 64``, ``reconstruct: false``.
+    ``method: dit``, ``sparsity: 0.5``, ``alpha: auto``, ``alphas: [0.3, 0.4, 0.5]``,
+    ``granularity: clusters``, ``max_clusters: 6``, ``refine: 8``, ``shortlist: 12``,
+    ``sample_rows: 256``, ``reconstruct: false``.
     """
 
     default_granularity = "clusters"
@@ -255,67 +265,119 @@ class DiTPruningSparsifier(SaliencySparsifier):
         pattern: str | None = None,
         granularity: str | None = None,
         alpha: float | str = "auto",
-        alphas: Sequence[float] = (0.3, 0.4, 0.5, 0.6),
+        alphas: Sequence[float] = (0.3, 0.4, 0.5),
         max_clusters: int = 6,
-        refine: int = 64,
+        refine: int = 8,
+        shortlist: int = 12,
+        sample_rows: int = 256,
         damp: float = 0.0,
         reconstruct: bool = False,
         seed: int = 0,
     ):
         if alpha != "auto":
-            alpha = float(alpha)
+            try:
+                alpha = float(alpha)
+            except (TypeError, ValueError):
+                raise InputError(f"alpha must be 'auto' or a number in [0, 1], got {alpha!r}") from None
             if not 0.0 <= alpha <= 1.0:
                 raise InputError(f"alpha must be 'auto' or a number in [0, 1], got {alpha}")
         grid = tuple(sorted({float(a) for a in alphas} | {0.5}))  # Wanda's ranking is always a candidate
         if any(not 0.0 <= a <= 1.0 for a in grid):
             raise InputError(f"alphas must lie in [0, 1], got {list(alphas)}")
+        for name, value, low in (("refine", refine, 0), ("shortlist", shortlist, 1), ("sample_rows", sample_rows, 1),
+                                 ("max_clusters", max_clusters, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
         super().__init__(
-            sparsity, pattern, granularity, alpha=alpha, alphas=grid, max_clusters=int(max_clusters),
-            refine=int(refine), damp=float(damp), reconstruct=bool(reconstruct), seed=int(seed),
+            sparsity, pattern, granularity, alpha=alpha, alphas=grid, max_clusters=max_clusters, refine=refine,
+            shortlist=shortlist, sample_rows=sample_rows, damp=float(damp), reconstruct=bool(reconstruct),
+            seed=int(seed),
         )
-        if int(refine) < 0:
-            raise InputError(f"refine is a number of swaps per row (0 = off), got {refine}")
-        self.needs_gram = alpha == "auto" or bool(reconstruct) or int(refine) > 0
+        self.needs_gram = alpha == "auto" or bool(reconstruct) or refine > 0
 
     def compute_mask(self, weight, stats, *, sparsity, nm, granularity, alpha, alphas, max_clusters, refine,
-                     damp, reconstruct, seed, **options):
+                     shortlist, sample_rows, damp, reconstruct, seed, **options):
         energy = stats.energy
-        rows = weight.shape[0]
+        held = stats.holdout() if self.needs_gram else None
+        blind = self.needs_gram and stats.few_tokens and held is None  # too few tokens to judge anything
+        if blind:  # Wanda's mask: nothing fitted to tokens it cannot check
+            refine, reconstruct, alpha, granularity = 0, False, 0.5, "row"
+        # few tokens: fit on most of them, judge on the held-out rest (see ditprune.stats)
+        fit, judge = held if held is not None else ((stats.gram,) * 2 if self.needs_gram else (None, None))
+        if fit is not None and damp:
+            fit = fit + damp * torch.diagonal(fit).mean() * torch.eye(fit.shape[0], device=fit.device)
         if granularity == "clusters":
             labels = G.cluster_rows(G.row_features(weight, energy), max_clusters, seed)
         else:
-            labels = torch.zeros(rows, dtype=torch.long)
+            labels = torch.zeros(weight.shape[0], dtype=torch.long)
         if nm is not None:
-            fns = {"nm": lambda s: G.nm_mask(s, *nm)}
+            groupings = {"nm": lambda s, lab: G.nm_mask(s, *nm)}
         elif granularity == "row":
-            fns = {"row": lambda s: G.row_mask(s, sparsity)}
+            groupings = {"row": lambda s, lab: G.row_mask(s, sparsity)}
         else:  # layer: one pool; clusters: one pool per cluster, or per row where that is better
-            fns = {"pooled": lambda s: G.pooled_mask(s, labels.to(s.device), sparsity)}
+            groupings = {"pooled": lambda s, lab: G.pooled_mask(s, lab, sparsity)}
             if granularity == "clusters":
-                fns["row"] = lambda s: G.row_mask(s, sparsity)
-        swaps = []
-        if refine:  # every candidate is refined before it is judged: the balance is chosen for the final mask
-            def refined(fn):
-                def make(s):
-                    keep, n = saliency.refine_mask(weight, fn(s), stats.gram, refine, nm[1] if nm else None, damp)
-                    swaps.append(n)
-                    return keep
-                return make
+                groupings["row"] = lambda s, lab: G.row_mask(s, sparsity)
+        group = nm[1] if nm is not None else None
+        totals = {"swaps": 0}
 
-            fns = {name: refined(fn) for name, fn in fns.items()}
+        def search(w, keep, rounds):
+            if not rounds:
+                return keep
+            keep, found = refine_mask(w, keep, fit, rounds, shortlist, group)
+            totals["swaps"] += found["swaps"]
+            return keep
+
         if alpha == "auto":
-            keep, choice = saliency.balanced_mask(weight, energy, stats.gram, alphas, fns, labels)
+            sample = saliency.sample_rows(labels, sample_rows, seed)
+            rounds = refine if sample is None else (max(1, refine // 2) if refine else 0)
+            keep, choice, done = saliency.balanced_mask(weight, energy, judge, labels, alphas, groupings,
+                                                        lambda w, k: search(w, k, rounds), sample)
+            if not done:
+                totals["swaps"] = 0  # count the swaps of the mask that is kept
+                keep = search(weight, keep, refine)
+            plain = lambda: next(iter(groupings.values()))(saliency.wanda(weight, energy), labels.to(weight.device))  # noqa: E731
         else:
-            keep = next(iter(fns.values()))(saliency.energy_balanced(weight, energy, alpha))
-            choice = [{"cluster": int(c), "rows": int((labels == c).sum()), "alpha": alpha,
-                       "grouping": next(iter(fns))} for c in labels.unique()]
-        info = {"clusters": choice}
+            name, fn = next(iter(groupings.items()))
+            start = fn(saliency.energy_balanced(weight, energy, alpha), labels.to(weight.device))
+            keep = search(weight, start, refine)
+            choice = [{"cluster": int(c), "rows": int((labels == c).sum()), "alpha": alpha, "grouping": name}
+                      for c in labels.unique()]
+            plain = lambda: start  # noqa: E731
+        info = {"clusters": choice, "swaps": totals["swaps"]}
+        if blind:
+            info["search"] = f"skipped: {stats.count} calibration tokens, none to judge on"
+        if held is not None and refine:
+            keep = self._fall_back(weight, keep, plain(), judge, labels, choice)
+            info["held_out_tokens"] = stats.held_count
         if reconstruct:
-            new_weight, keep, used = obs_prune(weight, stats.gram, prune_mask=~keep)
+            new_weight, keep, used = obs_prune(weight, fit if held is not None else stats.gram, prune_mask=~keep)
             if used != 0.01:
                 info["percdamp"] = used
+            if held is not None and _removed(weight, new_weight, keep, judge) >= _removed(weight, weight, keep, judge):
+                info["reconstruct"] = "skipped: no gain on held-out tokens"
+                return keep, None, info
             return keep, new_weight, info
         return keep, None, info
+
+    @staticmethod
+    def _fall_back(weight, keep, plain, judge, labels, choice):
+        """Few tokens: a cluster keeps the searched mask only if it removes less energy on the
+        held-out tokens than the plain mask (Wanda's for alpha="auto") does."""
+        searched, simple = row_output_error(weight, keep, judge).cpu(), row_output_error(weight, plain, judge).cpu()
+        keep = keep.clone()
+        for c in choice:
+            rows = labels == c["cluster"]
+            if simple[rows].sum() < searched[rows].sum():
+                keep[rows.to(keep.device)] = plain[rows.to(plain.device)]
+                c["fallback"] = "plain mask (held-out tokens)"
+        return keep
+
+
+def _removed(weight, new_weight, keep, gram) -> float:
+    """Output energy lost on ``gram``'s tokens when ``weight`` becomes ``new_weight * keep``."""
+    d = weight.float() - new_weight.float() * keep
+    return float(((d @ gram.float()) * d).sum())
 
 
 METHODS: dict[str, type[SaliencySparsifier]] = {

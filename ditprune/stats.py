@@ -1,30 +1,48 @@
 """Input statistics of targeted Linear layers, gathered with forward pre-hooks.
 
-Everything accumulates in float32 with an explicit token count, whatever the model dtype
-(a bf16 accumulator silently loses the small channels). The Gram matrix X X^T is only kept
-for methods that need it (SparseGPT, the ``dit`` method's error-guided balance).
+Everything accumulates in float32 with an explicit token count, whatever the model dtype (a
+bf16 accumulator silently loses the small channels). The Gram matrix X X^T is only kept for
+methods that need it (SparseGPT, the ``dit`` method's error-guided search).
+
+- **Shared statistics.** Layers that read the same tensor (q/k/v of one attention, FLUX single
+  blocks' ``proj_mlp`` beside them) share one :class:`InputStats`: sharing is found on the first
+  batch by tensor identity and checked on every later one.
+- **Padding.** Layers that read encoder tokens (PixArt's and Sana's cross-attention keys and
+  values) skip the tokens that the block's ``encoder_attention_mask`` removes.
+- **Held-out tokens.** While a layer has seen fewer than ``HOLDOUT_BELOW`` tokens per input,
+  every 4th token also goes into a held-out Gram matrix, so that a method can judge what it
+  fitted on the other tokens; the held-out matrix is freed once the layer has enough tokens.
 """
 
 from __future__ import annotations
 
+import inspect
+import weakref
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
 
-__all__ = ["InputStats", "NonFiniteActivationError", "HookOwner", "observe"]
+from .errors import InputError
+
+__all__ = ["InputStats", "NonFiniteActivationError", "HookOwner", "observe", "HOLDOUT_BELOW", "HOLDOUT_EVERY"]
+
+HOLDOUT_BELOW = 16  # tokens per input below which held-out statistics are kept
+HOLDOUT_EVERY = 4  # every 4th token is held out
 
 
-class NonFiniteActivationError(ValueError):
+class NonFiniteActivationError(InputError):
     """A calibration activation entering a targeted layer was NaN or infinite."""
 
 
 class InputStats:
-    """Running first/second-order statistics of the inputs x (shape (..., in_features)) of one layer.
+    """Running first/second-order statistics of the inputs x (shape (..., in_features)) of one
+    layer (or several layers reading the same tensor).
 
     ``energy`` is a_j = ||X_j||^2 / N, the mean energy of input channel j over N tokens;
-    ``gram`` is X X^T / N (only when ``need_gram``).
+    ``gram`` is X X^T / N (only when ``need_gram``). :meth:`holdout` gives the fit and held-out
+    Gram matrices of a layer that saw few tokens.
     """
 
     def __init__(self, name: str, in_features: int, need_gram: bool, device=None):
@@ -34,9 +52,14 @@ class InputStats:
         self.gram_sum = (
             torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if need_gram else None
         )
+        self.held_sum = torch.zeros_like(self.gram_sum) if need_gram else None
+        self.held_count = 0
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor) -> None:
+    def update(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Add tokens ``x`` (..., in); ``valid`` (x.shape[:-1], bool) drops the others."""
+        if valid is not None:
+            x = x[valid.to(x.device)]
         x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
         sq = x.pow(2).sum(0)
         if not torch.isfinite(sq).all():
@@ -47,19 +70,26 @@ class InputStats:
         self.sq_sum += sq.to(self.sq_sum.device)
         if self.gram_sum is not None:
             self.gram_sum += (x.T @ x).to(self.gram_sum.device)
+            if self.held_sum is not None:
+                index = self.count + torch.arange(x.shape[0], device=x.device)
+                held = x[index % HOLDOUT_EVERY == HOLDOUT_EVERY - 1]
+                self.held_sum += (held.T @ held).to(self.held_sum.device)
+                self.held_count += held.shape[0]
         self.count += x.shape[0]
+        if self.held_sum is not None and self.count >= HOLDOUT_BELOW * self.sq_sum.numel():
+            self.held_sum = None  # enough tokens: nothing to hold out
 
     def _checked_count(self) -> int:
         if self.count == 0:
-            raise ValueError(
-                f"layer '{self.name}' saw no calibration tokens: the calibration iterable was empty "
-                "or never reached this layer"
+            raise InputError(
+                f"layer '{self.name}' saw no calibration tokens: the calibration iterable was empty, every "
+                "token was padding, or the layer was never reached"
             )
         return self.count
 
     @property
     def nbytes(self) -> int:
-        return self.sq_sum.nbytes + (self.gram_sum.nbytes if self.gram_sum is not None else 0)
+        return sum(t.nbytes for t in (self.sq_sum, self.gram_sum, self.held_sum) if t is not None)
 
     @property
     def energy(self) -> torch.Tensor:
@@ -70,6 +100,20 @@ class InputStats:
         if self.gram_sum is None:
             raise RuntimeError(f"layer '{self.name}': the Gram matrix was not gathered (need_gram=False)")
         return self.gram_sum / self._checked_count()
+
+    @property
+    def few_tokens(self) -> bool:
+        """Fewer than ``HOLDOUT_BELOW`` tokens per input: what is fitted on them must be judged on
+        held-out tokens."""
+        return self.held_sum is not None
+
+    def holdout(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(H of the fit tokens, H of the held-out tokens) of a layer with :attr:`few_tokens`;
+        None when it has none held out (fewer than ``HOLDOUT_EVERY`` tokens) or enough tokens."""
+        if self.held_sum is None or self.held_count == 0:
+            return None
+        fit = (self.gram_sum - self.held_sum) / (self.count - self.held_count)
+        return fit, self.held_sum / self.held_count
 
 
 class HookOwner:
@@ -92,19 +136,94 @@ class HookOwner:
         self.remove()
 
 
+def _valid_tokens(mask) -> torch.Tensor | None:
+    """(B, L) bool of the encoder tokens an attention mask keeps: a 0/1 keep mask, or the additive
+    bias diffusers makes of it (0 kept, a large negative number dropped), possibly (B, 1, L)."""
+    if not isinstance(mask, torch.Tensor):
+        return None
+    m = mask.reshape(mask.shape[0], -1) if mask.dim() == 3 and mask.shape[1] == 1 else mask
+    if m.dim() != 2:
+        return None
+    if m.dtype == torch.bool:
+        return m
+    return m > -1 if bool((m < 0).any()) else (m > 0.5 if bool((m > 0).any()) else torch.ones_like(m, dtype=torch.bool))
+
+
+class _Observer:
+    """Owns the statistics of one ``observe`` and the bookkeeping of shared inputs and padding."""
+
+    def __init__(self, layers: dict[str, nn.Module], need_gram: bool, text_layers: set[str]):
+        self.layers, self.need_gram, self.text_layers = layers, need_gram, text_layers
+        self.stats: dict[str, InputStats] = {}
+        self.owner: dict[str, str] = {}  # layer -> the layer whose statistics it shares
+        self.seen: dict[str, tuple[weakref.ref, int]] = {}  # owner layer -> its latest input
+        self.valid: torch.Tensor | None = None
+        self.calls = 0
+
+    def block_hook(self, signature: inspect.Signature):
+        def hook(_module, args, kwargs):
+            try:
+                bound = signature.bind_partial(*args, **kwargs).arguments
+            except TypeError:
+                bound = kwargs
+            self.valid = _valid_tokens(bound.get("encoder_attention_mask"))
+
+        return hook
+
+    def layer_hook(self, name: str):
+        def hook(_module, args):
+            x = args[0]
+            if name not in self.stats:
+                self._first(name, x)
+                return
+            owner = self.owner.get(name, name)
+            if owner != name:
+                ref, version = self.seen.get(owner, (lambda: None, -1))
+                if ref() is not x or x._version != version:
+                    raise RuntimeError(
+                        f"'{name}' read the same tensor as '{owner}' in the first calibration batch but not in a "
+                        "later one; this model's data flow changes between calls"
+                    )
+                return
+            self._update(name, x)
+
+        return hook
+
+    def _first(self, name: str, x: torch.Tensor) -> None:
+        for owner, (ref, version) in self.seen.items():
+            if ref() is x and x._version == version and (owner in self.text_layers) == (name in self.text_layers):
+                self.stats[name] = self.stats[owner]
+                self.owner[name] = owner
+                return
+        module = self.layers[name]
+        weight = getattr(module, "parametrizations", None)
+        device = (weight.weight.original if weight is not None and "weight" in weight else module.weight).device
+        self.stats[name] = InputStats(name, module.in_features, self.need_gram, device=device)
+        self._update(name, x)
+
+    def _update(self, name: str, x: torch.Tensor) -> None:
+        valid = self.valid if name in self.text_layers else None
+        if valid is not None and tuple(valid.shape) != tuple(x.shape[:-1]):
+            valid = None
+        self.stats[name].update(x, valid)
+        self.seen[name] = (weakref.ref(x), x._version)
+
+
 @contextmanager
-def observe(layers: dict[str, nn.Module], need_gram: bool) -> Iterator[dict[str, InputStats]]:
-    """Attach a statistics pre-hook to each layer for the duration of the ``with`` block."""
-    stats = {
-        name: InputStats(name, m.in_features, need_gram, device=_weight(m).device) for name, m in layers.items()
-    }
+def observe(layers: dict[str, nn.Module], need_gram: bool, scopes: Iterable[nn.Module] = (),
+            text_layers: Iterable[str] = ()) -> Iterator[dict[str, InputStats]]:
+    """Attach statistics pre-hooks to ``layers`` for the duration of the ``with`` block.
+
+    ``scopes`` are the modules (transformer blocks) whose ``encoder_attention_mask`` argument
+    tells which encoder tokens are padding; ``text_layers`` are the layers that read encoder
+    tokens. Layers reading one tensor share one :class:`InputStats` (the yielded dict maps every
+    layer to its statistics; shared ones are the same object).
+    """
+    obs = _Observer(layers, need_gram, set(text_layers))
     with HookOwner() as hooks:
+        for scope in scopes:
+            hooks.add(scope.register_forward_pre_hook(obs.block_hook(inspect.signature(scope.forward)),
+                                                      with_kwargs=True))
         for name, module in layers.items():
-            hooks.add(module.register_forward_pre_hook(lambda _m, args, s=stats[name]: s.update(args[0])))
-        yield stats
-
-
-def _weight(module: nn.Module) -> torch.Tensor:
-    # The dense parameter, also under a torch.nn.utils.parametrize parametrization.
-    p = getattr(module, "parametrizations", None)
-    return p.weight.original if p is not None and "weight" in p else module.weight
+            hooks.add(module.register_forward_pre_hook(obs.layer_hook(name)))
+        yield obs.stats

@@ -7,25 +7,30 @@ the final projection stay dense unless targeted. Unknown models fall back to the
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["Family", "FAMILIES", "family_of", "blocks", "default_targets"]
+__all__ = ["Family", "FAMILIES", "family_of", "blocks", "default_targets", "text_layers"]
 
 
 @dataclass(frozen=True)
 class Family:
     name: str
     block_lists: tuple[str, ...]  # attribute names of the block ModuleLists, in execution order
+    # regexes of the Linears whose inputs are encoder tokens that the blocks' encoder_attention_mask
+    # masks (padding): their statistics skip the masked tokens
+    text_inputs: tuple[str, ...] = ()
 
 
+CROSS_ATTENTION_KV = (r"\.attn2\.to_[kv]$",)
 FAMILIES = {
     "FluxTransformer2DModel": Family("flux", ("transformer_blocks", "single_transformer_blocks")),
     "SD3Transformer2DModel": Family("sd3", ("transformer_blocks",)),
-    "PixArtTransformer2DModel": Family("pixart", ("transformer_blocks",)),
+    "PixArtTransformer2DModel": Family("pixart", ("transformer_blocks",), CROSS_ATTENTION_KV),
     "DiTTransformer2DModel": Family("dit", ("transformer_blocks",)),
-    "SanaTransformer2DModel": Family("sana", ("transformer_blocks",)),
+    "SanaTransformer2DModel": Family("sana", ("transformer_blocks",), CROSS_ATTENTION_KV),
 }
 
 
@@ -55,3 +60,9 @@ def default_targets(model: nn.Module) -> list[str]:
     if not lists:
         return [""]
     return [rf"^{list_name.replace('.', chr(92) + '.')}\.\d+\." for list_name in lists]
+
+
+def text_layers(model: nn.Module, names) -> set[str]:
+    """Those of ``names`` (Linear names) whose inputs are maskable encoder tokens."""
+    patterns = [re.compile(p) for p in family_of(model).text_inputs]
+    return {n for n in names if any(p.search(n) for p in patterns)}
