@@ -9,21 +9,46 @@ Whole-model: statistics of every target from the dense model in one pass, then e
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+import math
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .stats import HookOwner
+from .errors import InputError, InputTypeError
+from .stats import HookOwner, token_weight
 
-__all__ = ["capture_inputs", "next_inputs", "to_device", "run_block_sequential", "run_whole_model", "EmptyCalibrationError"]
+__all__ = ["capture_inputs", "next_inputs", "to_device", "run_block_sequential", "run_whole_model",
+           "timestep_weights", "TIMESTEP_WEIGHTINGS", "EmptyCalibrationError"]
+
+TIMESTEP_WEIGHTINGS = ("log_decrease",)
 
 Inputs = list[tuple[tuple, dict]]
 
 
-class EmptyCalibrationError(ValueError):
+class EmptyCalibrationError(InputError):
     pass
+
+
+def timestep_weights(batches: list[dict], schedule: str) -> list[float]:
+    """A weight per calibration batch from its ``timestep``. ``"log_decrease"`` (OBS-Diff, Zhu et
+    al., ICLR 2026; our reading of it, their code was not available): the K distinct timesteps,
+    ranked from the first sampler step (the largest timestep: the noisiest) k = 0 to the last,
+    weigh w_k = 1.2 - 0.4 * log(1 + k) / log(K): 1.2 for the first step, 0.8 for the last, so that
+    errors made early, which the rest of the sampling carries, count more."""
+    if schedule not in TIMESTEP_WEIGHTINGS:
+        raise InputError(f"timestep weighting must be one of {TIMESTEP_WEIGHTINGS}, got {schedule!r}")
+    ts = []
+    for i, b in enumerate(batches):
+        if not isinstance(b, dict) or b.get("timestep") is None:
+            raise InputError(f"timestep weighting needs a 'timestep' in every calibration batch; batch {i} has none")
+        ts.append(float(torch.as_tensor(b["timestep"]).float().mean()))
+    distinct = sorted(set(ts), reverse=True)
+    if len(distinct) == 1:
+        return [1.0] * len(ts)
+    rank = {t: k for k, t in enumerate(distinct)}
+    return [1.2 - 0.4 * math.log1p(rank[t]) / math.log(len(distinct)) for t in ts]
 
 
 class _Captured(Exception):
@@ -47,7 +72,7 @@ def to_device(obj: Any, device, copy: bool = False) -> Any:
 def _batches(calibration: Iterable[dict]) -> Iterable[dict]:
     for i, batch in enumerate(calibration):
         if not isinstance(batch, dict):
-            raise TypeError(f"calibration batch {i} is a {type(batch).__name__}; each must be a dict for model(**batch)")
+            raise InputTypeError(f"calibration batch {i} is a {type(batch).__name__}; each must be a dict for model(**batch)")
         yield batch
 
 
@@ -104,18 +129,21 @@ def run_block_sequential(
     calibrate_block: Callable[[str, nn.Module, Callable[[], None]], None],
     offload=None,
     progress: bool = True,
+    weights: Sequence[float] | None = None,
 ) -> None:
     """For each block: ``calibrate_block(name, block, replay)``, where ``replay()`` runs the block on
-    its captured inputs (the callee observes and prunes around it); then the pruned block makes the
-    next block's inputs."""
+    its captured inputs (the callee observes and prunes around it), each batch's tokens weighing
+    ``weights[i]``; then the pruned block makes the next block's inputs."""
     inputs = capture_inputs(model, blocks[0][1], calibration, offload)
     device = _device_of(blocks[0][1])
+    weights = list(weights) if weights is not None else [1.0] * len(inputs)
 
     for name, block in tqdm(blocks, desc="pruning blocks", disable=not progress, leave=False):
 
         def replay(block=block):
-            for args, kwargs in inputs:
-                block(*to_device(args, device), **to_device(kwargs, device))
+            for (args, kwargs), w in zip(inputs, weights):
+                with token_weight(w):
+                    block(*to_device(args, device), **to_device(kwargs, device))
 
         calibrate_block(name, block, replay)
         if block is not blocks[-1][1]:
@@ -126,10 +154,12 @@ def run_block_sequential(
 
 
 @torch.no_grad()
-def run_whole_model(model: nn.Module, calibration: Iterable[dict], progress: bool = True) -> None:
+def run_whole_model(model: nn.Module, calibration: Iterable[dict], progress: bool = True,
+                    weights: Sequence[float] | None = None) -> None:
     n = 0
     for batch in tqdm(_batches(calibration), desc="calibrating", disable=not progress, leave=False):
-        model(**batch)
+        with token_weight(weights[n] if weights is not None else 1.0):
+            model(**batch)
         n += 1
     if n == 0:
         raise EmptyCalibrationError("calibration is empty: pass at least one batch (a dict fed as model(**batch))")

@@ -52,9 +52,10 @@ def all_reduce_stats(stats: Iterable[InputStats]) -> None:
                 s.held_sum = None
             else:
                 _reduce(s.held_sum)
-                s.held_count = int(_reduce(torch.tensor([s.held_count], dtype=torch.float64)).item())
-        count = torch.tensor([s.count], dtype=torch.float64)
-        s.count = int(_reduce(count).item())
+                held = _reduce(torch.tensor([s.held_count, s.held_weight], dtype=torch.float64))
+                s.held_count, s.held_weight = int(held[0].item()), float(held[1].item())
+        counts = _reduce(torch.tensor([s.count, s.weight_sum], dtype=torch.float64))
+        s.count, s.weight_sum = int(counts[0].item()), float(counts[1].item())
         if s.held_sum is not None and s.count >= HOLDOUT_BELOW * s.sq_sum.numel():
             s.held_sum = None
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import distributed, models
-from .calibration import EmptyCalibrationError, run_block_sequential, run_whole_model
+from .calibration import EmptyCalibrationError, run_block_sequential, run_whole_model, timestep_weights
 from .errors import InputError, InputTypeError
 from .granularity import check_sparsity, parse_pattern
 from .sparsifiers import METHODS, SaliencySparsifier
@@ -232,7 +232,7 @@ class PrunePlan:
         self.sparsifier.prepare(self.model, config)
 
     def calibrate(self, calibration: Iterable[dict], *, offload=None, progress: bool = False,
-                  sync: bool | None = None) -> None:
+                  sync: bool | None = None, timestep_weighting: str | None = None) -> None:
         """Gather statistics over ``calibration`` and write every mask. Under torch.distributed
         (``sync=None``: whenever a process group of several ranks is up) each rank passes its own
         shard: statistics are summed over ranks and rank 0's masks and weights are broadcast.
@@ -243,6 +243,10 @@ class PrunePlan:
         was_training = self.model.training
         self.model.eval()
         try:
+            weights = None
+            if timestep_weighting is not None:
+                calibration = list(calibration)
+                weights = timestep_weights(calibration, timestep_weighting)
             if sync:
                 calibration = list(calibration)
                 if distributed.min_over_ranks(len(calibration)) == 0:
@@ -259,9 +263,9 @@ class PrunePlan:
                         self._step(fqns, sync)
 
                 run_block_sequential(self.model, models.blocks(self.model), calibration, calibrate_block, offload,
-                                     progress)
+                                     progress, weights)
             else:
-                self._observe(None, lambda: run_whole_model(self.model, calibration, progress), sync)
+                self._observe(None, lambda: run_whole_model(self.model, calibration, progress, weights), sync)
                 self._step(None, sync)
         except BaseException:
             self.restore()
@@ -317,6 +321,7 @@ def prune(
     squash: bool = True,
     progress: bool = False,
     sync: bool | None = None,
+    timestep_weighting: str | None = None,
     **method_options: Any,
 ) -> PruneReport:
     """Prune ``model`` in place, one shot, and return a per-layer report.
@@ -342,6 +347,9 @@ def prune(
             e.g. for a masked fine-tune; then ``report`` has the sparsifier as ``.sparsifier``).
         sync: all-reduce statistics over torch.distributed ranks (None: when a process group
             with several ranks is initialized; every rank then passes its own calibration shard).
+        timestep_weighting: ``"log_decrease"`` weighs each batch's tokens by its timestep, the
+            first sampler steps more (see :func:`ditprune.calibration.timestep_weights`); None:
+            every token alike.
         **method_options: the method's own options (e.g. ``alpha=0.4`` for ``"dit"``).
 
     A failed prune (bad input, NaN activations, ...) raises and leaves the model as it was.
@@ -350,7 +358,7 @@ def prune(
     plan = PrunePlan(model, method, sparsity, pattern, targets, ignore=ignore, overrides=overrides,
                      block_sequential=block_sequential, **method_options)
     plan.attach()
-    plan.calibrate(calibration, offload=offload, progress=progress, sync=sync)
+    plan.calibrate(calibration, offload=offload, progress=progress, sync=sync, timestep_weighting=timestep_weighting)
     plan.seconds = time.perf_counter() - start
     report = plan.report()
     if squash:

@@ -72,43 +72,34 @@ def balanced_mask(
     groupings: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]],
     refine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     sample: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, list[dict], bool]:
+) -> tuple[torch.Tensor, list[dict]]:
     """Error-guided balance. Each candidate (alpha, grouping) is masked, refined (``refine``) and
-    judged by the output energy it removes, tr(dW H dW^T), on the ``sample`` rows (None: all);
-    each cluster of rows (``labels``) takes the candidate with the least error on its rows. A
-    grouping is ``fn(scores, labels) -> keep`` over the rows it is given, so on a sample each
-    cluster's sampled rows form its pool and every candidate prunes the same count there.
+    judged by the output energy it removes on ``gram``'s tokens, tr(dW H dW^T), on the ``sample``
+    rows (None: all); each cluster of rows (``labels``) takes the candidate with the least error
+    on its rows. A grouping is ``fn(scores, labels) -> keep`` over the rows it is given, so on a
+    sample each cluster's sampled rows form its pool and every candidate prunes the same count.
 
-    Returns (keep mask, per cluster ``{"cluster", "rows", "alpha", "grouping"}``, refined): with
-    no sample the chosen candidates are already refined; with a sample, ``keep`` holds each
-    cluster's chosen candidate built on all its rows, not yet refined.
+    Returns (the chosen candidates' masks on all rows, *before* refinement; per cluster
+    ``{"cluster", "rows", "alpha", "grouping", "error"}``, error being the judged one).
     """
     rows = torch.arange(weight.shape[0]) if sample is None else sample
     w_s, lab_s = weight[rows.to(weight.device)], labels[rows]
     clusters = labels.unique().tolist()
     best: dict[int, tuple[float, tuple[float, str]]] = {c: (float("inf"), (0.5, next(iter(groupings)))) for c in clusters}
-    refined: dict[int, torch.Tensor] = {}
     for alpha in alphas:
         scores = energy_balanced(w_s, energy, alpha)
         for name, fn in groupings.items():
-            cand = refine(w_s, fn(scores, lab_s.to(scores.device)))
-            err = row_output_error(w_s, cand, gram).cpu()
+            err = row_output_error(w_s, refine(w_s, fn(scores, lab_s.to(scores.device))), gram).cpu()
             for c in clusters:
-                mine = lab_s == c
-                e = float(err[mine].sum())
+                e = float(err[lab_s == c].sum())
                 if e < best[c][0]:
                     best[c] = (e, (alpha, name))
-                    if sample is None:
-                        refined[c] = cand[mine.to(cand.device)]
     keep = torch.ones_like(weight, dtype=torch.bool)
     choices = []
     for c in clusters:
-        alpha, name = best[c][1]
+        error, (alpha, name) = best[c]
         rc = labels == c
         rd = rc.to(weight.device)
-        if sample is None:
-            keep[rd] = refined[c]
-        else:
-            keep[rd] = groupings[name](energy_balanced(weight[rd], energy, alpha), labels[rc].to(weight.device))
-        choices.append({"cluster": c, "rows": int(rc.sum()), "alpha": alpha, "grouping": name})
-    return keep, choices, sample is None
+        keep[rd] = groupings[name](energy_balanced(weight[rd], energy, alpha), labels[rc].to(weight.device))
+        choices.append({"cluster": c, "rows": int(rc.sum()), "alpha": alpha, "grouping": name, "error": error})
+    return keep, choices

@@ -28,7 +28,7 @@ from . import granularity as G
 from .errors import InputError
 from . import saliency
 from .refine import refine_mask, row_output_error
-from .sparsegpt import obs_prune
+from .sparsegpt import obs_prune, polish as polish_weights
 from .stats import InputStats, observe
 
 __all__ = [
@@ -272,6 +272,7 @@ class DiTPruningSparsifier(SaliencySparsifier):
         sample_rows: int = 256,
         damp: float = 0.0,
         reconstruct: bool = False,
+        polish: int = 8,
         seed: int = 0,
     ):
         if alpha != "auto":
@@ -285,27 +286,25 @@ class DiTPruningSparsifier(SaliencySparsifier):
         if any(not 0.0 <= a <= 1.0 for a in grid):
             raise InputError(f"alphas must lie in [0, 1], got {list(alphas)}")
         for name, value, low in (("refine", refine, 0), ("shortlist", shortlist, 1), ("sample_rows", sample_rows, 1),
-                                 ("max_clusters", max_clusters, 1)):
+                                 ("max_clusters", max_clusters, 1), ("polish", polish, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
         super().__init__(
             sparsity, pattern, granularity, alpha=alpha, alphas=grid, max_clusters=max_clusters, refine=refine,
             shortlist=shortlist, sample_rows=sample_rows, damp=float(damp), reconstruct=bool(reconstruct),
-            seed=int(seed),
+            polish=polish, seed=int(seed),
         )
         self.needs_gram = alpha == "auto" or bool(reconstruct) or refine > 0
 
     def compute_mask(self, weight, stats, *, sparsity, nm, granularity, alpha, alphas, max_clusters, refine,
-                     shortlist, sample_rows, damp, reconstruct, seed, **options):
+                     shortlist, sample_rows, damp, reconstruct, polish, seed, **options):
         energy = stats.energy
         held = stats.holdout() if self.needs_gram else None
         blind = self.needs_gram and stats.few_tokens and held is None  # too few tokens to judge anything
         if blind:  # Wanda's mask: nothing fitted to tokens it cannot check
             refine, reconstruct, alpha, granularity = 0, False, 0.5, "row"
         # few tokens: fit on most of them, judge on the held-out rest (see ditprune.stats)
-        fit, judge = held if held is not None else ((stats.gram,) * 2 if self.needs_gram else (None, None))
-        if fit is not None and damp:
-            fit = fit + damp * torch.diagonal(fit).mean() * torch.eye(fit.shape[0], device=fit.device)
+        fit, judge = held if held is not None else (None, None)
         if granularity == "clusters":
             labels = G.cluster_rows(G.row_features(weight, energy), max_clusters, seed)
         else:
@@ -319,65 +318,122 @@ class DiTPruningSparsifier(SaliencySparsifier):
             if granularity == "clusters":
                 groupings["row"] = lambda s, lab: G.row_mask(s, sparsity)
         group = nm[1] if nm is not None else None
-        totals = {"swaps": 0}
+        swaps = []
 
-        def search(w, keep, rounds):
+        def search(w, keep, rounds, gram):
             if not rounds:
                 return keep
-            keep, found = refine_mask(w, keep, fit, rounds, shortlist, group)
-            totals["swaps"] += found["swaps"]
+            keep, found = refine_mask(w, keep, gram, rounds, shortlist, group)
+            swaps.append(found["swaps"])
             return keep
 
+        full = stats.gram if self.needs_gram else None
+        if full is not None and damp:
+            full = full + damp * torch.diagonal(full).mean() * torch.eye(full.shape[0], device=full.device)
+        sample = saliency.sample_rows(labels, sample_rows, seed)
         if alpha == "auto":
-            sample = saliency.sample_rows(labels, sample_rows, seed)
-            rounds = refine if sample is None else (max(1, refine // 2) if refine else 0)
-            keep, choice, done = saliency.balanced_mask(weight, energy, judge, labels, alphas, groupings,
-                                                        lambda w, k: search(w, k, rounds), sample)
-            if not done:
-                totals["swaps"] = 0  # count the swaps of the mask that is kept
-                keep = search(weight, keep, refine)
-            plain = lambda: next(iter(groupings.values()))(saliency.wanda(weight, energy), labels.to(weight.device))  # noqa: E731
+            judge_rounds = refine if sample is None else (max(1, refine // 2) if refine else 0)
+            start, choice = saliency.balanced_mask(weight, energy, stats.gram if full is not None else None, labels,
+                                                   alphas, groupings, lambda w, k: search(w, k, judge_rounds, full),
+                                                   sample)
+            plain = next(iter(groupings.values()))(saliency.wanda(weight, energy), labels.to(weight.device))
         else:
             name, fn = next(iter(groupings.items()))
-            start = fn(saliency.energy_balanced(weight, energy, alpha), labels.to(weight.device))
-            keep = search(weight, start, refine)
+            start = plain = fn(saliency.energy_balanced(weight, energy, alpha), labels.to(weight.device))
             choice = [{"cluster": int(c), "rows": int((labels == c).sum()), "alpha": alpha, "grouping": name}
                       for c in labels.unique()]
-            plain = lambda: start  # noqa: E731
-        info = {"clusters": choice, "swaps": totals["swaps"]}
+        if held is not None and refine:
+            start = self._fall_back(weight, start, plain, fit, judge, labels, choice, sample,
+                                    lambda w, k: search(w, k, refine, fit))
+        swaps.clear()  # count the swaps of the mask that is kept
+        searched = torch.tensor([c.get("fallback") is None for c in choice])
+        keep = start
+        if refine and searched.any():
+            rows = torch.isin(labels, torch.tensor([c["cluster"] for c in choice])[searched]).to(weight.device)
+            keep = start.clone()
+            keep[rows] = search(weight[rows], start[rows], refine, full)  # all tokens: the final mask
+        for c in choice:
+            c.pop("error", None)
+        info = {"clusters": choice, "swaps": sum(swaps)}
+        if held is not None:
+            info["held_out_tokens"] = stats.held_count
         if blind:
             info["search"] = f"skipped: {stats.count} calibration tokens, none to judge on"
-        if held is not None and refine:
-            keep = self._fall_back(weight, keep, plain(), judge, labels, choice)
-            info["held_out_tokens"] = stats.held_count
         if reconstruct:
-            new_weight, keep, used = obs_prune(weight, fit if held is not None else stats.gram, prune_mask=~keep)
-            if used != 0.01:
-                info["percdamp"] = used
-            if held is not None and _removed(weight, new_weight, keep, judge) >= _removed(weight, weight, keep, judge):
-                info["reconstruct"] = "skipped: no gain on held-out tokens"
-                return keep, None, info
-            return keep, new_weight, info
+            return self._reconstruct(weight, keep, stats, held, sparsity, nm, polish, info)
         return keep, None, info
 
     @staticmethod
-    def _fall_back(weight, keep, plain, judge, labels, choice):
-        """Few tokens: a cluster keeps the searched mask only if it removes less energy on the
-        held-out tokens than the plain mask (Wanda's for alpha="auto") does."""
-        searched, simple = row_output_error(weight, keep, judge).cpu(), row_output_error(weight, plain, judge).cpu()
-        keep = keep.clone()
+    def _reconstruct(weight, keep, stats, held, sparsity, nm, iters, info):
+        """The kept weights, updated: OBS for the ``dit`` mask, then a least-squares polish; against
+        SparseGPT's own mask and update, polished the same way. The one that loses less output
+        energy wins per layer (per row for N:M, where every row keeps the same count). With few
+        tokens the choice, including not updating at all, is judged on held-out tokens and the
+        winner fitted again on all of them."""
+
+        def candidates(gram):
+            dit_w, _, used = obs_prune(weight, gram, prune_mask=~keep)
+            sgpt_w, sgpt_keep, used2 = obs_prune(weight, gram, sparsity, nm)
+            if iters:
+                dit_w = polish_weights(weight, dit_w, keep, gram, iters)
+                sgpt_w = polish_weights(weight, sgpt_w, sgpt_keep, gram, iters)
+            return {"dit": (dit_w, keep), "sparsegpt": (sgpt_w, sgpt_keep)}, max(used, used2)
+
+        fit, judge = held if held is not None else (stats.gram, stats.gram)
+        options, used = candidates(fit)
+        if held is not None:
+            options["none"] = (weight, keep)
+        lost = {k: _removed_rows(weight, w, m, judge) for k, (w, m) in options.items()}
+        if nm is not None:  # per row
+            names = list(options)
+            pick = torch.stack([lost[k] for k in names]).argmin(0)
+            chosen = {k: int((pick == i).sum()) for i, k in enumerate(names)}
+        else:
+            best = min(options, key=lambda k: float(lost[k].sum()))
+            pick, names, chosen = None, [best], {best: weight.shape[0]}
+        if held is not None:
+            if set(chosen) == {"none"}:
+                info["reconstruct"] = "skipped: no gain on held-out tokens"
+                return keep, None, info
+            options, used = candidates(stats.gram)
+            options["none"] = (weight, keep)
+        if pick is None:
+            new_w, new_keep = options[names[0]]
+        else:
+            rows = pick.to(weight.device).unsqueeze(1)
+            new_w = torch.zeros_like(weight)
+            new_keep = torch.zeros_like(keep)
+            for i, k in enumerate(names):
+                new_w = torch.where(rows == i, options[k][0].to(weight.dtype), new_w)
+                new_keep = torch.where(rows == i, options[k][1], new_keep)
+        info["reconstruct"] = {k: v for k, v in chosen.items() if v}
+        if used != 0.01:
+            info["percdamp"] = used
+        return new_keep, new_w * new_keep, info
+
+    @staticmethod
+    def _fall_back(weight, start, plain, fit, judge, labels, choice, sample, search):
+        """Few tokens: a cluster is searched only if the search, fitted on most of the tokens,
+        leaves less error on the held-out tokens than the plain mask (Wanda's for alpha="auto")
+        does, on the judged rows; otherwise it keeps the plain mask."""
+        rows = torch.arange(weight.shape[0]) if sample is None else sample
+        rd = rows.to(weight.device)
+        searched = row_output_error(weight[rd], search(weight[rd], start[rd]), judge).cpu()
+        simple = row_output_error(weight[rd], plain[rd], judge).cpu()
+        start = start.clone()
         for c in choice:
-            rows = labels == c["cluster"]
-            if simple[rows].sum() < searched[rows].sum():
-                keep[rows.to(keep.device)] = plain[rows.to(plain.device)]
+            mine = labels[rows] == c["cluster"]
+            if float(simple[mine].sum()) <= float(searched[mine].sum()):
+                cluster = (labels == c["cluster"]).to(start.device)
+                start[cluster] = plain[cluster]
                 c["fallback"] = "plain mask (held-out tokens)"
-        return keep
+        return start
 
 
-def _removed(weight, new_weight, keep, gram) -> float:
-    """Output energy lost on ``gram``'s tokens when ``weight`` becomes ``new_weight * keep``."""
+def _removed_rows(weight, new_weight, keep, gram) -> torch.Tensor:
+    """Per row, the output energy lost on ``gram``'s tokens when ``weight`` becomes ``new_weight * keep``."""
     d = weight.float() - new_weight.float() * keep
-    return float(((d @ gram.float()) * d).sum())
+    return ((d @ gram.float()) * d).sum(1).cpu()
 
 
 METHODS: dict[str, type[SaliencySparsifier]] = {

@@ -16,6 +16,7 @@ methods that need it (SparseGPT, the ``dit`` method's error-guided search).
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import weakref
 from contextlib import contextmanager
@@ -26,10 +27,25 @@ from torch import nn
 
 from .errors import InputError
 
-__all__ = ["InputStats", "NonFiniteActivationError", "HookOwner", "observe", "HOLDOUT_BELOW", "HOLDOUT_EVERY"]
+__all__ = ["InputStats", "NonFiniteActivationError", "HookOwner", "observe", "token_weight", "HOLDOUT_BELOW",
+           "HOLDOUT_EVERY"]
 
 HOLDOUT_BELOW = 16  # tokens per input below which held-out statistics are kept
 HOLDOUT_EVERY = 4  # every 4th token is held out
+
+
+_WEIGHT = contextvars.ContextVar("ditprune_token_weight", default=1.0)
+
+
+@contextmanager
+def token_weight(weight: float) -> Iterator[None]:
+    """Tokens observed inside the block count ``weight`` times in every statistic (e.g. a
+    timestep-dependent weight of the calibration batch being run)."""
+    reset = _WEIGHT.set(float(weight))
+    try:
+        yield
+    finally:
+        _WEIGHT.reset(reset)
 
 
 class NonFiniteActivationError(InputError):
@@ -54,6 +70,8 @@ class InputStats:
         )
         self.held_sum = torch.zeros_like(self.gram_sum) if need_gram else None
         self.held_count = 0
+        self.weight_sum = 0.0  # sum of token weights (= count unless weighted, see token_weight)
+        self.held_weight = 0.0
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> None:
@@ -61,6 +79,9 @@ class InputStats:
         if valid is not None:
             x = x[valid.to(x.device)]
         x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+        weight = _WEIGHT.get()
+        if weight != 1.0:
+            x = x * weight**0.5  # every second-order statistic scales by the weight
         sq = x.pow(2).sum(0)
         if not torch.isfinite(sq).all():
             raise NonFiniteActivationError(
@@ -75,7 +96,9 @@ class InputStats:
                 held = x[index % HOLDOUT_EVERY == HOLDOUT_EVERY - 1]
                 self.held_sum += (held.T @ held).to(self.held_sum.device)
                 self.held_count += held.shape[0]
+                self.held_weight += weight * held.shape[0]
         self.count += x.shape[0]
+        self.weight_sum += weight * x.shape[0]
         if self.held_sum is not None and self.count >= HOLDOUT_BELOW * self.sq_sum.numel():
             self.held_sum = None  # enough tokens: nothing to hold out
 
@@ -93,13 +116,15 @@ class InputStats:
 
     @property
     def energy(self) -> torch.Tensor:
-        return self.sq_sum / self._checked_count()
+        self._checked_count()
+        return self.sq_sum / self.weight_sum
 
     @property
     def gram(self) -> torch.Tensor:
         if self.gram_sum is None:
             raise RuntimeError(f"layer '{self.name}': the Gram matrix was not gathered (need_gram=False)")
-        return self.gram_sum / self._checked_count()
+        self._checked_count()
+        return self.gram_sum / self.weight_sum
 
     @property
     def few_tokens(self) -> bool:
@@ -112,8 +137,8 @@ class InputStats:
         None when it has none held out (fewer than ``HOLDOUT_EVERY`` tokens) or enough tokens."""
         if self.held_sum is None or self.held_count == 0:
             return None
-        fit = (self.gram_sum - self.held_sum) / (self.count - self.held_count)
-        return fit, self.held_sum / self.held_count
+        fit = (self.gram_sum - self.held_sum) / (self.weight_sum - self.held_weight)
+        return fit, self.held_sum / self.held_weight
 
 
 class HookOwner:
