@@ -85,11 +85,12 @@ def capture_inputs(model: nn.Module, block: nn.Module, calibration: Iterable[dic
         captured.append((to_device(args, offload), to_device(kwargs, offload)))
         raise _Captured
 
+    device = _device_of(model)
     with HookOwner() as hooks:
         hooks.add(block.register_forward_pre_hook(grab, with_kwargs=True))
         for batch in _batches(calibration):
             try:
-                model(**batch)
+                model(**to_device(batch, device))  # batches may wait on the CPU: one at a time on the device
             except _Captured:
                 pass
     if not captured:
@@ -147,19 +148,20 @@ def run_block_sequential(
 
         calibrate_block(name, block, replay)
         if block is not blocks[-1][1]:
-            inputs = [
-                tuple(to_device(x, offload) for x in next_inputs(args, kwargs, block(*to_device(args, device), **to_device(kwargs, device))))
-                for args, kwargs in inputs
-            ]
+            for i, (args, kwargs) in enumerate(inputs):  # in place: one set of captured inputs at a time
+                out = block(*to_device(args, device), **to_device(kwargs, device))
+                inputs[i] = tuple(to_device(x, offload) for x in next_inputs(args, kwargs, out))
+                del out
 
 
 @torch.no_grad()
 def run_whole_model(model: nn.Module, calibration: Iterable[dict], progress: bool = True,
                     weights: Sequence[float] | None = None) -> None:
     n = 0
+    device = _device_of(model)
     for batch in tqdm(_batches(calibration), desc="calibrating", disable=not progress, leave=False):
         with token_weight(weights[n] if weights is not None else 1.0):
-            model(**batch)
+            model(**to_device(batch, device))
         n += 1
     if n == 0:
         raise EmptyCalibrationError("calibration is empty: pass at least one batch (a dict fed as model(**batch))")

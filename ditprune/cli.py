@@ -47,9 +47,14 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import run_bench
+    if args.cost:
+        from .costbench import run_cost
 
-    out = run_bench(Path(args.out), ablation=args.ablation, quick=args.quick, progress=not args.quiet)
+        out = run_cost(Path(args.out), quick=args.quick, images=args.images, device=args.device, progress=not args.quiet)
+    else:
+        from .bench import run_bench
+
+        out = run_bench(Path(args.out), ablation=args.ablation, quick=args.quick, progress=not args.quiet)
     print(out["table"])
     print()
     for what, where in out["outputs"].items():
@@ -73,6 +78,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="outputs/bench", help="where the table and plot go")
     b.add_argument("--ablation", action="store_true", help="the ablation grid instead of the method comparison")
     b.add_argument("--quick", action="store_true", help="fewer samples and settings (smoke run)")
+    b.add_argument("--cost", action="store_true",
+                   help="time and memory of each method at FLUX.1-dev's real shapes (random weights)")
+    b.add_argument("--images", type=int, default=1, help="--cost: samples per calibration call of the block runs")
+    b.add_argument("--device", default="cpu", help="--cost: where to run (cpu, cuda)")
     b.set_defaults(func=_cmd_bench)
     return parser
 

@@ -67,6 +67,8 @@ def _prune_lowest(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
     below = s < thr
     tie = s == thr
     need = n_prune - below.sum(-1, keepdim=True)
+    if bool((tie.sum(-1, keepdim=True) == need).all()):  # no surplus tie anywhere: the usual case
+        return ~(below | tie)
     return ~(below | (tie & (tie.cumsum(-1) <= need)))
 
 

@@ -219,6 +219,7 @@ class PrunePlan:
         self.by_block = by_block
         self.scopes = [b for _, b in models.blocks(model)]
         self.text_layers = {f"{n}.weight" for n in models.text_layers(model, self.settings)}
+        self.share_stats = True  # layers reading one tensor share statistics (off: for measuring the saving)
         self.seconds = 0.0
 
     @property
@@ -275,7 +276,7 @@ class PrunePlan:
         self.seconds += time.perf_counter() - start
 
     def _observe(self, fqns, run, sync: bool) -> None:
-        with self.sparsifier.observe(fqns, self.scopes, self.text_layers) as stats:
+        with self.sparsifier.observe(fqns, self.scopes, self.text_layers, self.share_stats) as stats:
             run()
         if sync:
             distributed.all_reduce_stats(self.sparsifier.state[f]["stats"] for f in stats)

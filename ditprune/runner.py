@@ -63,7 +63,8 @@ def _write(out: OutputDir, report: PruneReport, metrics: Any) -> None:
 
 
 def _run_pipeline(recipe: DictConfig, out: OutputDir, progress: bool) -> dict:
-    from .models.loading import BUILTIN_CLASSES, BUILTIN_PROMPTS, cycle_prompts, load_pipeline, pipeline_calibration
+    from .models.loading import (BUILTIN_CLASSES, BUILTIN_PROMPTS, cycle_prompts, load_pipeline, pipeline_calibration,
+                                 release_components)
 
     m, c, p = recipe.model, recipe.calibration, recipe.pruning
     pipe = load_pipeline(m.source, m.dtype, m.device, m.transformer_class)
@@ -73,10 +74,8 @@ def _run_pipeline(recipe: DictConfig, out: OutputDir, progress: bool) -> dict:
     is_dit = type(pipe).__name__ == "DiTPipeline"
     pool = read_prompt_file(c.prompts) if c.prompts else (BUILTIN_CLASSES if is_dit else BUILTIN_PROMPTS)
     calibration = pipeline_calibration(pipe, cycle_prompts(pool, c.num_prompts), c.steps, c.guidance, c.resolution,
-                                       c.seed, progress=progress)
-    from .calibration import to_device
-
-    calibration = to_device(calibration, m.device)
+                                       c.seed, progress=progress)  # kept on the CPU, moved a batch at a time
+    release_components(pipe)  # text encoders and VAE leave the accelerator: only the transformer is pruned
     plan.attach()
     plan.calibrate(calibration, offload=offload, progress=progress)
     report = plan.report()

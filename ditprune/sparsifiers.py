@@ -69,15 +69,15 @@ class SaliencySparsifier(BaseSparsifier):
     # -- statistics ---------------------------------------------------------------------------
     @contextmanager
     def observe(self, tensor_fqns: Iterable[str] | None = None, scopes: Iterable[nn.Module] = (),
-                text_layers: Iterable[str] = ()) -> Iterator[dict[str, InputStats]]:
+                text_layers: Iterable[str] = (), share: bool = True) -> Iterator[dict[str, InputStats]]:
         """Gather input statistics of the prepared layers (all, or ``tensor_fqns``) while open.
-        ``scopes`` and ``text_layers`` (tensor_fqns) as :func:`ditprune.stats.observe`."""
+        ``scopes``, ``text_layers`` (tensor_fqns) and ``share`` as :func:`ditprune.stats.observe`."""
         groups = self._groups(tensor_fqns)
         if not (self.needs_energy or self.needs_gram):
             yield {}
             return
         layers = {g["tensor_fqn"]: g["module"] for g in groups}
-        with observe(layers, self.needs_gram, scopes, text_layers) as stats:
+        with observe(layers, self.needs_gram, scopes, text_layers, share) as stats:
             yield stats
         for fqn, module in layers.items():  # a layer never reached: empty statistics, a clear error later
             if fqn not in stats:
@@ -236,25 +236,35 @@ class SparseGPTSparsifier(SaliencySparsifier):
 
 
 class DiTPruningSparsifier(SaliencySparsifier):
-    """DiT-Pruning (arXiv 2607.00927): energy-balanced saliency, clustering-aware groups, and an
-    error-guided swap search.
+    """DiT-Pruning (arXiv 2607.00927; the project's reading, see README): energy-balanced
+    saliency, clustering-aware groups, and an error-guided swap search.
 
     S_ij = (W_ij^2 / E_W)^(1 - alpha) * (a_j / E_A)^alpha  (alpha = 0.5 is Wanda's ranking).
 
-    Rows are clustered (seeded k-means on :func:`~ditprune.granularity.row_features`, k by
-    silhouette). With ``alpha="auto"``, every candidate from ``alphas`` x {per-row,
-    cluster-pooled} (N:M: ``alphas`` alone) is masked, improved by the swap search and judged by
-    the output energy it removes, tr(dW H dW^T), on up to ``sample_rows`` rows sampled per
-    cluster (rows are independent, so a sample judges a candidate for all); each cluster takes
-    its best candidate, built on all its rows. The chosen mask then gets ``refine`` rounds of the
-    swap search (:func:`ditprune.refine.refine_mask`: per row, the ``shortlist`` cheapest
-    revivals and prunings, swapped pairwise with exact cross terms while the error falls).
-    ``reconstruct=True`` finally updates the kept weights with SparseGPT's OBS solver for that
-    fixed mask.
+    1. Rows are clustered (seeded k-means on :func:`~ditprune.granularity.row_features`, k by
+       silhouette, k = 1 allowed).
+    2. ``alpha="auto"``: every candidate of ``alphas`` x {per row, cluster-pooled} (N:M: ``alphas``
+       alone) is masked, improved by the swap search and judged by the output energy it removes,
+       tr(dW H dW^T), on up to ``sample_rows`` rows sampled per cluster (rows are independent,
+       so a sample judges for all; on a sample each candidate gets ``refine // 4`` rounds). Each
+       cluster takes its best candidate, built on all of its rows.
+    3. The chosen mask gets ``refine`` rounds of the swap search
+       (:func:`ditprune.refine.refine_mask`: in each row the ``shortlist`` cheapest revivals and
+       prunings, swapped pairwise with exact cross terms while the row's error falls).
+    4. Few tokens (a layer that saw fewer than 16 tokens per input, e.g. adaLN): the search is
+       also fitted on 3/4 of the tokens and judged on the held-out rest; a cluster whose search
+       does not beat the plain mask (Wanda's) there keeps the plain mask. With fewer than 4
+       tokens nothing is fitted: Wanda's mask.
+    5. ``reconstruct=True``: the kept weights are updated (OBS for the ``dit`` mask, then a
+       least-squares ``polish``), against SparseGPT's own mask and update polished the same way;
+       the one that loses less output energy wins per layer (per row for N:M).
 
     ``method: dit``, ``sparsity: 0.5``, ``alpha: auto``, ``alphas: [0.3, 0.4, 0.5]``,
     ``granularity: clusters``, ``max_clusters: 6``, ``refine: 8``, ``shortlist: 12``,
-    ``sample_rows: 256``, ``reconstruct: false``.
+    ``sample_rows: 256``, ``reconstruct: false``, ``polish: 8``.
+
+    Lifecycle: as every :class:`SaliencySparsifier`; needs the Gram matrix unless
+    ``alpha`` is fixed, ``refine=0`` and ``reconstruct=False``.
     """
 
     default_granularity = "clusters"
@@ -332,14 +342,16 @@ class DiTPruningSparsifier(SaliencySparsifier):
             full = full + damp * torch.diagonal(full).mean() * torch.eye(full.shape[0], device=full.device)
         sample = saliency.sample_rows(labels, sample_rows, seed)
         if alpha == "auto":
-            judge_rounds = refine if sample is None else (max(1, refine // 2) if refine else 0)
+            judge_rounds = refine if sample is None else (max(1, refine // 4) if refine else 0)
             start, choice = saliency.balanced_mask(weight, energy, stats.gram if full is not None else None, labels,
                                                    alphas, groupings, lambda w, k: search(w, k, judge_rounds, full),
                                                    sample)
-            plain = next(iter(groupings.values()))(saliency.wanda(weight, energy), labels.to(weight.device))
+            plain = lambda rows: next(iter(groupings.values()))(saliency.wanda(weight[rows], energy),  # noqa: E731
+                                                                labels[rows.cpu()].to(weight.device))
         else:
             name, fn = next(iter(groupings.items()))
-            start = plain = fn(saliency.energy_balanced(weight, energy, alpha), labels.to(weight.device))
+            start = fn(saliency.energy_balanced(weight, energy, alpha), labels.to(weight.device))
+            plain = lambda rows: start[rows]  # noqa: E731
             choice = [{"cluster": int(c), "rows": int((labels == c).sum()), "alpha": alpha, "grouping": name}
                       for c in labels.unique()]
         if held is not None and refine:
@@ -419,13 +431,14 @@ class DiTPruningSparsifier(SaliencySparsifier):
         rows = torch.arange(weight.shape[0]) if sample is None else sample
         rd = rows.to(weight.device)
         searched = row_output_error(weight[rd], search(weight[rd], start[rd]), judge).cpu()
-        simple = row_output_error(weight[rd], plain[rd], judge).cpu()
+        # the plain mask's pools are the judged rows of each cluster, as for the candidates
+        simple = row_output_error(weight[rd], plain(rd), judge).cpu()
         start = start.clone()
         for c in choice:
             mine = labels[rows] == c["cluster"]
             if float(simple[mine].sum()) <= float(searched[mine].sum()):
                 cluster = (labels == c["cluster"]).to(start.device)
-                start[cluster] = plain[cluster]
+                start[cluster] = plain(cluster.nonzero().squeeze(1))
                 c["fallback"] = "plain mask (held-out tokens)"
         return start
 

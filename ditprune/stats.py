@@ -177,8 +177,8 @@ def _valid_tokens(mask) -> torch.Tensor | None:
 class _Observer:
     """Owns the statistics of one ``observe`` and the bookkeeping of shared inputs and padding."""
 
-    def __init__(self, layers: dict[str, nn.Module], need_gram: bool, text_layers: set[str]):
-        self.layers, self.need_gram, self.text_layers = layers, need_gram, text_layers
+    def __init__(self, layers: dict[str, nn.Module], need_gram: bool, text_layers: set[str], share: bool = True):
+        self.layers, self.need_gram, self.text_layers, self.share = layers, need_gram, text_layers, share
         self.stats: dict[str, InputStats] = {}
         self.owner: dict[str, str] = {}  # layer -> the layer whose statistics it shares
         self.seen: dict[str, tuple[weakref.ref, int]] = {}  # owner layer -> its latest input
@@ -215,7 +215,7 @@ class _Observer:
         return hook
 
     def _first(self, name: str, x: torch.Tensor) -> None:
-        for owner, (ref, version) in self.seen.items():
+        for owner, (ref, version) in (self.seen.items() if self.share else ()):
             if ref() is x and x._version == version and (owner in self.text_layers) == (name in self.text_layers):
                 self.stats[name] = self.stats[owner]
                 self.owner[name] = owner
@@ -236,15 +236,15 @@ class _Observer:
 
 @contextmanager
 def observe(layers: dict[str, nn.Module], need_gram: bool, scopes: Iterable[nn.Module] = (),
-            text_layers: Iterable[str] = ()) -> Iterator[dict[str, InputStats]]:
+            text_layers: Iterable[str] = (), share: bool = True) -> Iterator[dict[str, InputStats]]:
     """Attach statistics pre-hooks to ``layers`` for the duration of the ``with`` block.
 
     ``scopes`` are the modules (transformer blocks) whose ``encoder_attention_mask`` argument
     tells which encoder tokens are padding; ``text_layers`` are the layers that read encoder
     tokens. Layers reading one tensor share one :class:`InputStats` (the yielded dict maps every
-    layer to its statistics; shared ones are the same object).
+    layer to its statistics; shared ones are the same object); ``share=False`` turns that off.
     """
-    obs = _Observer(layers, need_gram, set(text_layers))
+    obs = _Observer(layers, need_gram, set(text_layers), share)
     with HookOwner() as hooks:
         for scope in scopes:
             hooks.add(scope.register_forward_pre_hook(obs.block_hook(inspect.signature(scope.forward)),

@@ -15,7 +15,8 @@ from ..calibration import to_device
 from ..errors import InputError
 from ..stats import HookOwner
 
-__all__ = ["DTYPES", "load_pipeline", "pipeline_calibration", "cycle_prompts", "BUILTIN_PROMPTS", "BUILTIN_CLASSES"]
+__all__ = ["DTYPES", "load_pipeline", "pipeline_calibration", "release_components", "cycle_prompts", "BUILTIN_PROMPTS",
+           "BUILTIN_CLASSES"]
 
 log = logging.getLogger(__name__)
 
@@ -99,3 +100,13 @@ def pipeline_calibration(pipe, prompts: list[str], steps: int, guidance: float |
             else:
                 pipe(prompt=chunk, num_inference_steps=steps, generator=g, output_type="latent", **extra)
     return record
+
+
+def release_components(pipe) -> None:
+    """Move every module of ``pipe`` but the transformer to the CPU (text encoders, VAE): once the
+    calibration is recorded they are not needed on the accelerator while the transformer is pruned."""
+    for name, component in pipe.components.items():
+        if name != "transformer" and isinstance(component, nn.Module):
+            component.to("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
