@@ -254,8 +254,8 @@ class DiTPruning(Callback):
             key = f"{self._prefix}{fqn}.parametrizations.{name}.original"
             if key in state_dict:
                 original = state_dict.pop(key)
-                mask = g["module"].parametrizations[name][0].mask
-                state_dict[f"{self._prefix}{fqn}.{name}"] = original * mask.to(original.device, original.dtype)
+                mask = g["module"].parametrizations[name][0].mask.to(original.device, torch.bool)
+                state_dict[f"{self._prefix}{fqn}.{name}"] = original.masked_fill(~mask, 0.0)  # +0.0, never -0.0
 
     def _log(self, trainer: Trainer, when: str) -> None:
         """One line on the console (rank zero); per-layer sparsity to the trainer's logger and

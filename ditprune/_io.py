@@ -175,19 +175,35 @@ class OutputDir:
     """
 
     def __init__(self, path: str | os.PathLike, names: Iterable[str], protect: Iterable[str | os.PathLike] = (),
-                 overwrite: bool = False, key: str = "export.output_dir"):
+                 overwrite: bool = False, key: str = "export.output_dir", persistent: Iterable[str] = ()):
         self.names = list(names)
+        self.persistent_names = list(persistent)
         self.overwrite = overwrite
-        self.path = check_output_dir(path, self.names, protect, overwrite, key)
+        self.path = check_output_dir(path, self.names + self.persistent_names, protect, overwrite, key)
         self.staging: Path | None = None
 
     def __enter__(self) -> "OutputDir":
         _clean_stale(self.path)
         self._created = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
+        if self.persistent_names:  # written in place, kept if the run dies: recorded as ditprune's right away
+            for name in self.persistent_names:
+                (self.path / name).mkdir(exist_ok=True)
+            self._created = False
+            self._write_manifest(set(_read_manifest(self.path)["files"]) | set(self.persistent_names))
         self.staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.path))
         (self.staging / _PID).write_text(f"{os.getpid()} {socket.gethostname()}\n")
         return self
+
+    def persistent(self, name: str) -> Path:
+        """Where entry ``name`` lives: written in place (e.g. a cache a later run reuses)."""
+        if name not in self.persistent_names:
+            raise ValueError(f"{name!r} is not one of this run's persistent outputs {self.persistent_names}")
+        return self.path / name
+
+    def _write_manifest(self, files: set[str]) -> None:
+        with atomic_file(self.path / MANIFEST) as tmp:
+            tmp.write_text(json.dumps({"files": sorted(files), "written": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
 
     def __truediv__(self, name: str) -> Path:
         """Where to write entry ``name`` now (inside the staging directory)."""
@@ -229,6 +245,4 @@ class OutputDir:
             if target.exists() or target.is_symlink():
                 os.replace(target, aside / name)
             os.replace(self.staging / name, target)
-        files = sorted((mine | set(staged)) & {p.name for p in self.path.iterdir()})
-        with atomic_file(self.path / MANIFEST) as tmp:
-            tmp.write_text(json.dumps({"files": files, "written": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
+        self._write_manifest((mine | set(staged) | set(self.persistent_names)) & {p.name for p in self.path.iterdir()})

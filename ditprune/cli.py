@@ -3,7 +3,10 @@
   ditprune prune                         the embedded demo: the shipped FLUX-layout reference DiT,
                                          DiT-Pruning at 50% beside the dense model and Wanda
   ditprune prune CONFIG [key=value ...]  a recipe (see configs/), with overrides
-  ditprune bench [--ablation]            every method x sparsity x reference model
+  ditprune eval CONFIG [key=value ...]   a pipeline's dense and pruned transformers: CLIP score,
+                                         FID, PSNR/SSIM, on the same prompts and seeds
+  ditprune bench [--ablation|--cost|--deploy]   comparisons, ablation, cost at FLUX.1-dev shapes,
+                                         size and speed per export format
 
 A user error (a bad key or value, a missing file, an output that would overwrite something)
 is one line on stderr and exit code 2, before any work; -v shows the traceback.
@@ -34,16 +37,47 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         config, overrides = None, [config, *overrides]  # `ditprune prune key=value` on the demo
     recipe = load_recipe(config, overrides)
     out = check_run(recipe)
-    print("# resolved recipe\n" + OmegaConf.to_yaml(recipe))
-    result = run_recipe(recipe, out, progress=not args.quiet)
-    print(result["table"])
-    print()
-    short = result["report"].shortfall()
-    if short:
-        print("note: " + result["report"].summary().split("; ", 1)[1])
-    for what, where in result["outputs"].items():
-        print(f"{what:>10}: {where}")
+    fabric = _fabric(args)
+    zero = fabric is None or fabric.global_rank == 0
+    if zero:
+        print("# resolved recipe\n" + OmegaConf.to_yaml(recipe))
+    result = run_recipe(recipe, out, progress=not args.quiet and zero, fabric=fabric)
+    if zero:
+        print(result["table"])
+        print()
+        if result["report"].shortfall():
+            print("note: " + result["report"].summary().split("; ", 1)[1])
+        for what, where in result["outputs"].items():
+            print(f"{what:>10}: {where}")
     return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .recipe import load_recipe
+    from .runner import run_eval
+
+    recipe = load_recipe(args.config, list(args.overrides))
+    fabric = _fabric(args)
+    zero = fabric is None or fabric.global_rank == 0
+    result = run_eval(recipe, progress=not args.quiet and zero, fabric=fabric)
+    if zero:
+        print(result["table"])
+        print()
+        for what, where in result["outputs"].items():
+            print(f"{what:>10}: {where}")
+    return 0
+
+
+def _fabric(args: argparse.Namespace):
+    """Lightning Fabric over ``--devices`` (several: DDP, one process per device; each rank takes
+    its share of prompts), or None for one device."""
+    if args.devices <= 1:
+        return None
+    from lightning.fabric import Fabric
+
+    fabric = Fabric(accelerator=args.accelerator, devices=args.devices, strategy="ddp")
+    fabric.launch()
+    return fabric
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -51,6 +85,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from .costbench import run_cost
 
         out = run_cost(Path(args.out), quick=args.quick, images=args.images, device=args.device, progress=not args.quiet)
+    elif args.deploy:
+        from .deploybench import run_deploy
+
+        out = run_deploy(Path(args.out), progress=not args.quiet)
     else:
         from .bench import run_bench
 
@@ -70,20 +108,56 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ditprune", description=__doc__, parents=[common],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("prune", parents=[common], help="prune a model as a recipe says (no CONFIG: the embedded demo)")
-    p.add_argument("config", nargs="?", help="recipe YAML (see configs/)")
+    p = sub.add_parser("prune", parents=[common], help="prune a model as a recipe says (no CONFIG: the embedded demo)",
+                       epilog=_prune_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", help="recipe YAML, or the name of a shipped recipe (see below)")
     p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. pruning.sparsity=0.6 pruning.pattern=2:4")
     p.set_defaults(func=_cmd_prune)
+    e = sub.add_parser("eval", parents=[common], help="judge a pruned transformer against its dense pipeline",
+                       epilog="keys: evaluation.pruned (the pruned transformer's directory), evaluation.clip_model (a "
+                              "local CLIP), evaluation.prompts (MJHQ-30K meta_data.json or a text file), "
+                              "evaluation.num_prompts, evaluation.reference_images (real images, for FID), "
+                              "evaluation.inception, evaluation.image_reward, evaluation.steps/guidance/resolution")
+    e.add_argument("config", help="recipe YAML, or the name of a shipped recipe (e.g. flux_dev)")
+    e.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. evaluation.num_prompts=100")
+    e.set_defaults(func=_cmd_eval)
+    for sp in (p, e):
+        sp.add_argument("--devices", type=int, default=1, help="processes, one per device (Lightning Fabric, DDP)")
+        sp.add_argument("--accelerator", default="auto", help="with --devices: cpu, cuda or auto")
     b = sub.add_parser("bench", parents=[common], help="every method x sparsity x reference model, one table and plot")
     b.add_argument("--out", default="outputs/bench", help="where the table and plot go")
     b.add_argument("--ablation", action="store_true", help="the ablation grid instead of the method comparison")
     b.add_argument("--quick", action="store_true", help="fewer samples and settings (smoke run)")
     b.add_argument("--cost", action="store_true",
                    help="time and memory of each method at FLUX.1-dev's real shapes (random weights)")
+    b.add_argument("--deploy", action="store_true",
+                   help="bytes on disk, load and forward time of every export format (dense, compressed, int8, ...)")
     b.add_argument("--images", type=int, default=1, help="--cost: samples per calibration call of the block runs")
     b.add_argument("--device", default="cpu", help="--cost: where to run (cpu, cuda)")
     b.set_defaults(func=_cmd_bench)
     return parser
+
+
+def _prune_help() -> str:
+    from .recipe import shipped_recipes
+    from .sparsifiers import METHODS
+
+    return (
+        f"methods (pruning.method): {', '.join(METHODS)}\n"
+        f"shipped recipes: {', '.join(shipped_recipes())}   e.g. ditprune prune flux_dev model.source=/path/to/FLUX.1-dev\n\n"
+        "main recipe keys (key=value on the command line):\n"
+        "  model.source         reference:flux-layout | reference:dit-xl-layout | a pipeline directory | a hub id\n"
+        "  model.dtype          float32 | bfloat16 | float16            model.device   cpu | cuda | cuda:N\n"
+        "  calibration.prompts  a text file, one prompt a line (default: 80 built-in prompts)\n"
+        "  calibration.num_prompts, calibration.steps, calibration.guidance, calibration.resolution\n"
+        "  pruning.method       dit (default) | wanda | magnitude | ria | sparsegpt\n"
+        "  pruning.sparsity     fraction in [0, 1)         pruning.pattern  N:M, e.g. 2:4 (no quotes needed)\n"
+        "  pruning.targets / pruning.ignore   lists of regexes     pruning.offload  cpu\n"
+        "  pruning.options      the method's own, e.g. {alpha: 0.4} or {reconstruct: true}\n"
+        "  quantization.config  int8_weight_only | float8_weight_only | intx_weight_only | int8_dynamic\n"
+        "  export.output_dir    where outputs go           export.format  diffusers | compressed\n"
+        "  export.overwrite     true to replace files ditprune did not write\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,11 +178,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _quiet_dependencies() -> None:
-    """The CLI is an application: silence import-time chatter of torchao, diffusers, transformers."""
+    """The CLI is an application: silence the chatter of torchao, diffusers, transformers and
+    Lightning (its tips and device lines; it sets its level when imported, so import it first)."""
     for name in ("torchao", "torch.utils._pytree", "torch._dynamo"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    import diffusers
+    import lightning.fabric  # noqa: F401
+    import lightning.pytorch  # noqa: F401
     import transformers
+
+    from ._quiet import diffusers as _diffusers
+
+    diffusers = _diffusers()
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()  # ditprune shows its own progress

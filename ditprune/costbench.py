@@ -134,7 +134,7 @@ def synthetic_stats(d: int, tokens: int | None, seed: int = 0, device="cpu", nee
 
 # -- 1. single layers ---------------------------------------------------------------------------
 def layer_costs(shapes=SHAPES, methods=METHODS, repeats: int = 2, device="cpu", progress: bool = True) -> list[dict]:
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     from .pruning import make_sparsifier
 
@@ -174,6 +174,9 @@ def layer_costs(shapes=SHAPES, methods=METHODS, repeats: int = 2, device="cpu", 
 def flux_blocks(device="cpu", dtype=torch.float32, dims: dict | None = None):
     """A full-width FLUX.1-dev double block and single block, random weights (``dims``: other
     ``dim``/``heads``/``head_dim``, for tests)."""
+    from ._quiet import diffusers as _diffusers
+
+    _diffusers()
     from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 
     f = {**FLUX_DEV, **(dims or {})}
@@ -187,6 +190,9 @@ def block_batches(images: int, image_tokens: int = 1024, calls: int = 2, device=
                   seed: int = 0, dims: dict | None = None) -> list[dict]:
     """Block inputs of ``calls`` transformer calls with ``images`` samples each (512x512: 1024
     image tokens; 1024x1024: 4096), correlated like the synthetic layer inputs."""
+    from ._quiet import diffusers as _diffusers
+
+    _diffusers()
     from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 
     f = {**FLUX_DEV, **(dims or {})}
@@ -208,7 +214,7 @@ def block_batches(images: int, image_tokens: int = 1024, calls: int = 2, device=
 
 def block_costs(methods=METHODS[:3], images: int = 1, image_tokens: int = 1024, calls: int = 2, device="cpu",
                 progress: bool = True, dims: dict | None = None) -> list[dict]:
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     from . import prune
 

@@ -10,6 +10,7 @@ statistics and writes the masks in place; ``plan.report()``; ``plan.squash()`` o
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import time
@@ -244,6 +245,7 @@ class PrunePlan:
         was_training = self.model.training
         self.model.eval()
         try:
+            calibration = _checked(self.model, calibration, sp.needs_energy or sp.needs_gram)
             weights = None
             if timestep_weighting is not None:
                 calibration = list(calibration)
@@ -305,6 +307,18 @@ class PrunePlan:
 
     def restore(self) -> None:
         self.sparsifier.restore()
+
+
+def _checked(model: nn.Module, calibration: Iterable[dict], read: bool) -> Iterable[dict]:
+    """``calibration`` with its first batch checked against the model (nothing read if not ``read``)."""
+    if not read:
+        return calibration
+    it = iter(calibration)
+    first = next(it, None)
+    if first is None:
+        return []
+    models.check_batch(model, first)
+    return itertools.chain([first], it)
 
 
 def prune(

@@ -38,6 +38,9 @@ def check_config(name: str) -> None:
 def quantize(model: nn.Module, name: str, targets: Sequence[str] | None = None) -> list[str]:
     """Quantize the Linears named in ``targets`` (None: every Linear) in place; returns their names."""
     check_config(name)
+    from ._quiet import torchao as _torchao
+
+    _torchao()
     import torchao.quantization as tq
 
     cls_name, on_cpu = CONFIGS[name]

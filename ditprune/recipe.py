@@ -22,15 +22,15 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from .errors import InputError
 
-__all__ = ["Recipe", "RecipeError", "load_recipe", "preflight", "pruning_setting", "is_reference", "DEMO",
-           "DTYPES"]
+__all__ = ["Recipe", "RecipeError", "load_recipe", "find_recipe", "shipped_recipes", "preflight", "pruning_setting",
+           "is_reference", "DEMO", "DTYPES"]
 
 DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
 class ModelConfig:
-    source: str = "reference:flux"  # reference:flux | reference:dit | a local diffusers pipeline directory | a hub id
+    source: str = "reference:flux-layout"  # reference:flux-layout | reference:dit-xl-layout | a pipeline directory | a hub id
     dtype: str = "float32"  # float32 | bfloat16 | float16 (pipelines; the reference models run in float32)
     transformer_class: Optional[str] = None  # e.g. FluxTransformer2DModel: checked against what loads
     device: str = "cpu"  # where the pipeline runs: cpu | cuda | cuda:N (pipelines only)
@@ -82,15 +82,28 @@ class QuantizationConfig:
 @dataclass
 class ExportConfig:
     output_dir: str = "outputs/demo"
-    format: str = "diffusers"  # diffusers: dense weights with zeros in place
+    format: str = "diffusers"  # diffusers: dense, zeros in place | compressed: bitmask + kept values (smaller)
     overwrite: bool = False  # replace outputs that ditprune did not write
 
 
 @dataclass
-class EvaluationConfig:  # reference models; None = the default shown
+class EvaluationConfig:  # None = the default shown
+    # reference models
     compare: Optional[list[str]] = None  # baselines run beside the recipe's method (default [wanda])
-    n_samples: Optional[int] = None  # generated samples per method (default 100)
-    steps: Optional[int] = None  # sampler steps of the evaluation (default 20)
+    n_samples: Optional[int] = None  # generated samples per method (default 200)
+    steps: Optional[int] = None  # sampler steps (reference default 20; pipelines: the pipeline's default)
+    # pipelines: evaluated when clip_model is set (see ditprune/evaluation/pipeline.py)
+    clip_model: Optional[str] = None  # a local CLIP directory, e.g. openai/clip-vit-large-patch14
+    prompts: Optional[str] = None  # MJHQ-30K meta_data.json or a text file (default: the 80 built-in prompts)
+    num_prompts: Optional[int] = None  # the first N prompts (default: all)
+    seed: Optional[int] = None  # image i uses seed + i (default 0)
+    guidance: Optional[float] = None  # default: the pipeline's
+    resolution: Optional[int] = None  # default: the pipeline's
+    batch_size: Optional[int] = None  # images per pipeline call (default 4)
+    reference_images: Optional[str] = None  # a folder of real images (e.g. MJHQ-30K's) for FID
+    inception: Optional[str] = None  # torch-fidelity's Inception weights: FID proper (else FD on CLIP features)
+    image_reward: Optional[str] = None  # ImageReward weights (needs the image-reward package)
+    pruned: Optional[str] = None  # ditprune eval: the pruned transformer's directory
 
 
 @dataclass
@@ -105,7 +118,10 @@ class Recipe:
 
 
 DEMO = Recipe()  # the embedded default: `ditprune prune` with no arguments
-EVALUATION_DEFAULTS = {"compare": ["wanda"], "n_samples": 100, "steps": 20}
+EVALUATION_DEFAULTS = {"compare": ["wanda"], "n_samples": 200, "steps": 20}
+REFERENCE_EVAL_KEYS = ("compare", "n_samples")
+PIPELINE_EVAL_KEYS = ("clip_model", "prompts", "num_prompts", "seed", "guidance", "resolution", "batch_size",
+                      "reference_images", "inception", "image_reward", "pruned")
 
 
 class RecipeError(InputError):
@@ -183,15 +199,34 @@ def _explain(err: OmegaConfBaseException, schema: DictConfig) -> str:
     return f"bad value for recipe key '{key}': {str(getattr(err, 'msg', err)).splitlines()[0]}"
 
 
+def shipped_recipes() -> dict[str, Path]:
+    """Name -> path of the recipes installed with ditprune (``configs/``)."""
+    from importlib import resources
+
+    folder = Path(str(resources.files("ditprune.configs")))
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+def find_recipe(path: str | Path) -> Path:
+    """``path`` if it is a file, else the shipped recipe of that name (``flux_dev`` or ``flux_dev.yaml``)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    shipped = shipped_recipes()
+    name = p.name[:-5] if p.name.endswith(".yaml") else p.name
+    if p.parent in (Path("."), Path("configs")) and name in shipped:
+        return shipped[name]
+    raise RecipeError(f"recipe file not found: {path} (shipped recipes: {', '.join(shipped)})")
+
+
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
-    """The recipe at ``path`` (YAML; None = the embedded demo) with ``key=value`` overrides,
-    validated against the schema. Raises :class:`RecipeError` with a one-line message."""
+    """The recipe at ``path`` (YAML file, or the name of a shipped recipe; None = the embedded
+    demo) with ``key=value`` overrides, validated against the schema. Raises
+    :class:`RecipeError` with a one-line message."""
     schema = OmegaConf.structured(Recipe)
     layers: list[DictConfig | dict] = []
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise RecipeError(f"recipe file not found: {path}")
+        path = find_recipe(path)
         try:
             data = _parse_yaml(path.read_text(encoding="utf-8"), str(path))
         except (OSError, UnicodeDecodeError) as e:
@@ -249,12 +284,13 @@ def check_recipe(cfg: DictConfig) -> None:
     reference = is_reference(cfg)
     # model
     if reference:
-        from .reference import KINDS
+        from .reference import NAMES, kind_of
 
-        kind = m.source.split(":", 1)[1]
-        if kind not in KINDS:
-            raise RecipeError(f"model.source: unknown reference model {kind!r}; choose one of "
-                              f"{['reference:' + k for k in KINDS]}, a pipeline directory or a hub id")
+        try:
+            kind_of(m.source.split(":", 1)[1])
+        except ValueError:
+            raise RecipeError(f"model.source: unknown reference model {m.source.split(':', 1)[1]!r}; choose one of "
+                              f"{['reference:' + k for k in NAMES.values()]}, a pipeline directory or a hub id") from None
         for key, default in (("dtype", "float32"), ("device", "cpu")):
             if m[key] != default:
                 raise RecipeError(f"model.{key}={m[key]} applies to pipelines; the reference models run in "
@@ -262,7 +298,9 @@ def check_recipe(cfg: DictConfig) -> None:
     if m.dtype not in DTYPES:
         raise RecipeError(f"model.dtype must be one of {list(DTYPES)}, got {m.dtype!r}")
     if m.transformer_class is not None:
-        import diffusers
+        from ._quiet import diffusers as _diffusers
+
+        diffusers = _diffusers()
 
         cls = getattr(diffusers, m.transformer_class, None)
         if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
@@ -319,26 +357,37 @@ def check_recipe(cfg: DictConfig) -> None:
                           "ditprune.callbacks.DiTPruning in your own Trainer with your data")
     if cfg.quantization.config is not None and cfg.quantization.config not in CONFIGS:
         raise RecipeError(f"quantization.config: unknown {cfg.quantization.config!r}; choose one of {sorted(CONFIGS)}")
-    if cfg.quantization.config is not None and not reference:
-        raise RecipeError("quantization.config on a pipeline: quantized export is not built yet; quantize after "
-                          "loading the exported transformer, or remove quantization.config")
-    if e.format != "diffusers":
-        raise RecipeError(f"export.format must be 'diffusers', got {e.format!r}")
+    from .export import FORMATS
+
+    if e.format not in FORMATS:
+        raise RecipeError(f"export.format must be one of {list(FORMATS)}, got {e.format!r}")
     if not e.output_dir:
         raise RecipeError("export.output_dir is empty")
+    if ev.steps is not None:
+        _positive("evaluation.steps", ev.steps)
     if reference:
         for name in ev.compare or []:
             if name not in METHODS:
                 raise RecipeError(f"evaluation.compare: unknown method {name!r}; choose from {sorted(METHODS)}")
         if ev.n_samples is not None:
             _positive("evaluation.n_samples", ev.n_samples, 2)
-        if ev.steps is not None:
-            _positive("evaluation.steps", ev.steps)
-    else:
-        for key in ("compare", "n_samples", "steps"):
+        for key in PIPELINE_EVAL_KEYS:
             if ev[key] is not None:
-                raise RecipeError(f"evaluation.{key}: the evaluation runs on the reference models only; remove it "
-                                  "for a pipeline")
+                raise RecipeError(f"evaluation.{key} applies to pipelines; the reference models are judged by "
+                                  "their judge: remove it")
+    else:
+        for key in REFERENCE_EVAL_KEYS:
+            if ev[key] is not None:
+                raise RecipeError(f"evaluation.{key} applies to the reference models; for a pipeline set "
+                                  "evaluation.clip_model (and prompts, num_prompts, ...): remove it")
+        if ev.clip_model is None and any(ev[k] is not None for k in PIPELINE_EVAL_KEYS if k != "pruned"):
+            raise RecipeError("evaluating a pipeline needs evaluation.clip_model (a local CLIP directory, e.g. "
+                              "openai/clip-vit-large-patch14)")
+        for key in ("num_prompts", "batch_size"):
+            if ev[key] is not None:
+                _positive(f"evaluation.{key}", ev[key])
+        if ev.resolution is not None:
+            _positive("evaluation.resolution", ev.resolution, 8)
 
 
 def evaluation_settings(cfg: DictConfig) -> dict:
@@ -395,18 +444,19 @@ def read_prompt_file(path: str) -> list[str]:
     return prompts
 
 
-def preflight(cfg: DictConfig, outputs: list[str]) -> "Any":
+def preflight(cfg: DictConfig, outputs: list[str], persistent: list[str] = ()) -> "Any":
     """Check what the recipe points at, before any model is loaded; returns the
-    :class:`~ditprune._io.OutputDir` the run will write ``outputs`` into."""
+    :class:`~ditprune._io.OutputDir` the run will write ``outputs`` (and, in place,
+    ``persistent``) into."""
     from ._io import OutputDir
     from .quantize import CONFIGS
 
     m, c = cfg.model, cfg.calibration
     protect: list[str] = []
     if is_reference(cfg):
-        from .reference import weights_dir
+        from .reference import kind_of, weights_dir
 
-        protect.append(str(weights_dir(m.source.split(":", 1)[1])))
+        protect.append(str(weights_dir(kind_of(m.source.split(":", 1)[1]))))
     else:
         _check_source(m.source)
         _check_device(m.device)
@@ -418,6 +468,13 @@ def preflight(cfg: DictConfig, outputs: list[str]) -> "Any":
             protect.append(constants.HF_HUB_CACHE)
         if c.prompts is not None:
             read_prompt_file(c.prompts)
+        ev = cfg.evaluation
+        for key, kind in (("clip_model", "dir"), ("prompts", "file"), ("reference_images", "dir"), ("inception", "file"),
+                          ("image_reward", "file"), ("pruned", "dir")):
+            value = ev[key]
+            if value is not None and not (Path(value).expanduser().is_dir() if kind == "dir"
+                                          else Path(value).expanduser().is_file()):
+                raise RecipeError(f"evaluation.{key}: no such {'directory' if kind == 'dir' else 'file'}: {value}")
     q = cfg.quantization.config
     if q is not None and not CONFIGS[q][1]:
         import torch
@@ -427,4 +484,5 @@ def preflight(cfg: DictConfig, outputs: list[str]) -> "Any":
                               f"{[n for n, (_, cpu) in CONFIGS.items() if cpu]}")
     if cfg.pruning.offload is not None:
         _check_device(cfg.pruning.offload)
-    return OutputDir(cfg.export.output_dir, outputs, protect=protect, overwrite=cfg.export.overwrite)
+    return OutputDir(cfg.export.output_dir, outputs, protect=protect, overwrite=cfg.export.overwrite,
+                     persistent=persistent)

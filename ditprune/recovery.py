@@ -4,6 +4,7 @@ recipe step that runs prune -> recover -> quantize in one ``Trainer.fit``."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +12,7 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from .reference import Conditioning, Denoiser
+from .reference import NAMES, Conditioning, Denoiser
 from .reference.data import digits
 from .reference.text import TEMPLATES
 
@@ -91,7 +92,7 @@ def recover_and_quantize(dense: nn.Module, calibration: list[dict], recipe, eval
     rows: list[dict] = []
 
     def row(label: str) -> dict:
-        return {"model": module.kind, "method": label, "setting": p.pattern or p.sparsity,
+        return {"model": NAMES[module.kind], "method": label, "setting": p.pattern or p.sparsity,
                 "sparsity": callback.report.sparsity, **evaluator(model), "samples": evaluator.last_samples}
 
     class _Measure(Callback):  # listed before DiTPruning: runs before it squashes and quantizes
@@ -102,7 +103,10 @@ def recover_and_quantize(dense: nn.Module, calibration: list[dict], recipe, eval
                           **recipe_prune_kwargs(p, p.method))
     trainer = Trainer(max_steps=r.steps, callbacks=[_Measure(), callback], accelerator="cpu", logger=False,
                       enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False)
-    trainer.fit(module, reference_dataloader(r.batch_size))
+    with warnings.catch_warnings():  # the reference DiT trains in eval mode on purpose (no label dropout)
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+        trainer.fit(module, reference_dataloader(r.batch_size))
     if q:
         rows.append(row(f"{p.method} + {r.steps} recovery steps + {q}"))
     return model, rows

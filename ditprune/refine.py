@@ -182,8 +182,18 @@ def _round_groups(wa, ka, ga, sa, h, hflat, n, shortlist, m):
     del t
     blocks = h.view(G, m, G, m).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (G, m, m): H within each group
     wg = wa.view(R, G, m)
-    pair = rev.unsqueeze(3) + pru.unsqueeze(2) - 2 * wg.unsqueeze(3) * wg.unsqueeze(2) * blocks  # (R, G, q, p)
-    best, arg = pair.view(R, G, m * m).min(2)
+    # only pruned-kept pairs are moves: order each group's slots pruned first (every group of an
+    # N:M mask prunes the same count), then score the (m - n) x n pairs with their cross term
+    kg = ka.view(R, G, m)
+    npr = int((~kg[0, 0]).sum())
+    order = kg.to(torch.uint8).argsort(dim=2, stable=True)
+    qs, ps = order[..., :npr], order[..., npr:]
+    hq = torch.gather(blocks.unsqueeze(0).expand(R, G, m, m), 2, qs.unsqueeze(3).expand(R, G, npr, m))
+    hqp = torch.gather(hq, 3, ps.unsqueeze(2).expand(R, G, npr, m - npr))
+    pair = (rev.gather(2, qs).unsqueeze(3) + pru.gather(2, ps).unsqueeze(2)
+            - 2 * wg.gather(2, qs).unsqueeze(3) * wg.gather(2, ps).unsqueeze(2) * hqp)  # (R, G, q, p)
+    best, arg = pair.view(R, G, -1).min(2)
+    arg = qs.gather(2, (arg // (m - npr)).unsqueeze(2)).squeeze(2) * m + ps.gather(2, (arg % (m - npr)).unsqueeze(2)).squeeze(2)
     k = min(shortlist, G)
     gv, gi = best.topk(k, 1, largest=False)  # the k groups with the best moves
     ga_ = arg.gather(1, gi)

@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ._io import OutputDir
+from .errors import InputError
+from .export import load_transformer, save_transformer
 from .pruning import PrunePlan, PruneReport, prune
 from .recipe import evaluation_settings, is_reference, preflight, pruning_setting, read_prompt_file
 
@@ -20,19 +25,26 @@ __all__ = ["check_run", "run_recipe", "recipe_prune_kwargs"]
 log = logging.getLogger(__name__)
 
 
+EVAL_OUTPUTS = ["evaluation.json", "evaluation.md", "grid.png"]
+
+
+def evaluates_pipeline(recipe: DictConfig) -> bool:
+    return not is_reference(recipe) and recipe.evaluation.clip_model is not None
+
+
 def outputs_of(recipe: DictConfig) -> list[str]:
     """The entries a run of ``recipe`` writes into its output directory."""
-    names = ["recipe.yaml", "metrics.json", "report.txt"]
-    if not recipe.quantization.config:
-        names.append("transformer")
+    names = ["recipe.yaml", "metrics.json", "report.txt", "transformer"]
     if is_reference(recipe):
         names.append("samples.png")
+    if evaluates_pipeline(recipe):
+        names += EVAL_OUTPUTS
     return names
 
 
-def check_run(recipe: DictConfig) -> OutputDir:
+def check_run(recipe: DictConfig, names: list[str] | None = None) -> OutputDir:
     """Every check that can be made before loading anything; returns the run's output directory."""
-    return preflight(recipe, outputs_of(recipe))
+    return preflight(recipe, names or outputs_of(recipe), ["images"] if evaluates_pipeline(recipe) else [])
 
 
 def recipe_prune_kwargs(pruning: DictConfig, method: str) -> dict[str, Any]:
@@ -46,12 +58,44 @@ def recipe_prune_kwargs(pruning: DictConfig, method: str) -> dict[str, Any]:
     return kw
 
 
-def run_recipe(recipe: DictConfig, out: OutputDir | None = None, progress: bool = True) -> dict:
-    """Run ``recipe``; ``out`` from :func:`check_run` (checked again when None)."""
+class _Scratch:
+    """The outputs of a rank other than 0: written to a temporary directory and dropped (rank 0
+    writes the real ones); persistent entries (the image cache) are shared."""
+
+    def __init__(self, real: OutputDir):
+        self.real, self.names = real, real.names
+
+    def __enter__(self) -> "_Scratch":
+        self.dir = Path(tempfile.mkdtemp(prefix="ditprune-rank-"))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.dir / name
+
+    def final(self, name: str) -> Path:
+        return self.real.final(name)
+
+    def persistent(self, name: str) -> Path:
+        return self.real.path / name
+
+
+def run_recipe(recipe: DictConfig, out: OutputDir | None = None, progress: bool = True, fabric=None) -> dict:
+    """Run ``recipe``; ``out`` from :func:`check_run` (checked again when None). Under Lightning
+    Fabric with several devices every rank takes its share and rank 0 writes the outputs."""
     out = out or check_run(recipe)
-    with out:
-        (out / "recipe.yaml").write_text(OmegaConf.to_yaml(recipe))
-        result = (_run_reference if is_reference(recipe) else _run_pipeline)(recipe, out, progress)
+    rank = fabric.global_rank if fabric is not None else 0
+    target = out if rank == 0 else _Scratch(out)
+    with target:
+        (target / "recipe.yaml").write_text(OmegaConf.to_yaml(recipe))
+        if is_reference(recipe):
+            if fabric is not None and fabric.world_size > 1:
+                raise InputError("several devices apply to pipelines; the reference models run in one process")
+            result = _run_reference(recipe, target, progress)
+        else:
+            result = _run_pipeline(recipe, target, progress, fabric)
     result["outputs"] = {what: str(out.final(name)) if name in out.names else name
                          for what, name in result["outputs"].items()}
     return result
@@ -59,42 +103,125 @@ def run_recipe(recipe: DictConfig, out: OutputDir | None = None, progress: bool 
 
 def _write(out: OutputDir, report: PruneReport, metrics: Any) -> None:
     (out / "report.txt").write_text(str(report) + "\n")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str, allow_nan=False) + "\n")
+    (out / "metrics.json").write_text(json.dumps(_finite(metrics), indent=2, default=str, allow_nan=False) + "\n")
 
 
-def _run_pipeline(recipe: DictConfig, out: OutputDir, progress: bool) -> dict:
-    from .models.loading import (BUILTIN_CLASSES, BUILTIN_PROMPTS, cycle_prompts, load_pipeline, pipeline_calibration,
-                                 release_components)
+def _eval_job(recipe: DictConfig):
+    from .evaluation.pipeline import EvalJob, read_eval_prompts
+    from .models.loading import builtin_prompts
+
+    ev = recipe.evaluation
+    prompts = read_eval_prompts(ev.prompts, ev.num_prompts) if ev.prompts else list(builtin_prompts())[: ev.num_prompts]
+    return EvalJob(prompts, seed=ev.seed or 0, steps=ev.steps, guidance=ev.guidance, resolution=ev.resolution,
+                   batch_size=ev.batch_size or 4)
+
+
+def _device(recipe: DictConfig, fabric) -> str:
+    return str(fabric.device) if fabric is not None and fabric.world_size > 1 else recipe.model.device
+
+
+def _run_pipeline(recipe: DictConfig, out, progress: bool, fabric=None) -> dict:
+    from .evaluation.pipeline import ImageStore, generate
+    from .models.loading import BUILTIN_CLASSES, builtin_prompts, cycle_prompts, load_pipeline, pipeline_calibration
 
     m, c, p = recipe.model, recipe.calibration, recipe.pruning
-    pipe = load_pipeline(m.source, m.dtype, m.device, m.transformer_class)
+    rank, world = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
+    pipe = load_pipeline(m.source, m.dtype, _device(recipe, fabric), m.transformer_class)
     kw = recipe_prune_kwargs(p, p.method)
     offload = kw.pop("offload")
     plan = PrunePlan(pipe.transformer, p.method, **pruning_setting(p), **kw)  # checks the layers before calibrating
+    job = _eval_job(recipe) if evaluates_pipeline(recipe) else None
+    if job is not None:  # the dense images first: no second copy of the transformer is needed
+        generate(pipe, ImageStore(out.persistent("images"), "dense"), job, list(range(rank, len(job.prompts), world)),
+                 progress, "generating with the dense transformer")
     is_dit = type(pipe).__name__ == "DiTPipeline"
-    pool = read_prompt_file(c.prompts) if c.prompts else (BUILTIN_CLASSES if is_dit else BUILTIN_PROMPTS)
-    calibration = pipeline_calibration(pipe, cycle_prompts(pool, c.num_prompts), c.steps, c.guidance, c.resolution,
-                                       c.seed, progress=progress)  # kept on the CPU, moved a batch at a time
-    release_components(pipe)  # text encoders and VAE leave the accelerator: only the transformer is pruned
+    pool = read_prompt_file(c.prompts) if c.prompts else (BUILTIN_CLASSES if is_dit else list(builtin_prompts()))
+    mine = list(range(rank, c.num_prompts, world))  # this rank's share of the calibration prompts
+    prompts = cycle_prompts(pool, c.num_prompts)
+    calibration = pipeline_calibration(pipe, [prompts[i] for i in mine], c.steps, c.guidance, c.resolution, c.seed,
+                                       progress=progress, indices=mine)  # kept on the CPU, a batch at a time
+    text_modules = _park_components(pipe)  # text encoders and VAE off the accelerator while pruning
     plan.attach()
-    plan.calibrate(calibration, offload=offload, progress=progress)
+    plan.calibrate(calibration, offload=offload, progress=progress)  # statistics summed over ranks
     report = plan.report()
     plan.squash()
-    pipe.transformer.save_pretrained(out / "transformer", safe_serialization=True)
+    if recipe.quantization.config:
+        from .quantize import quantize
+
+        quantize(pipe.transformer, recipe.quantization.config, targets=[r.name for r in report.layers])
+    save_transformer(pipe.transformer, out / "transformer", recipe.export.format)
     summary = {"method": p.method, "sparsity": report.sparsity, "layers": len(report.layers),
-               "calibration_batches": len(calibration), "seconds": report.seconds}
+               "calibration_batches": len(calibration), "ranks": world, "seconds": report.seconds}
     _write(out, report, summary)
+    outputs = {"model": "transformer", "layers": "report.txt", "metrics": "metrics.json"}
     table = "| " + " | ".join(summary) + " |\n|" + "---|" * len(summary) + "\n| " + " | ".join(
         f"{v:.4f}" if isinstance(v, float) else str(v) for v in summary.values()) + " |"
-    return {"rows": [summary], "table": table, "report": report,
-            "outputs": {"model": "transformer", "layers": "report.txt", "metrics": "metrics.json"}}
+    if job is not None:
+        _restore_components(pipe, text_modules)
+        evaluation = _evaluate(recipe, pipe, None, pipe.transformer, job, out, progress, rank, world)
+        table += "\n\n" + evaluation
+        outputs.update(evaluation="evaluation.md", grid="grid.png")
+    return {"rows": [summary], "table": table, "report": report, "outputs": outputs}
+
+
+def _park_components(pipe) -> dict:
+    devices = {}
+    for name, component in pipe.components.items():
+        if name != "transformer" and isinstance(component, torch.nn.Module):
+            devices[name] = next(component.parameters(), torch.empty(0)).device
+            component.to("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return devices
+
+
+def _restore_components(pipe, devices: dict) -> None:
+    for name, device in devices.items():
+        pipe.components[name].to(device)
+
+
+def _evaluate(recipe, pipe, dense, pruned, job, out, progress, rank, world) -> str:
+    """Generate (or reuse) images, score them, and (rank 0) write the evaluation outputs."""
+    from .evaluation.pipeline import ImageStore, Scorer, evaluate_pipeline, markdown_report, strict_json, save_pairs
+
+    ev = recipe.evaluation
+    scorer = Scorer(ev.clip_model, pruned.device, ev.inception, ev.image_reward)
+    summary = evaluate_pipeline(pipe, dense, pruned, job, out.persistent("images"), scorer, ev.reference_images,
+                                rank, world, progress)
+    title = f"{recipe.model.source}: {recipe.pruning.method} {recipe.pruning.pattern or recipe.pruning.sparsity} vs dense"
+    text = markdown_report(summary, title)
+    (out / "evaluation.json").write_text(strict_json(summary) + "\n")
+    (out / "evaluation.md").write_text(text + "\n")
+    store_d, store_p = ImageStore(out.persistent("images"), "dense"), ImageStore(out.persistent("images"), "pruned")
+    save_pairs(store_d, store_p, job, out / "grid.png")
+    return text
+
+
+def run_eval(recipe: DictConfig, progress: bool = True, fabric=None) -> dict:
+    """``ditprune eval``: the dense pipeline against ``evaluation.pruned``, same prompts and seeds."""
+    from .models.loading import load_pipeline
+
+    if not evaluates_pipeline(recipe) or recipe.evaluation.pruned is None:
+        raise InputError("ditprune eval needs a pipeline (model.source), evaluation.clip_model and "
+                         "evaluation.pruned (the pruned transformer's directory)")
+    out = check_run(recipe, ["recipe.yaml"] + EVAL_OUTPUTS)
+    rank, world = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
+    target = out if rank == 0 else _Scratch(out)
+    m = recipe.model
+    with target:
+        (target / "recipe.yaml").write_text(OmegaConf.to_yaml(recipe))
+        pipe = load_pipeline(m.source, m.dtype, _device(recipe, fabric), m.transformer_class)
+        pruned = load_transformer(recipe.evaluation.pruned, pipe.transformer.device)
+        text = _evaluate(recipe, pipe, pipe.transformer, pruned, _eval_job(recipe), target, progress, rank, world)
+    return {"table": text, "outputs": {"evaluation": str(out.final("evaluation.md")), "json": str(out.final("evaluation.json")),
+                                       "grid": str(out.final("grid.png")), "images": str(out.path / "images")}}
 
 
 def _run_reference(recipe: DictConfig, out: OutputDir, progress: bool) -> dict:
     from .evaluation.harness import Candidate, Comparison
     from .evaluation.report import markdown_table, save_grid
 
-    kind = recipe.model.source.split(":", 1)[1]
+    kind = recipe.model.source.split(":", 1)[1]  # flux-layout / dit-xl-layout (or their short names)
     p, ev = recipe.pruning, evaluation_settings(recipe)
     main_label = f"{p.method} (recipe)"
     candidates = [Candidate("dense", None), Candidate(main_label, p.method)]
@@ -113,12 +240,8 @@ def _run_reference(recipe: DictConfig, out: OutputDir, progress: bool) -> dict:
 
         model, extra = recover_and_quantize(bench.dense, bench.calibration, recipe, bench.evaluator, progress)
         rows.extend(extra)
-    outputs = {}
-    if recipe.quantization.config:
-        outputs["model"] = "not exported: quantized export is not built yet (rerun without quantization.config)"
-    else:
-        model.save_pretrained(out / "transformer", safe_serialization=True)
-        outputs["model"] = "transformer"
+    save_transformer(model, out / "transformer", recipe.export.format)
+    outputs = {"model": "transformer"}
     save_grid({r["method"]: r["samples"] for r in rows}, out / "samples.png")
     outputs["samples"] = "samples.png"
     metrics = [{k: v for k, v in r.items() if k not in ("samples", "report", "pruned")} for r in rows]

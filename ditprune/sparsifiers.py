@@ -150,9 +150,16 @@ class SaliencySparsifier(BaseSparsifier):
         self.state.clear()
 
     def squash_mask(self, *args, **kwargs) -> None:
+        """Bake the masks into the weights. Pruned entries become +0.0 (the mask product would
+        leave -0.0 where a weight was negative): one zero, whatever format stores it."""
         for g in self.groups:
             self.state[g["tensor_fqn"]].pop("dense_backup", None)
+        targets = [(g["module"], g["tensor_name"]) for g in self.groups]
         super().squash_mask(*args, **kwargs)
+        with torch.no_grad():
+            for module, name in targets:
+                w = getattr(module, name)
+                w.masked_fill_(w == 0, 0.0)
         self._reorder()
 
     def _groups(self, tensor_fqns: Iterable[str] | None) -> list[dict]:

@@ -59,8 +59,11 @@ CASES = [  # (arguments after `prune`, expected part of the message)
     ([PIPE, "model.device=cuda"], "no such CUDA device"),
     ([PIPE, "model.device=tpu"], "is not a device"),
     ([PIPE, "recovery.steps=10"], "recovery.steps > 0 runs only on the reference models"),
-    ([PIPE, "quantization.config=int8_weight_only"], "quantization.config on a pipeline"),
-    ([PIPE, "evaluation.compare=[wanda]"], "evaluation.compare: the evaluation runs on the reference models only"),
+    ([PIPE, "evaluation.compare=[wanda]"], "evaluation.compare applies to the reference models"),
+    ([PIPE, "evaluation.num_prompts=10"], "evaluating a pipeline needs evaluation.clip_model"),
+    ([PIPE, "evaluation.clip_model=/no/clip"], "evaluation.clip_model: no such directory: /no/clip"),
+    ([DEMO, "evaluation.clip_model=/no/clip"], "evaluation.clip_model applies to pipelines"),
+    ([DEMO, "export.format=zip"], "export.format must be one of"),
 ]
 
 
@@ -71,6 +74,8 @@ def test_user_error_is_one_line_and_exit_2_before_any_work(args, message, capsys
     monkeypatch.chdir(ROOT)
     if args[0] == PIPE and "model.source" not in " ".join(args):
         args = [PIPE, f"model.source={tiny_pipeline_dir}", *args[1:]]
+    if args[0] == PIPE and "model.device" not in " ".join(args):
+        args = [*args, "model.device=cpu"]
     err = _one_line_error(capsys, ["prune", *args, f"export.output_dir={tmp_path / 'out'}"])
     assert message in err
     assert "hunter2" not in err

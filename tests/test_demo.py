@@ -31,7 +31,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert rows["dit (recipe)"]["sparsity"] == 0.5 and rows["wanda"]["sparsity"] == 0.5
     assert rows["dit (recipe)"]["rel_err"] < rows["wanda"]["rel_err"]  # same calibration, same evaluation seeds
     for method, row in rows.items():  # the printed table is the JSON
-        line = next(x for x in text.splitlines() if x.startswith(f"| flux | {method} |"))
+        line = next(x for x in text.splitlines() if x.startswith(f"| flux-layout | {method} |"))
         assert f"{row['rel_err']:.4f}" in line and f"{row['judge_acc']:.3f}" in line
     assert sorted(p.name for p in out.iterdir()) == [".ditprune.json", "metrics.json", "recipe.yaml", "report.txt",
                                                      "samples.png", "transformer"]

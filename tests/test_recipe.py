@@ -29,7 +29,7 @@ def test_config_parses_and_its_model_class_builds_tiny(path):
 
 
 def test_overrides_and_the_demo_default():
-    assert load_recipe(None).model.source == "reference:flux"
+    assert load_recipe(None).model.source == "reference:flux-layout"
     assert load_recipe(Path("configs/demo.yaml"), ["pruning.sparsity=0.6"]).pruning.sparsity == 0.6
 
 

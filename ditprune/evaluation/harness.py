@@ -10,13 +10,13 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .. import prune
 from ..reference import Conditioning, Denoiser, load, load_judge, sample
 from ..reference.data import digits
 from ..reference.text import TEMPLATES
-from .metrics import frechet_distance, judge_scores, psnr, relative_error, ssim
+from .metrics import bootstrap, frechet, ssim_per_image, wilson
 
 __all__ = ["reference_calibration", "Evaluator", "Candidate", "Comparison", "compare"]
 
@@ -69,6 +69,8 @@ class Evaluator:
             tt = torch.full((n_samples,), t)
             self.noised.append(((1 - t) * x0 + t * noise, tt, cond0))
         self.dense_samples, self.dense_v = self._run(dense)
+        self.dense_correct = self._judge(self.dense_samples)[0]
+        self.real_features = self.judge.features(self.real.float()).detach()
 
     @torch.no_grad()
     def _run(self, model: nn.Module) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -81,19 +83,43 @@ class Evaluator:
         finally:
             model.train(was_training)
 
-    def __call__(self, model: nn.Module) -> dict[str, float]:
-        """The metrics of ``model``; its samples stay in ``self.last_samples``."""
+    @torch.no_grad()
+    def _judge(self, samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per sample: correct (0/1), probability of the asked digit, judge features."""
+        feats = self.judge.features(samples.float())
+        probs = self.judge.head(feats).softmax(-1)
+        return (probs.argmax(-1) == self.digits).float(), probs.gather(1, self.digits[:, None]).squeeze(1), feats
+
+    def __call__(self, model: nn.Module, intervals: bool = True) -> dict:
+        """The metrics of ``model`` (its samples stay in ``self.last_samples``); with
+        ``intervals``, ``"ci"`` holds a 95% interval of each (judge accuracy: Wilson; the others:
+        bootstrap over samples) and ``judge_acc_delta`` the paired change against the dense model
+        on the same prompts and noise."""
         samples, v = self._run(model)
         self.last_samples = samples
-        acc, prob = judge_scores(self.judge, samples, self.digits)
-        return {
-            "judge_acc": acc,
-            "judge_prob": prob,
-            "fd": frechet_distance(self.judge, samples, self.real),
-            "rel_err": sum(relative_error(a, b) for a, b in zip(v, self.dense_v)) / len(v),
-            "psnr": psnr(samples, self.dense_samples),
-            "ssim": ssim(samples, self.dense_samples),
-        }
+        correct, prob, feats = self._judge(samples)
+        err = torch.stack([(a.float() - b.float()).pow(2).flatten(1).sum(1) for a, b in zip(v, self.dense_v)], 1)
+        norm = torch.stack([b.float().pow(2).flatten(1).sum(1) for b in self.dense_v], 1)
+        mse = (samples.float() - self.dense_samples.float()).pow(2).flatten(1).mean(1)
+        ssim_each = ssim_per_image(samples, self.dense_samples)
+        rel = lambda e, nrm: (e.sum(0) / nrm.sum(0)).mean()  # noqa: E731  (sums over samples, mean over t)
+        psnr_of = lambda m: 10 * torch.log10(4.0 / m.mean()) if m.mean() > 0 else torch.tensor(float("inf"))  # noqa: E731
+        out = {"judge_acc": float(correct.mean()), "judge_prob": float(prob.mean()),
+               "fd": frechet(feats, self.real_features), "rel_err": float(rel(err, norm)),
+               "psnr": float(psnr_of(mse)), "ssim": float(ssim_each.mean())}
+        if intervals:
+            n = len(correct)
+            out["judge_acc_delta"] = float((correct - self.dense_correct).mean())
+            out["ci"] = {
+                "judge_acc": list(wilson(int(correct.sum()), n)),
+                "judge_acc_delta": list(bootstrap(lambda a, b: (a - b).mean(), correct, self.dense_correct)[1:]),
+                "judge_prob": list(bootstrap(lambda x: x.mean(), prob)[1:]),
+                "fd": list(bootstrap(frechet, feats, self.real_features, n=100, paired=False, centred=True)[1:]),
+                "rel_err": list(bootstrap(rel, err, norm, n=500)[1:]),
+                "psnr": list(bootstrap(psnr_of, mse)[1:]) if mse.max() > 0 else [float("inf")] * 2,
+                "ssim": list(bootstrap(lambda x: x.mean(), ssim_each)[1:]),
+            }
+        return out
 
 
 @dataclass
@@ -110,13 +136,16 @@ class Comparison:
 
     def __init__(self, kind: str, n_prompts: int = 16, calib_steps: int = 10, n_samples: int = 100, steps: int = 20,
                  calibration_seed: int = CALIBRATION_SEED):
-        self.kind = kind
+        from ..reference import NAMES, kind_of
+
+        kind = kind_of(kind)
+        self.kind, self.name = kind, NAMES[kind]
         self.dense = load(kind)
         self.calibration = reference_calibration(self.dense, n_prompts, calib_steps, calibration_seed)
         self.evaluator = Evaluator(self.dense, n_samples, steps)
 
     def dense_row(self) -> dict:
-        return {"model": self.kind, "method": "dense", "setting": "-", "sparsity": 0.0, "prune_s": 0.0,
+        return {"model": self.name, "method": "dense", "setting": "-", "sparsity": 0.0, "prune_s": 0.0,
                 "stats_mb": 0.0, **self.evaluator(self.dense), "samples": self.evaluator.last_samples}
 
     def run(self, candidates: list[Candidate], settings: list[dict], progress: bool = True,
@@ -134,7 +163,7 @@ class Comparison:
             report = (prune_fn or prune)(model, self.calibration, method=cand.method, **setting, **cand.options,
                                          progress=progress)
             seconds = time.perf_counter() - start
-            rows.append({"model": self.kind, "method": cand.label, "setting": setting.get("pattern") or setting["sparsity"],
+            rows.append({"model": self.name, "method": cand.label, "setting": setting.get("pattern") or setting["sparsity"],
                          "sparsity": report.sparsity, "prune_s": seconds, "stats_mb": report.peak_stats_bytes / 2**20,
                          **self.evaluator(model), "samples": self.evaluator.last_samples, "report": report,
                          "pruned": model if keep_models else None})

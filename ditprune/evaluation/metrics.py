@@ -13,7 +13,8 @@ from torch import nn
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-__all__ = ["judge_scores", "frechet_distance", "psnr", "ssim", "relative_error"]
+__all__ = ["judge_scores", "frechet_distance", "frechet", "psnr", "ssim", "ssim_per_image", "relative_error",
+           "bootstrap", "wilson"]
 
 
 @torch.no_grad()
@@ -30,6 +31,59 @@ class _JudgeFeatures(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # torchmetrics feeds [0, 1]
         return self.judge.features(x * 2.0 - 1.0)
+
+
+def frechet(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to feature sets ``a`` and ``b`` (rows), in float64."""
+    import numpy as np
+    from scipy import linalg
+
+    import warnings
+
+    a, b = a.double().cpu().numpy(), b.double().cpu().numpy()
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    with warnings.catch_warnings():  # fewer samples than features: singular, handled below
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
+        if not np.isfinite(covmean).all():
+            eps = 1e-6 * np.eye(s1.shape[0])
+            covmean = linalg.sqrtm((s1 + eps) @ (s2 + eps))
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean.real))
+
+
+def bootstrap(fn, *arrays: torch.Tensor, n: int = 1000, seed: int = 0, paired: bool = True,
+              centred: bool = False) -> tuple[float, float, float]:
+    """(estimate, 2.5%, 97.5%) of ``fn(*arrays)`` with rows resampled (together when ``paired``).
+    ``centred``: for a statistic that resampling biases (a Fréchet distance grows when images are
+    duplicated), the resamples' spread is moved to sit around the estimate:
+    [est + q2.5 - mean, est + q97.5 - mean], at least 0."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(seed)
+    estimate = float(fn(*arrays))
+    stats = []
+    for _ in range(n):
+        if paired:
+            idx = torch.randint(0, len(arrays[0]), (len(arrays[0]),), generator=g)
+            stats.append(float(fn(*(x[idx] for x in arrays))))
+        else:
+            stats.append(float(fn(*(x[torch.randint(0, len(x), (len(x),), generator=g)] for x in arrays))))
+    lo, hi = np.percentile(stats, [2.5, 97.5])
+    if centred:
+        shift = estimate - float(np.mean(stats))
+        return estimate, max(0.0, float(lo) + shift), max(0.0, float(hi) + shift)
+    return estimate, float(lo), float(hi)
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score 95% interval of a binomial proportion."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 @torch.no_grad()
@@ -50,6 +104,12 @@ def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
 
 def ssim(images: torch.Tensor, reference: torch.Tensor) -> float:
     return float(structural_similarity_index_measure(images.float(), reference.float(), data_range=2.0))
+
+
+def ssim_per_image(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """SSIM of each image against its reference (images in [-1, 1])."""
+    return structural_similarity_index_measure(images.float(), reference.float(), data_range=2.0,
+                                               reduction="none").float()
 
 
 def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:

@@ -15,10 +15,11 @@ COLUMNS = {
     "method": ("method", "{}"),
     "setting": ("setting", "{}"),
     "sparsity": ("sparsity", "{:.3f}"),
-    "judge_acc": ("judge acc", "{:.3f}"),
+    "judge_acc": ("judge acc [95%]", "{:.3f}"),
+    "judge_acc_delta": ("acc vs dense [95%]", "{:+.3f}"),
     "judge_prob": ("judge prob", "{:.3f}"),
-    "fd": ("FD", "{:.2f}"),
-    "rel_err": ("denoiser rel. err", "{:.4f}"),
+    "fd": ("FD [95%]", "{:.2f}"),
+    "rel_err": ("denoiser rel. err [95%]", "{:.4f}"),
     "psnr": ("PSNR dB", "{:.2f}"),
     "ssim": ("SSIM", "{:.3f}"),
     "prune_s": ("prune s", "{:.1f}"),
@@ -26,11 +27,25 @@ COLUMNS = {
 }
 
 
+INTERVALS = ("judge_acc", "judge_acc_delta", "fd", "rel_err")  # shown with their 95% interval
+
+
+def _cell(row: dict, column: str) -> str:
+    if column not in row:
+        return ""
+    spec = COLUMNS[column][1]
+    text = spec.format(row[column])
+    ci = row.get("ci", {}).get(column)
+    if column in INTERVALS and ci:
+        text += f" [{spec.format(ci[0])}, {spec.format(ci[1])}]"
+    return text
+
+
 def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
     columns = columns or [c for c in COLUMNS if any(c in r for r in rows)]
     head = "| " + " | ".join(COLUMNS[c][0] for c in columns) + " |"
     rule = "|" + "|".join("---" for _ in columns) + "|"
-    body = ["| " + " | ".join(COLUMNS[c][1].format(r[c]) if c in r else "" for c in columns) + " |" for r in rows]
+    body = ["| " + " | ".join(_cell(r, c) for c in columns) + " |" for r in rows]
     return "\n".join([head, rule, *body])
 
 
@@ -72,7 +87,7 @@ def plot_quality(rows: list[dict], path: str | Path, metrics=("rel_err", "judge_
                 pts = {str(r["setting"]): r[metric] for r in pruned if r["method"] == method}
                 ax.plot(settings, [pts.get(s, float("nan")) for s in settings], marker="o", label=method)
             dense = [r[metric] for r in rows if r["model"] == model and r["method"] == "dense"]
-            if dense:
+            if dense and metric != "rel_err":  # the dense model's error is 0: no place on a log axis
                 ax.axhline(dense[0], color="k", ls=":", label="dense")
             ax.set_title(f"{model}: {COLUMNS[metric][0]}")
             ax.set_xlabel("sparsity / pattern")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["Family", "FAMILIES", "family_of", "blocks", "default_targets", "text_layers"]
+__all__ = ["Family", "FAMILIES", "family_of", "blocks", "default_targets", "text_layers", "check_batch"]
 
 
 @dataclass(frozen=True)
@@ -22,15 +22,22 @@ class Family:
     # regexes of the Linears whose inputs are encoder tokens that the blocks' encoder_attention_mask
     # masks (padding): their statistics skip the masked tokens
     text_inputs: tuple[str, ...] = ()
+    # keyword arguments a calibration batch must hold (diffusers defaults them to None, then fails)
+    required_inputs: tuple[str, ...] = ()
 
 
 CROSS_ATTENTION_KV = (r"\.attn2\.to_[kv]$",)
 FAMILIES = {
-    "FluxTransformer2DModel": Family("flux", ("transformer_blocks", "single_transformer_blocks")),
-    "SD3Transformer2DModel": Family("sd3", ("transformer_blocks",)),
-    "PixArtTransformer2DModel": Family("pixart", ("transformer_blocks",), CROSS_ATTENTION_KV),
-    "DiTTransformer2DModel": Family("dit", ("transformer_blocks",)),
-    "SanaTransformer2DModel": Family("sana", ("transformer_blocks",), CROSS_ATTENTION_KV),
+    "FluxTransformer2DModel": Family("flux", ("transformer_blocks", "single_transformer_blocks"), (),
+                                     ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep",
+                                      "img_ids", "txt_ids")),
+    "SD3Transformer2DModel": Family("sd3", ("transformer_blocks",), (),
+                                    ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")),
+    "PixArtTransformer2DModel": Family("pixart", ("transformer_blocks",), CROSS_ATTENTION_KV,
+                                       ("hidden_states", "encoder_hidden_states", "timestep")),
+    "DiTTransformer2DModel": Family("dit", ("transformer_blocks",), (), ("hidden_states", "timestep", "class_labels")),
+    "SanaTransformer2DModel": Family("sana", ("transformer_blocks",), CROSS_ATTENTION_KV,
+                                     ("hidden_states", "encoder_hidden_states", "timestep")),
 }
 
 
@@ -66,3 +73,29 @@ def text_layers(model: nn.Module, names) -> set[str]:
     """Those of ``names`` (Linear names) whose inputs are maskable encoder tokens."""
     patterns = [re.compile(p) for p in family_of(model).text_inputs]
     return {n for n in names if any(p.search(n) for p in patterns)}
+
+
+def check_batch(model: nn.Module, batch, index: int = 0) -> None:
+    """Raise a one-line error naming the key when ``batch`` cannot be a call ``model(**batch)``:
+    a key ``forward`` does not take, or one that the model family needs and the batch lacks."""
+    import inspect
+
+    from ..errors import InputError, InputTypeError
+
+    if not isinstance(batch, dict):
+        raise InputTypeError(f"calibration batch {index} is a {type(batch).__name__}; each must be a dict for "
+                             "model(**batch)")
+    name = type(model).__name__
+    params = inspect.signature(model.forward).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unknown = [k for k in batch if k not in params]
+        if unknown:
+            raise InputError(f"calibration batch {index} has key {unknown[0]!r}, which {name}.forward does not take "
+                             f"(it takes {', '.join(params)})")
+    needed = family_of(model).required_inputs or tuple(
+        k for k, p in params.items() if p.default is inspect.Parameter.empty
+        and p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL))
+    missing = [k for k in needed if batch.get(k) is None]
+    if missing:
+        raise InputError(f"calibration batch {index} has no {missing[0]!r}, which {name}.forward needs; a batch holds "
+                         "the keyword arguments of one model call (see ditprune.pipeline_calibration)")

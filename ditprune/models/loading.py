@@ -6,32 +6,33 @@ from __future__ import annotations
 
 import inspect
 import logging
+from functools import lru_cache
+from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from ..calibration import to_device
 from ..errors import InputError
+from .._quiet import quiet_loading
 from ..stats import HookOwner
 
-__all__ = ["DTYPES", "load_pipeline", "pipeline_calibration", "release_components", "cycle_prompts", "BUILTIN_PROMPTS",
-           "BUILTIN_CLASSES"]
+__all__ = ["DTYPES", "load_pipeline", "pipeline_calibration", "release_components", "cycle_prompts", "builtin_prompts",
+           "PROMPT_FILE", "BUILTIN_CLASSES"]
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-BUILTIN_PROMPTS = [
-    "a photo of a red fox in fresh snow, morning light",
-    "an astronaut riding a horse on the moon, detailed illustration",
-    "a bowl of ramen on a wooden table, studio photograph",
-    "a watercolor painting of a lighthouse in a storm",
-    "portrait of an old fisherman, dramatic lighting, 85mm",
-    "a futuristic city skyline at dusk, neon reflections on water",
-    "a close-up of a hummingbird drinking from a flower",
-    "an isometric pixel-art castle on a floating island",
-]
+PROMPT_FILE = Path(__file__).resolve().parent.parent / "data" / "prompts.txt"
+
+
+@lru_cache(maxsize=1)
+def builtin_prompts() -> tuple[str, ...]:
+    """80 varied prompts written for this project (photographs, paintings, illustrations, 3D,
+    text in images): ``ditprune/data/prompts.txt``."""
+    return tuple(line.strip() for line in PROMPT_FILE.read_text(encoding="utf-8").splitlines() if line.strip())
 BUILTIN_CLASSES = ["golden retriever", "tabby", "goldfish", "volcano", "espresso", "castle", "pizza", "daisy"]
 
 
@@ -43,10 +44,13 @@ def cycle_prompts(prompts: list[str], n: int) -> list[str]:
 def load_pipeline(source: str, dtype: str = "float32", device: str = "cpu", transformer_class: str | None = None):
     """A diffusers pipeline from a local directory or a hub id, safetensors only (no pickle).
     A source that cannot be loaded raises :class:`~ditprune.errors.InputError` naming it."""
-    import diffusers
+    from .._quiet import diffusers as _diffusers
+
+    diffusers = _diffusers()
 
     try:
-        pipe = diffusers.DiffusionPipeline.from_pretrained(source, dtype=DTYPES[dtype], use_safetensors=True)
+        with quiet_loading():
+            pipe = diffusers.DiffusionPipeline.from_pretrained(source, dtype=DTYPES[dtype], use_safetensors=True)
     except (OSError, ValueError, EnvironmentError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"model.source: cannot load {source!r}: {first}") from None
@@ -63,13 +67,16 @@ def load_pipeline(source: str, dtype: str = "float32", device: str = "cpu", tran
 @torch.no_grad()
 def pipeline_calibration(pipe, prompts: list[str], steps: int, guidance: float | None = None,
                          resolution: int | None = None, seed: int = 0, batch_size: int = 4,
-                         progress: bool = True) -> list[dict]:
+                         progress: bool = True, indices: list[int] | None = None) -> list[dict]:
     """Keyword arguments of every ``pipe.transformer`` call while ``pipe`` samples ``prompts``,
-    kept on the CPU. ``guidance`` / ``resolution`` None: the pipeline's defaults. DiT pipelines
-    take ImageNet class names (or class ids) as prompts and have no resolution."""
+    kept on the CPU. ``guidance`` / ``resolution`` None: the pipeline's defaults. Prompt k draws
+    its noise from ``seed + indices[k]`` (default: its position), so how prompts are batched or
+    split over ranks never changes what is recorded. DiT pipelines take ImageNet class names
+    (or class ids) as prompts and have no resolution."""
     record: list[dict] = []
     transformer: nn.Module = pipe.transformer
     signature = inspect.signature(transformer.forward)
+    indices = list(range(len(prompts))) if indices is None else list(indices)
 
     def grab(_module, args, kwargs):
         bound = signature.bind_partial(*args, **kwargs).arguments  # positional calls get their names
@@ -85,20 +92,21 @@ def pipeline_calibration(pipe, prompts: list[str], steps: int, guidance: float |
     extra = {} if guidance is None else {"guidance_scale": guidance}
     if resolution is not None:
         extra.update(height=resolution, width=resolution)
+    device = transformer.device if transformer.device.type == "cuda" else torch.device("cpu")
     with HookOwner() as hooks:
         hooks.add(transformer.register_forward_pre_hook(grab, with_kwargs=True))
         for i in tqdm(range(0, len(prompts), batch_size), desc="calibration prompts", disable=not progress):
             chunk = prompts[i : i + batch_size]
-            g = torch.Generator().manual_seed(seed + i)
+            gens = [torch.Generator(device=device).manual_seed(seed + k) for k in indices[i : i + batch_size]]
             if is_dit:
                 unknown = [c for c in chunk if not c.isdigit() and c not in pipe.labels]
                 if unknown:
                     raise InputError(f"calibration.prompts: {unknown[0]!r} is not a class name of this DiT "
                                      f"(e.g. {', '.join(list(pipe.labels)[:3])}) nor a class id")
                 labels = [int(c) if c.isdigit() else pipe.labels[c] for c in chunk]
-                pipe(class_labels=labels, num_inference_steps=steps, generator=g, output_type="pt", **extra)
+                pipe(class_labels=labels, num_inference_steps=steps, generator=gens, output_type="pt", **extra)
             else:
-                pipe(prompt=chunk, num_inference_steps=steps, generator=g, output_type="latent", **extra)
+                pipe(prompt=chunk, num_inference_steps=steps, generator=gens, output_type="latent", **extra)
     return record
 
 

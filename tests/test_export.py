@@ -1,0 +1,130 @@
+"""What a pruned model is worth to its user: compressed and quantized checkpoints that load back
+bit for bit, smaller files, pipelines that take them, and 2:4 kernels only where they pay."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import ditprune
+from ditprune.errors import InputError
+from ditprune.export import decode, encode, load_transformer, save_transformer
+from ditprune.models.tiny import tiny_batches, tiny_model
+from ditprune.quantize import quantize
+
+
+def _bits(t):
+    return t.view(torch.int32) if t.dtype == torch.float32 else t.view(torch.int16) if t.element_size() == 2 else t
+
+
+def _pruned(family="flux", dtype=torch.float32, **setting):
+    model = tiny_model(family).to(dtype)
+    report = ditprune.prune(model, tiny_batches(model), method="wanda", **(setting or {"sparsity": 0.5}))
+    return model, [r.name for r in report.layers]
+
+
+def _size(path):
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and p.suffix == ".safetensors")
+
+
+def test_encode_decode_hand_computed():
+    t = torch.tensor([[0.0, 1.5, 0.0, -2.0], [3.0, 0.0, 0.0, 0.0]])
+    stored, entries = encode({"w": t, "b": torch.ones(3)}, compress=True)
+    assert entries["w"]["encoding"] == "bitmask" and entries["b"]["encoding"] == "dense"
+    assert stored["w.values"].tolist() == [1.5, -2.0, 3.0]
+    assert stored["w.mask"].tolist() == [0b00011010]  # bits of entries 1, 3 and 4, little-endian
+    assert torch.equal(decode(stored, entries)["w"], t)
+
+
+@pytest.mark.parametrize("setting", [{"sparsity": 0.5}, {"pattern": "2:4"}])
+def test_compressed_is_bit_identical_to_dense_and_smaller(tmp_path, setting):
+    model, _ = _pruned(dtype=torch.bfloat16, **setting)
+    save_transformer(model, tmp_path / "dense")
+    save_transformer(model, tmp_path / "compressed", "compressed")
+    dense, compressed = load_transformer(tmp_path / "dense"), load_transformer(tmp_path / "compressed")
+    a, b = dense.state_dict(), compressed.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(_bits(a[k]), _bits(b[k])) for k in a)
+    info = json.loads((tmp_path / "compressed" / "ditprune.json").read_text())
+    packed = [n for n, e in info["tensors"].items() if e["encoding"] == "bitmask"]
+    assert len(packed) == len(ditprune.resolve_targets(model))  # every pruned weight, nothing else
+    # the pruned weights alone: at most 0.6x their dense bf16 bytes
+    raw = load_file(str(tmp_path / "compressed" / "weights.safetensors"))
+    packed_bytes = sum(raw[f"{n}.values"].nbytes + raw[f"{n}.mask"].nbytes for n in packed)
+    dense_bytes = sum(a[n].nbytes for n in packed)
+    assert packed_bytes <= 0.6 * dense_bytes
+
+
+@pytest.mark.parametrize("config", ["int8_weight_only", "float8_weight_only", "intx_weight_only"])
+@pytest.mark.parametrize("fmt", ["diffusers", "compressed"])
+def test_quantized_round_trip_keeps_every_pruned_zero(tmp_path, config, fmt):
+    model, targets = _pruned()
+    zeros = {n: model.get_submodule(n).weight == 0 for n in targets}
+    quantize(model, config, targets=targets)
+    save_transformer(model, tmp_path / "q", fmt)
+    loaded = load_transformer(tmp_path / "q")
+    for n in targets:
+        before, after = model.get_submodule(n).weight, loaded.get_submodule(n).weight
+        assert type(after) is type(before)
+        assert all(torch.equal(getattr(before, k), getattr(after, k)) for k in before.tensor_data_names)
+        assert (after.dequantize()[zeros[n]] == 0).all(), n
+    batch = tiny_batches(model)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).sample, model(**batch).sample)
+
+
+def test_sparse_and_int8_take_at_most_a_third_of_dense_bf16(tmp_path):
+    model, targets = _pruned(dtype=torch.bfloat16)
+    dense_bf16 = sum(model.get_submodule(n).weight.nbytes for n in targets)
+    quantize(model, "int8_weight_only", targets=targets)
+    save_transformer(model, tmp_path / "q", "compressed")
+    raw = load_file(str(tmp_path / "q" / "weights.safetensors"))
+    data = sum(t.nbytes for k, t in raw.items() if any(k.startswith(f"{n}._weight_qdata") for n in targets))
+    scales = sum(t.nbytes for k, t in raw.items() if any(k.startswith(f"{n}._weight_scale") for n in targets))
+    assert data <= 0.35 * dense_bf16  # int8 values of the kept weights + one bit per weight: 0.3125x
+    rows = sum(model.get_submodule(n).weight.shape[0] for n in targets)
+    assert scales <= 4 * rows  # one float32 scale per output row (0.1% of a 3072-wide FLUX row)
+
+
+def test_loading_builds_only_diffusers_classes(tmp_path):
+    model, _ = _pruned()
+    save_transformer(model, tmp_path / "m", "compressed")
+    info = json.loads((tmp_path / "m" / "ditprune.json").read_text())
+    (tmp_path / "m" / "ditprune.json").write_text(json.dumps({**info, "class": "os.system"}))
+    with pytest.raises(InputError, match="not a diffusers model class"):
+        load_transformer(tmp_path / "m")
+    with pytest.raises(InputError, match="no config.json"):
+        load_transformer(tmp_path)
+
+
+@pytest.mark.parametrize("variant", ["dense", "compressed", "int8"])
+def test_exports_load_back_into_their_pipeline(tiny_pipeline_dir, tmp_path, variant):
+    import diffusers
+
+    pipe = diffusers.DiTPipeline.from_pretrained(tiny_pipeline_dir)
+    transformer = pipe.transformer
+    report = ditprune.prune(transformer, tiny_batches(transformer), method="wanda", sparsity=0.5)
+    if variant == "int8":
+        quantize(transformer, "int8_weight_only", targets=[r.name for r in report.layers])
+    save_transformer(transformer, tmp_path / "transformer", "diffusers" if variant == "dense" else "compressed")
+    loaded = diffusers.DiTPipeline.from_pretrained(tiny_pipeline_dir,
+                                                   transformer=ditprune.load_transformer(tmp_path / "transformer"))
+    loaded.set_progress_bar_config(disable=True)
+    images = loaded(class_labels=[1, 2], num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                    output_type="pt").images
+    reference = pipe(class_labels=[1, 2], num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                     output_type="pt").images
+    assert torch.isfinite(images).all()
+    torch.testing.assert_close(images, reference)
+
+
+def test_accelerate_explains_itself_without_a_gpu():
+    from ditprune.kernels import is_n_m
+
+    model, _ = _pruned(pattern="2:4")
+    report = ditprune.accelerate(model)
+    if not torch.cuda.is_available():
+        assert report["converted"] == [] and "no CUDA GPU" in report["why"]
+    w = model.get_submodule(ditprune.resolve_targets(model).popitem()[0]).weight
+    assert is_n_m(w) and not is_n_m(torch.ones(4, 8))
