@@ -3,11 +3,11 @@ evaluation set and seeds for all), or the ablation grid that decides the ``dit``
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ._io import atomic_file
 from .evaluation.harness import Candidate, compare
+from .evaluation.pipeline import strict_json
 from .evaluation.report import markdown_table, plot_quality
 
 __all__ = ["METHOD_CANDIDATES", "run_bench"]
@@ -25,17 +25,23 @@ SETTINGS = [{"sparsity": 0.5}, {"sparsity": 0.6}, {"sparsity": 0.7}, {"pattern":
 
 
 def _ablation(kind: str, quick: bool, progress: bool) -> list[dict]:
-    rows = []
+    """Every knob of ``dit``, one at a time against the default, on the same dense model,
+    calibration and evaluation seeds."""
     settings = [{"sparsity": 0.5}] if quick else [{"sparsity": 0.5}, {"sparsity": 0.7}]
-    balance = [Candidate("wanda", "wanda"), Candidate("dit alpha=auto", "dit")]
-    balance += [Candidate(f"dit alpha={a}", "dit", {"alpha": a}) for a in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)]
-    grouping = [Candidate(f"dit {g}", "dit", {"granularity": g}) for g in ("row", "layer", "clusters")]
-    grouping += [Candidate("dit refine=0", "dit", {"refine": 0}),
-                 Candidate("wanda mask + refine", "dit", {"alpha": 0.5, "granularity": "row"}),
-                 Candidate("dit refine=256", "dit", {"refine": 256})]
-    engine = [Candidate("dit whole-model", "dit", {"block_sequential": False})]
-    rows += compare(kind, balance + grouping + engine, settings, progress=progress)
-    for n_prompts, steps in ([(4, 2), (16, 10)] if quick else [(4, 2), (4, 10), (16, 2), (16, 5), (16, 10), (32, 10)]):
+    C = Candidate
+    grid = [C("wanda", "wanda"), C("sparsegpt", "sparsegpt"), C("dit (default)", "dit")]
+    grid += [C(f"dit alpha={a}", "dit", {"alpha": a}) for a in (0.3, 0.4, 0.5, 0.6)]
+    grid += [C(f"dit granularity={g}", "dit", {"granularity": g}) for g in ("row", "layer")]
+    grid += [C("dit refine=0 (no search)", "dit", {"refine": 0}), C("dit refine=4", "dit", {"refine": 4}),
+             C("dit refine=16", "dit", {"refine": 16}), C("wanda mask + search", "dit", {"alpha": 0.5, "granularity": "row"})]
+    grid += [C("dit shortlist=4", "dit", {"shortlist": 4}), C("dit shortlist=32", "dit", {"shortlist": 32}),
+             C("dit sample_rows=64", "dit", {"sample_rows": 64}), C("dit holdout=false", "dit", {"holdout": False}),
+             C("dit timestep_weighting=log_decrease", "dit", {"timestep_weighting": "log_decrease"}),
+             C("dit whole-model calibration", "dit", {"block_sequential": False})]
+    grid += [C("dit reconstruct, polish=0", "dit", {"reconstruct": True, "polish": 0}),
+             C("dit reconstruct (polish=8)", "dit", {"reconstruct": True})]
+    rows = compare(kind, grid if not quick else grid[:4], settings, progress=progress)
+    for n_prompts, steps in ([(4, 2), (16, 10)] if quick else [(4, 2), (4, 10), (16, 2), (16, 10), (32, 10)]):
         for r in compare(kind, [Candidate("wanda", "wanda"), Candidate("dit", "dit")], [{"sparsity": 0.5}],
                          n_prompts=n_prompts, calib_steps=steps, progress=progress):
             r["method"] = f"{r['method']} calib {n_prompts}x{steps}"
@@ -51,7 +57,8 @@ def run_bench(out: Path, ablation: bool = False, quick: bool = False, progress: 
             rows += _ablation(kind, quick, progress)
         else:
             settings = SETTINGS[:1] + SETTINGS[-1:] if quick else SETTINGS
-            rows += compare(kind, METHOD_CANDIDATES, settings, n_samples=50 if quick else 100, progress=progress)
+            # 1000 samples: judge accuracy to about +-1 point (Wilson); paired changes vs dense are finer
+            rows += compare(kind, METHOD_CANDIDATES, settings, n_samples=50 if quick else 1000, progress=progress)
     name = "ablation" if ablation else "bench"
     table = markdown_table(rows)
     outputs = {}
@@ -60,8 +67,8 @@ def run_bench(out: Path, ablation: bool = False, quick: bool = False, progress: 
         tmp.write_text(table + "\n")
     outputs["table"] = str(out / f"{name}.md")
     with atomic_file(out / f"{name}.json") as tmp:
-        tmp.write_text(json.dumps([{k: v for k, v in r.items() if k not in ("samples", "report", "pruned")}
-                                   for r in rows], indent=2, default=str) + "\n")
+        tmp.write_text(strict_json([{k: v for k, v in r.items() if k not in ("samples", "report", "pruned")}
+                                    for r in rows]) + "\n")
     outputs["json"] = str(out / f"{name}.json")
     if not ablation:
         outputs["plot"] = str(plot_quality(rows, out / f"{name}.png"))

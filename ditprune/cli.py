@@ -47,6 +47,10 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         print()
         if result["report"].shortfall():
             print("note: " + result["report"].summary().split("; ", 1)[1])
+        from .recipe import unused_evaluation
+
+        if unused_evaluation(recipe):
+            print("note: " + unused_evaluation(recipe))
         for what, where in result["outputs"].items():
             print(f"{what:>10}: {where}")
     return 0

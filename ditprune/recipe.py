@@ -380,14 +380,24 @@ def check_recipe(cfg: DictConfig) -> None:
             if ev[key] is not None:
                 raise RecipeError(f"evaluation.{key} applies to the reference models; for a pipeline set "
                                   "evaluation.clip_model (and prompts, num_prompts, ...): remove it")
-        if ev.clip_model is None and any(ev[k] is not None for k in PIPELINE_EVAL_KEYS if k != "pruned"):
-            raise RecipeError("evaluating a pipeline needs evaluation.clip_model (a local CLIP directory, e.g. "
-                              "openai/clip-vit-large-patch14)")
         for key in ("num_prompts", "batch_size"):
             if ev[key] is not None:
                 _positive(f"evaluation.{key}", ev[key])
         if ev.resolution is not None:
             _positive("evaluation.resolution", ev.resolution, 8)
+
+
+def unused_evaluation(cfg: DictConfig) -> str | None:
+    """A note when a pipeline recipe sets evaluation keys but not ``evaluation.clip_model`` (they
+    describe an evaluation that ``ditprune prune`` does not run without a CLIP)."""
+    ev = cfg.evaluation
+    if is_reference(cfg) or ev.clip_model is not None:
+        return None
+    keys = [k for k in PIPELINE_EVAL_KEYS if k != "pruned" and ev[k] is not None]
+    if ev.steps is not None:
+        keys.append("steps")
+    return (f"evaluation.{', evaluation.'.join(keys)} set, but evaluation.clip_model is not: the pruned transformer "
+            "is not evaluated (set evaluation.clip_model to a local CLIP directory to evaluate it)") if keys else None
 
 
 def evaluation_settings(cfg: DictConfig) -> dict:

@@ -268,7 +268,8 @@ class DiTPruningSparsifier(SaliencySparsifier):
 
     ``method: dit``, ``sparsity: 0.5``, ``alpha: auto``, ``alphas: [0.3, 0.4, 0.5]``,
     ``granularity: clusters``, ``max_clusters: 6``, ``refine: 8``, ``shortlist: 12``,
-    ``sample_rows: 256``, ``reconstruct: false``, ``polish: 8``.
+    ``sample_rows: 256``, ``reconstruct: false``, ``polish: 8``, ``holdout: true`` (false: trust the
+    search on few tokens too, as the ablation does to measure what the safeguard costs).
 
     Lifecycle: as every :class:`SaliencySparsifier`; needs the Gram matrix unless
     ``alpha`` is fixed, ``refine=0`` and ``reconstruct=False``.
@@ -290,6 +291,7 @@ class DiTPruningSparsifier(SaliencySparsifier):
         damp: float = 0.0,
         reconstruct: bool = False,
         polish: int = 8,
+        holdout: bool = True,
         seed: int = 0,
     ):
         if alpha != "auto":
@@ -309,15 +311,15 @@ class DiTPruningSparsifier(SaliencySparsifier):
         super().__init__(
             sparsity, pattern, granularity, alpha=alpha, alphas=grid, max_clusters=max_clusters, refine=refine,
             shortlist=shortlist, sample_rows=sample_rows, damp=float(damp), reconstruct=bool(reconstruct),
-            polish=polish, seed=int(seed),
+            polish=polish, holdout=bool(holdout), seed=int(seed),
         )
         self.needs_gram = alpha == "auto" or bool(reconstruct) or refine > 0
 
     def compute_mask(self, weight, stats, *, sparsity, nm, granularity, alpha, alphas, max_clusters, refine,
-                     shortlist, sample_rows, damp, reconstruct, polish, seed, **options):
+                     shortlist, sample_rows, damp, reconstruct, polish, holdout, seed, **options):
         energy = stats.energy
-        held = stats.holdout() if self.needs_gram else None
-        blind = self.needs_gram and stats.few_tokens and held is None  # too few tokens to judge anything
+        held = stats.holdout() if self.needs_gram and holdout else None
+        blind = self.needs_gram and holdout and stats.few_tokens and held is None  # too few tokens to judge anything
         if blind:  # Wanda's mask: nothing fitted to tokens it cannot check
             refine, reconstruct, alpha, granularity = 0, False, 0.5, "row"
         # few tokens: fit on most of them, judge on the held-out rest (see ditprune.stats)

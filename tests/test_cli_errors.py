@@ -60,7 +60,6 @@ CASES = [  # (arguments after `prune`, expected part of the message)
     ([PIPE, "model.device=tpu"], "is not a device"),
     ([PIPE, "recovery.steps=10"], "recovery.steps > 0 runs only on the reference models"),
     ([PIPE, "evaluation.compare=[wanda]"], "evaluation.compare applies to the reference models"),
-    ([PIPE, "evaluation.num_prompts=10"], "evaluating a pipeline needs evaluation.clip_model"),
     ([PIPE, "evaluation.clip_model=/no/clip"], "evaluation.clip_model: no such directory: /no/clip"),
     ([DEMO, "evaluation.clip_model=/no/clip"], "evaluation.clip_model applies to pipelines"),
     ([DEMO, "export.format=zip"], "export.format must be one of"),
@@ -154,3 +153,11 @@ def test_unreachable_sparsity_is_reported(capsys, tiny_pipeline_dir, tmp_path):
 def test_flags_work_after_the_subcommand(capsys, no_work):
     assert main(["prune", "-q", DEMO, "calibration.steps=0"]) == 2
     assert main(["-q", "prune", DEMO, "calibration.steps=0"]) == 2
+
+
+def test_evaluation_settings_without_a_clip_are_reported(capsys, tiny_pipeline_dir, tmp_path):
+    code = main(["-q", "prune", PIPE, f"model.source={tiny_pipeline_dir}", "model.device=cpu", "pruning.method=wanda",
+                 "calibration.num_prompts=2", "calibration.steps=2", "evaluation.num_prompts=10",
+                 f"export.output_dir={tmp_path / 'out'}"])
+    assert code == 0
+    assert "evaluation.num_prompts set, but evaluation.clip_model is not" in capsys.readouterr().out

@@ -62,11 +62,11 @@ class Evaluator:
         g = torch.Generator().manual_seed(seed)
         pick = torch.randperm(len(self.real), generator=g)[:n_samples]
         x0, d0 = self.real[pick], real_digits[pick]
-        cond0 = Conditioning.make(self.kind, d0, torch.arange(n_samples) % len(TEMPLATES))
+        cond0 = Conditioning.make(self.kind, d0, torch.arange(len(d0)) % len(TEMPLATES))  # at most the 500 held-out
         self.noised = []
         for t in timesteps:
             noise = torch.randn(x0.shape, generator=g)
-            tt = torch.full((n_samples,), t)
+            tt = torch.full((len(x0),), t)
             self.noised.append(((1 - t) * x0 + t * noise, tt, cond0))
         self.dense_samples, self.dense_v = self._run(dense)
         self.dense_correct = self._judge(self.dense_samples)[0]
