@@ -19,20 +19,9 @@ import sys
 
 import torch
 
+from ditprune.kernels import cuda_ms as timed
+
 SHAPES = [(3072, 3072), (12288, 3072), (3072, 12288), (18432, 3072), (3072, 15360)]  # (out, in)
-
-
-def timed(fn, repeats=50):
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
 
 
 def two_four(w):

@@ -8,9 +8,9 @@ from pathlib import Path
 from ._io import atomic_file
 from .evaluation.harness import Candidate, compare
 from .evaluation.pipeline import strict_json
-from .evaluation.report import markdown_table, plot_quality
+from .evaluation.report import COLUMNS, markdown_table, pivot_table, plot_quality
 
-__all__ = ["METHOD_CANDIDATES", "run_bench"]
+__all__ = ["METHOD_CANDIDATES", "run_bench", "tables"]
 
 METHOD_CANDIDATES = [
     Candidate("dense", None),
@@ -49,6 +49,19 @@ def _ablation(kind: str, quick: bool, progress: bool) -> list[dict]:
     return rows
 
 
+def tables(rows: list[dict], ablation: bool = False) -> str:
+    """The markdown of a bench: for the method comparison, denoiser error, judge accuracy and FD
+    at a glance (settings as columns), then every row with its intervals."""
+    if ablation:
+        return markdown_table(rows)
+    parts = []
+    for metric, higher in (("rel_err", False), ("judge_acc", True), ("fd", False)):
+        better = "higher" if higher else "lower"
+        parts.append(f"{COLUMNS[metric][0].replace(' [95%]', '')} ({better} is better; best pruned in bold):\n\n"
+                     + pivot_table(rows, metric, higher))
+    return "\n\n".join(parts + ["Every row, with 95% intervals:\n\n" + markdown_table(rows)])
+
+
 def run_bench(out: Path, ablation: bool = False, quick: bool = False, progress: bool = True) -> dict:
     kinds = ["flux"] if quick else ["flux", "dit"]
     rows = []
@@ -60,7 +73,7 @@ def run_bench(out: Path, ablation: bool = False, quick: bool = False, progress: 
             # 1000 samples: judge accuracy to about +-1 point (Wilson); paired changes vs dense are finer
             rows += compare(kind, METHOD_CANDIDATES, settings, n_samples=50 if quick else 1000, progress=progress)
     name = "ablation" if ablation else "bench"
-    table = markdown_table(rows)
+    table = tables(rows, ablation)
     outputs = {}
     out.mkdir(parents=True, exist_ok=True)
     with atomic_file(out / f"{name}.md") as tmp:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["accelerate", "is_n_m"]
+__all__ = ["accelerate", "cuda_ms", "is_n_m"]
 
 
 def is_n_m(weight: torch.Tensor, n: int = 2, m: int = 4) -> bool:
@@ -22,7 +22,8 @@ def is_n_m(weight: torch.Tensor, n: int = 2, m: int = 4) -> bool:
     return bool(((weight != 0).reshape(weight.shape[0], -1, m).sum(-1) <= n).all())
 
 
-def _time(fn, repeats: int) -> float:
+def cuda_ms(fn, repeats: int = 50) -> float:
+    """Milliseconds per call of ``fn`` on the current CUDA device (after 3 warm-up calls)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for _ in range(3):
         fn()
@@ -40,8 +41,8 @@ def _speedup(weight: torch.Tensor, tokens: int, repeats: int) -> float:
 
     x = torch.randn(tokens, weight.shape[1], dtype=weight.dtype, device=weight.device)
     sparse = to_sparse_semi_structured(weight.detach().contiguous())
-    dense_ms = _time(lambda: torch.nn.functional.linear(x, weight), repeats)
-    sparse_ms = _time(lambda: torch.nn.functional.linear(x, sparse), repeats)
+    dense_ms = cuda_ms(lambda: torch.nn.functional.linear(x, weight), repeats)
+    sparse_ms = cuda_ms(lambda: torch.nn.functional.linear(x, sparse), repeats)
     return dense_ms / sparse_ms
 
 

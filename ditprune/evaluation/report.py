@@ -8,7 +8,7 @@ import torch
 
 from .._io import atomic_file
 
-__all__ = ["COLUMNS", "markdown_table", "save_grid", "plot_quality"]
+__all__ = ["COLUMNS", "markdown_table", "pivot_table", "save_grid", "plot_quality"]
 
 COLUMNS = {
     "model": ("model", "{}"),
@@ -47,6 +47,34 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
     rule = "|" + "|".join("---" for _ in columns) + "|"
     body = ["| " + " | ".join(_cell(r, c) for c in columns) + " |" for r in rows]
     return "\n".join([head, rule, *body])
+
+
+def pivot_table(rows: list[dict], metric: str, higher_is_better: bool = False) -> str:
+    """``metric`` as one row per (model, method) and one column per setting; the best pruned
+    method of each (model, setting) in bold. The dense model's value repeats in every column."""
+    spec = COLUMNS[metric][1]
+    settings = list(dict.fromkeys(str(r["setting"]) for r in rows if r["method"] != "dense"))
+    cells: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        if metric in r:
+            cells.setdefault((r["model"], r["method"]), {})[str(r["setting"])] = r[metric]
+    best = {}
+    for (model, method), values in cells.items():
+        for setting, v in values.items():
+            if method != "dense":
+                b = best.get((model, setting))
+                if b is None or (v > b if higher_is_better else v < b):
+                    best[(model, setting)] = v
+    head = f"| model | method | {' | '.join(settings)} |"
+    lines = [head, "|" + "---|" * (2 + len(settings))]
+    for (model, method), values in cells.items():
+        row = []
+        for s in settings:
+            v = values.get("-") if method == "dense" else values.get(s)
+            text = "" if v is None else spec.format(v)
+            row.append(f"**{text}**" if v is not None and method != "dense" and v == best.get((model, s)) else text)
+        lines.append(f"| {model} | {method} | {' | '.join(row)} |")
+    return "\n".join(lines)
 
 
 def save_grid(rows: dict[str, torch.Tensor], path: str | Path, per_row: int = 10, scale: int = 4) -> Path:
