@@ -1,20 +1,17 @@
 """ditprune: post-training weight pruning for Diffusion Transformers (DiT-Pruning and baselines)."""
 
-from .export import load_transformer, save_transformer
-from .kernels import accelerate
-from .pruning import LayerReport, PrunePlan, PruneReport, make_sparsifier, prune, resolve_targets
-from .sparsifiers import (
-    METHODS,
-    DiTPruningSparsifier,
-    MagnitudeSparsifier,
-    RIASparsifier,
-    SparseGPTSparsifier,
-    WandaSparsifier,
-)
-
 __version__ = "0.1.0"
 
-_LAZY = {  # imported on first use: they pull in diffusers, torchmetrics
+# Imported on first use: importing ditprune loads nothing heavy (not even torch), so that the CLI
+# can set the OpenMP wait policy before torch starts its thread pool (see ditprune.cli).
+_LAZY = {
+    "load_transformer": "ditprune.export",
+    "save_transformer": "ditprune.export",
+    "accelerate": "ditprune.kernels",
+    **dict.fromkeys(["LayerReport", "PrunePlan", "PruneReport", "make_sparsifier", "prune", "resolve_targets"],
+                    "ditprune.pruning"),
+    **dict.fromkeys(["METHODS", "DiTPruningSparsifier", "MagnitudeSparsifier", "RIASparsifier",
+                     "SparseGPTSparsifier", "WandaSparsifier"], "ditprune.sparsifiers"),
     "load_pipeline": "ditprune.models.loading",
     "pipeline_calibration": "ditprune.models.loading",
     "reference_calibration": "ditprune.evaluation.harness",
@@ -52,3 +49,7 @@ __all__ = [
     "SparseGPTSparsifier",
     "WandaSparsifier",
 ]
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

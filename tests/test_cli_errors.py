@@ -161,3 +161,14 @@ def test_evaluation_settings_without_a_clip_are_reported(capsys, tiny_pipeline_d
                  f"export.output_dir={tmp_path / 'out'}"])
     assert code == 0
     assert "evaluation.num_prompts set, but evaluation.clip_model is not" in capsys.readouterr().out
+
+
+def test_importing_the_cli_leaves_torch_unloaded_so_the_wait_policy_applies():
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, sys, ditprune.cli; assert 'torch' not in sys.modules; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and done.stdout.strip() == "PASSIVE", done.stderr
