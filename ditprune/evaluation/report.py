@@ -31,7 +31,7 @@ INTERVALS = ("judge_acc", "judge_acc_delta", "fd", "rel_err")  # shown with thei
 
 
 def _cell(row: dict, column: str) -> str:
-    if column not in row:
+    if row.get(column) is None:  # absent, or a non-finite number as strict JSON stores it
         return ""
     spec = COLUMNS[column][1]
     text = spec.format(row[column])
