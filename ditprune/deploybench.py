@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["run_deploy", "flux_dev_shaped"]
+__all__ = ["run_deploy", "flux_dev_shaped", "flux_dev_bytes"]
 
 
 def flux_dev_shaped(double: int = 1, single: int = 1):
@@ -53,6 +53,32 @@ def _flux_inputs(model, image_tokens: int, text_tokens: int) -> dict:
         batch["guidance"] = torch.tensor([3.5])
     dtype = next(model.parameters()).dtype
     return {k: v.to(dtype) if v.is_floating_point() and k not in ("img_ids", "txt_ids") else v for k, v in batch.items()}
+
+
+def _tensor_bytes(path: Path) -> dict[str, int]:
+    """Bytes of every tensor in the safetensors files under ``path`` (from their JSON headers)."""
+    sizes = {}
+    for file in path.glob("*.safetensors"):
+        with open(file, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        sizes.update({k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"})
+    return sizes
+
+
+def flux_dev_bytes(path: Path, double: int = 19, single: int = 38) -> int:
+    """The tensor bytes of a whole FLUX.1-dev transformer (``double`` + ``single`` blocks) from an
+    export with fewer blocks: the tensors outside the blocks once, and each kind of block at its
+    mean size per block (blocks of a kind have the same shapes, and masks of one sparsity the
+    same encoded size) times its count."""
+    rest, kinds = 0, {"transformer_blocks.": [0, set(), double], "single_transformer_blocks.": [0, set(), single]}
+    for name, n in _tensor_bytes(path).items():
+        prefix = next((p for p in kinds if name.startswith(p)), None)
+        if prefix is None:
+            rest += n
+        else:
+            kinds[prefix][0] += n
+            kinds[prefix][1].add(name[len(prefix):].split(".", 1)[0])  # the block index
+    return rest + sum(round(total / len(blocks) * count) for total, blocks, count in kinds.values() if blocks)
 
 
 def _bytes(path: Path) -> int:
@@ -100,7 +126,7 @@ def run_deploy(out: Path, progress: bool = True, image_tokens: int = 256, text_t
                 else v for k, v in b.items()} for b in calibration]
 
     models = {
-        "flux reference (2.6M parameters)": (
+        f"flux-layout reference ({sum(p.numel() for p in reference.parameters()) / 1e6:.2f}M parameters)": (
             reference, lambda m, **s: prune(m, ref_cal, "wanda", **s), ref_cal[0]),
         "FLUX.1-dev-shaped, 1 double + 1 single block": (
             flux_dev_shaped(), lambda m, **s: prune(m, [], "magnitude", **s), None),
@@ -112,12 +138,14 @@ def run_deploy(out: Path, progress: bool = True, image_tokens: int = 256, text_t
             batch = batch if batch is not None else _flux_inputs(dense, image_tokens, text_tokens)
             variants = _variants(model_name, dense, prune_fn, lambda r: [layer.name for layer in r.layers])
             reference_out = None
-            base_bytes = None
+            base_bytes = base_whole = None
             for label, model, fmt in tqdm(variants, desc=f"deploy: {model_name}", disable=not progress):
                 path = scratch / f"{len(rows)}"
                 save_transformer(model, path, fmt)
                 size = _bytes(path)
                 base_bytes = base_bytes or size
+                whole = flux_dev_bytes(path) if model_name.startswith("FLUX.1-dev") else None
+                base_whole = base_whole or whole
                 loads = []
                 for _ in range(2):
                     start = time.perf_counter()
@@ -128,20 +156,25 @@ def run_deploy(out: Path, progress: bool = True, image_tokens: int = 256, text_t
                     reference_out = output
                 diff = (output.float() - reference_out.float()).abs().max().item() if reference_out is not None and "50%" in label else None
                 rows.append({"model": model_name, "variant": label, "format": fmt, "bytes": size,
-                             "x_dense_bf16": size / base_bytes, "load_s": min(loads), "forward_s": seconds,
+                             "x_dense_bf16": size / base_bytes, "flux_dev_gb": whole / 1e9 if whole else None,
+                             "flux_dev_x_dense": whole / base_whole if whole else None, "load_s": min(loads), "forward_s": seconds,
                              "max_abs_diff_vs_pruned_dense": diff})
                 shutil.rmtree(path, ignore_errors=True)
                 del loaded
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     lines = [f"All in bf16 on {torch.get_num_threads()} CPU threads; forward: one call with {image_tokens} image and "
-             f"{text_tokens} text tokens (FLUX.1-dev-shaped) or one calibration batch (reference), median of 3.", "",
-             "| model | variant | format | MB on disk | x dense bf16 | load s | forward s | max abs diff vs pruned dense |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"{text_tokens} text tokens (FLUX.1-dev-shaped) or one calibration batch (reference), median of 3. "
+             "Whole FLUX.1-dev: the tensors outside the blocks once, the double block x 19 and the single block x 38 "
+             "(`ditprune.deploybench.flux_dev_bytes`).", "",
+             "| model | variant | format | MB on disk | x dense bf16 | whole FLUX.1-dev GB (x dense) | load s | forward s "
+             "| max abs diff vs pruned dense |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         d = "-" if r["max_abs_diff_vs_pruned_dense"] is None else f"{r['max_abs_diff_vs_pruned_dense']:.3g}"
+        whole = "-" if r["flux_dev_gb"] is None else f"{r['flux_dev_gb']:.2f} ({r['flux_dev_x_dense']:.3f})"
         lines.append(f"| {r['model']} | {r['variant']} | {r['format']} | {r['bytes'] / 2**20:.1f} | "
-                     f"{r['x_dense_bf16']:.3f} | {r['load_s']:.2f} | {r['forward_s']:.3f} | {d} |")
+                     f"{r['x_dense_bf16']:.3f} | {whole} | {r['load_s']:.2f} | {r['forward_s']:.3f} | {d} |")
     text = "\n".join(lines)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_file(out / "deploy.md") as tmp:

@@ -39,6 +39,7 @@ from .errors import InputError
 __all__ = ["FORMATS", "save_transformer", "load_transformer", "is_quantized", "encode", "decode"]
 
 FORMATS = ("diffusers", "compressed")
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 VERSION = 1
 
 
@@ -52,7 +53,7 @@ def _pack(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _unpack(bits: torch.Tensor, numel: int) -> torch.Tensor:
-    return torch.from_numpy(np.unpackbits(bits.numpy(), bitorder="little", count=numel).astype(bool))
+    return torch.from_numpy(np.unpackbits(bits.numpy(), bitorder="little", count=numel).view(bool))  # 0/1 bytes
 
 
 def encode(tensors: dict[str, torch.Tensor], compress: bool) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
@@ -86,9 +87,9 @@ def decode(stored: dict[str, torch.Tensor], entries: dict[str, dict]) -> dict[st
             nonzero = _unpack(stored[f"{name}.mask"], math.prod(shape)).reshape(shape)
             if int(nonzero.sum()) != values.numel():
                 raise InputError(f"'{name}': its mask has {int(nonzero.sum())} entries, its values {values.numel()}")
-            t = torch.zeros(shape, dtype=values.dtype)
-            t[nonzero] = values
-            out[name] = t
+            # scattered as raw bits (every dtype has an integer of its size; float8 has no masked_scatter)
+            raw = _BITS[values.element_size()]
+            out[name] = torch.zeros(shape, dtype=raw).masked_scatter_(nonzero, values.view(raw)).view(values.dtype)
         else:
             raise InputError(f"'{name}': unknown encoding {e['encoding']!r}")
     return out

@@ -128,3 +128,16 @@ def test_accelerate_explains_itself_without_a_gpu():
         assert report["converted"] == [] and "no CUDA GPU" in report["why"]
     w = model.get_submodule(ditprune.resolve_targets(model).popitem()[0]).weight
     assert is_n_m(w) and not is_n_m(torch.ones(4, 8))
+
+
+def test_whole_flux_size_counts_each_block_19_or_38_times(tmp_path):
+    from ditprune.deploybench import flux_dev_bytes
+
+    model = tiny_model("flux").to(torch.bfloat16)  # 1 double, 2 single blocks: same shapes within a kind
+    path = save_transformer(model, tmp_path / "t")
+    nbytes = {"transformer_blocks.": 0, "single_transformer_blocks.": 0, "": 0}
+    for name, t in model.state_dict().items():
+        nbytes[next(p for p in nbytes if name.startswith(p))] += t.numel() * 2
+    assert flux_dev_bytes(path, double=1, single=2) == sum(nbytes.values())
+    per_double, per_single = nbytes["transformer_blocks."], nbytes["single_transformer_blocks."] // 2
+    assert flux_dev_bytes(path) == nbytes[""] + 19 * per_double + 38 * per_single
