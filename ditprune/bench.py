@@ -50,12 +50,10 @@ def _ablation(kind: str, quick: bool, progress: bool) -> list[dict]:
 
 
 def tables(rows: list[dict], ablation: bool = False) -> str:
-    """The markdown of a bench: for the method comparison, denoiser error, judge accuracy and FD
-    at a glance (settings as columns), then every row with its intervals."""
-    if ablation:
-        return markdown_table(rows)
+    """The markdown of a bench: denoiser error, judge accuracy (and FD, for the method comparison)
+    at a glance, settings as columns, then every row with its intervals."""
     parts = []
-    for metric, higher in (("rel_err", False), ("judge_acc", True), ("fd", False)):
+    for metric, higher in (("rel_err", False), ("judge_acc", True)) + (() if ablation else (("fd", False),)):
         better = "higher" if higher else "lower"
         parts.append(f"{COLUMNS[metric][0].replace(' [95%]', '')} ({better} is better; best pruned in bold):\n\n"
                      + pivot_table(rows, metric, higher))
