@@ -43,7 +43,9 @@ def frechet(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double().cpu().numpy(), b.double().cpu().numpy()
     mu1, mu2 = a.mean(0), b.mean(0)
     s1, s2 = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    with warnings.catch_warnings():  # fewer samples than features: singular, handled below
+    # fewer samples than features: singular, handled below; a zero product (identical constant
+    # features) makes sqrtm's own error estimate 0/0, which is not a problem of the result
+    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
         warnings.simplefilter("ignore", linalg.LinAlgWarning)
         covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
         if not np.isfinite(covmean).all():
