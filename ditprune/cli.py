@@ -56,8 +56,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             print("note: " + result["report"].summary().split("; ", 1)[1])
         from .recipe import unused_evaluation
 
-        if unused_evaluation(recipe):
-            print("note: " + unused_evaluation(recipe))
+        if note := unused_evaluation(recipe):
+            print("note: " + note)
         for what, where in result["outputs"].items():
             print(f"{what:>10}: {where}")
     return 0
