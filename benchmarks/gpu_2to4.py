@@ -19,9 +19,10 @@ import sys
 
 import torch
 
+from ditprune.costbench import SHAPES as LAYERS
 from ditprune.kernels import cuda_ms as timed
 
-SHAPES = [(3072, 3072), (12288, 3072), (3072, 12288), (18432, 3072), (3072, 15360)]  # (out, in)
+SHAPES = [(out_f, in_f) for _, out_f, in_f, _ in LAYERS]  # FLUX.1-dev's Linear shapes, (out, in)
 
 
 def two_four(w):

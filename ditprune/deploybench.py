@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .costbench import FLUX_DEV
+
 __all__ = ["run_deploy", "flux_dev_shaped", "flux_dev_bytes"]
 
 
@@ -30,8 +32,8 @@ def flux_dev_shaped(double: int = 1, single: int = 1):
 
     torch.manual_seed(0)
     return diffusers.FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=double, num_single_layers=single, attention_head_dim=128,
-        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        patch_size=1, in_channels=64, num_layers=double, num_single_layers=single, attention_head_dim=FLUX_DEV["head_dim"],
+        num_attention_heads=FLUX_DEV["heads"], joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
         axes_dims_rope=(16, 56, 56),
     ).to(torch.bfloat16).eval()
 
@@ -65,7 +67,7 @@ def _tensor_bytes(path: Path) -> dict[str, int]:
     return sizes
 
 
-def flux_dev_bytes(path: Path, double: int = 19, single: int = 38) -> int:
+def flux_dev_bytes(path: Path, double: int = FLUX_DEV["double"], single: int = FLUX_DEV["single"]) -> int:
     """The tensor bytes of a whole FLUX.1-dev transformer (``double`` + ``single`` blocks) from an
     export with fewer blocks: the tensors outside the blocks once, and each kind of block at its
     mean size per block (blocks of a kind have the same shapes, and masks of one sparsity the
