@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -19,7 +20,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from .errors import InputError
 
@@ -246,3 +247,19 @@ class OutputDir:
                 os.replace(target, aside / name)
             os.replace(self.staging / name, target)
         self._write_manifest((mine | set(staged) | set(self.persistent_names)) & {p.name for p in self.path.iterdir()})
+
+
+def strict_json(obj: Any, indent: int = 1, default=None) -> str:
+    """JSON that jq and browsers accept: non-finite numbers (a dense model's infinite PSNR) become
+    null. ``default`` as in :func:`json.dumps`."""
+
+    def clean(x):
+        if isinstance(x, float):
+            return x if math.isfinite(x) else None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(obj), indent=indent, default=default, allow_nan=False)

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._io import atomic_file
+from ._io import atomic_file, strict_json
 from .evaluation.harness import Candidate, compare
-from .evaluation.pipeline import strict_json
 from .evaluation.report import COLUMNS, markdown_table, pivot_table, plot_quality
 
 __all__ = ["METHOD_CANDIDATES", "run_bench", "tables"]

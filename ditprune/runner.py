@@ -4,7 +4,6 @@ moved into ``export.output_dir`` together at the end (:class:`ditprune._io.Outpu
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile
@@ -14,7 +13,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ._io import OutputDir
+from ._io import OutputDir, strict_json
 from .errors import InputError
 from .export import load_transformer, save_transformer
 from .pruning import PrunePlan, PruneReport, prune
@@ -103,7 +102,7 @@ def run_recipe(recipe: DictConfig, out: OutputDir | None = None, progress: bool 
 
 def _write(out: OutputDir, report: PruneReport, metrics: Any) -> None:
     (out / "report.txt").write_text(str(report) + "\n")
-    (out / "metrics.json").write_text(json.dumps(_finite(metrics), indent=2, default=str, allow_nan=False) + "\n")
+    (out / "metrics.json").write_text(strict_json(metrics, indent=2, default=str) + "\n")
 
 
 def _eval_job(recipe: DictConfig):
@@ -182,7 +181,7 @@ def _restore_components(pipe, devices: dict) -> None:
 
 def _evaluate(recipe, pipe, dense, pruned, job, out, progress, rank, world) -> str:
     """Generate (or reuse) images, score them, and (rank 0) write the evaluation outputs."""
-    from .evaluation.pipeline import ImageStore, Scorer, evaluate_pipeline, markdown_report, strict_json, save_pairs
+    from .evaluation.pipeline import ImageStore, Scorer, evaluate_pipeline, markdown_report, save_pairs
 
     ev = recipe.evaluation
     scorer = Scorer(ev.clip_model, pruned.device, ev.inception, ev.image_reward)
@@ -245,17 +244,8 @@ def _run_reference(recipe: DictConfig, out: OutputDir, progress: bool) -> dict:
     save_grid({r["method"]: r["samples"] for r in rows}, out / "samples.png")
     outputs["samples"] = "samples.png"
     metrics = [{k: v for k, v in r.items() if k not in ("samples", "report", "pruned")} for r in rows]
-    _write(out, main["report"], _finite(metrics))
+    _write(out, main["report"], metrics)
     outputs.update(metrics="metrics.json", layers="report.txt")
     return {"rows": rows, "table": markdown_table(rows), "report": main["report"], "outputs": outputs}
 
 
-def _finite(obj: Any) -> Any:
-    """Strict JSON: a non-finite float (the dense model's infinite PSNR) becomes null."""
-    if isinstance(obj, float):
-        return obj if obj == obj and abs(obj) != float("inf") else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj

@@ -20,13 +20,13 @@ Under Lightning Fabric with several devices each rank generates and scores its s
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .._io import strict_json  # noqa: F401 (part of this module's API)
 from ..errors import InputError
 from .metrics import bootstrap, frechet
 
@@ -346,17 +346,3 @@ def markdown_report(summary: dict, title: str) -> str:
             rows.append(f"| {k} | {v['value']:.4f} | [{v['ci95'][0]:.4f}, {v['ci95'][1]:.4f}] | {v['n']} |")
     rows += ["", f"LPIPS: {summary['lpips']}."]
     return "\n".join(rows)
-
-
-def strict_json(obj) -> str:
-    """JSON that jq and browsers accept: non-finite numbers become null."""
-    def clean(x):
-        if isinstance(x, float):
-            return x if math.isfinite(x) else None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [clean(v) for v in x]
-        return x
-
-    return json.dumps(clean(obj), indent=1, allow_nan=False)
