@@ -341,11 +341,11 @@ def render(layer_rows, block_rows, whole, memory, machine: str) -> str:
     m = memory
     lines += ["", "GPU memory of `configs/flux_dev.yaml` (bf16 weights, block by block, `offload: cpu`; text "
                   "encoders and VAE moved off the GPU once calibration is recorded):", "",
-              f"- transformer weights: {m['weights_gb']:.1f} GB (11.9B parameters x 2 bytes)",
-              f"- one call's block inputs: {m['one_call_inputs_gb']:.2f} GB; activations of one block forward: "
-              f"{m['activations_gb']:.2f} GB (batch of 4 at 512x512)",
-              f"- one block's statistics: {m['block_statistics_gb']:.2f} GB (measured above, double block, dit)",
-              f"- largest layer's workspace: {m['largest_layer_workspace_gb']:.2f} GB (peak of the single-layer runs)",
-              f"- total on the GPU: {m['total_gpu_gb']:.1f} GB ({'within' if m['within_40_gb'] else 'over'} 40 GB); "
-              f"captured inputs waiting on the CPU: {m['captured_inputs_on_cpu_gb']:.1f} GB"]
+              f"- transformer weights: {m['weights_gb']:.1f} GiB (11.9B parameters x 2 bytes)",
+              f"- one call's block inputs: {m['one_call_inputs_gb']:.2f} GiB; activations of one block forward: "
+              f"{m['activations_gb']:.2f} GiB (batch of 4 at 512x512)",
+              f"- one block's statistics: {m['block_statistics_gb']:.2f} GiB (measured above, double block, dit)",
+              f"- largest layer's workspace: {m['largest_layer_workspace_gb']:.2f} GiB (peak of the single-layer runs)",
+              f"- total on the GPU: {m['total_gpu_gb']:.1f} GiB ({'within' if m['within_40_gb'] else 'over'} 40 GB); "
+              f"captured inputs waiting on the CPU: {m['captured_inputs_on_cpu_gb']:.1f} GiB"]
     return "\n".join(lines)

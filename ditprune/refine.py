@@ -16,7 +16,9 @@ is updated exactly for the swaps made (a sparse product). Rows that made no swap
 stop after ``rounds``; a row also stops once a round lowers its error by less than ``min_gain``
 of it (so rows never depend on each other, and the search can run on any block of rows).
 Counts per row (and per group of M inputs for N:M, where a swap stays inside its group) never
-change, and every accepted swap lowers its row's error, so the layer error only decreases.
+change, and every accepted swap lowers its row's error, so the layer error only decreases. A
+weight that is exactly zero is never revived (keeping a zero would only hide a pruning), so a
+re-pruned sparse model ends with exactly the zeros its mask asks for, not more.
 
 This is ours, in the spirit of DSnoT (Zhang et al., ICLR 2024), with exact second-order changes
 and many swaps per row per round, so that it stays affordable at FLUX.1-dev's widths.
@@ -93,16 +95,15 @@ def _refine_rows(w, keep, h, hflat, dh, rounds, shortlist, group, min_gain) -> t
         pick = (lambda t: t) if full else (lambda t: t[active])
         wa, ka, ga, sa = pick(w), pick(keep), pick(g), pick(s)
         if group is None:
-            S, used, delta, gain = _round_unstructured(wa, ka, ga, sa, hflat, n, shortlist)
+            S, moved, delta, gain = _round_unstructured(wa, ka, ga, sa, hflat, n, shortlist)
         else:
-            S, used, delta, gain = _round_groups(wa, ka, ga, sa, h, hflat, n, shortlist, group)
-        changed = delta.ne(0).any(1)
+            S, moved, delta, gain = _round_groups(wa, ka, ga, sa, h, hflat, n, shortlist, group)
+        changed = moved.any(1)
         if not changed.any():
             break
         rc = changed.nonzero().squeeze(1)
-        used = delta.ne(0)
         rows = active[rc]
-        Sc, uc, dc = S[rc], used[rc], delta[rc]
+        Sc, uc, dc = S[rc], moved[rc], delta[rc]
         L = S.shape[1] // 2
         flat = keep.view(-1)
         at = rows.unsqueeze(1) * n + Sc
@@ -130,7 +131,7 @@ def _round_unstructured(wa, ka, ga, sa, hflat, n, shortlist, pairs=16):
     k = min(shortlist, wa.shape[1])
     t = wa * ga
     t.mul_(2)
-    qi = torch.where(ka, _INF, sa - t).topk(k, 1, largest=False).indices  # cheapest revivals
+    qi = torch.where(ka | (wa == 0), _INF, sa - t).topk(k, 1, largest=False).indices  # cheapest revivals
     pi = torch.where(ka, sa + t, _INF).topk(k, 1, largest=False).indices  # cheapest prunings
     del t
     S = torch.cat([qi, pi], 1)
@@ -138,7 +139,8 @@ def _round_unstructured(wa, ka, ga, sa, hflat, n, shortlist, pairs=16):
     wS, gl, sS = wa.gather(1, S), ga.gather(1, S), sa.gather(1, S)
     delta = torch.zeros_like(wS)
     # a row with fewer than k pruned (or kept) weights fills its list with others: never candidates
-    used = torch.cat([ka.gather(1, qi), ~ka.gather(1, pi)], 1)
+    used = torch.cat([ka.gather(1, qi) | (wa.gather(1, qi) == 0), ~ka.gather(1, pi)], 1)
+    moved = torch.zeros_like(used)
     live = torch.ones(R, dtype=torch.bool, device=wa.device)
     tol = 1e-9 * (wa * ga).abs().sum(1).clamp_min(1e-30)
     rr = torch.arange(R, device=wa.device)
@@ -164,9 +166,11 @@ def _round_unstructured(wa, ka, ga, sa, hflat, n, shortlist, pairs=16):
         delta[r, pb[r]] = dp[r]
         used[r, qa[r]] = True
         used[r, pb[r]] = True
+        moved[r, qa[r]] = True
+        moved[r, pb[r]] = True
         gain += torch.where(ok, change, 0.0)
         live &= ok
-    return S, used, delta, gain
+    return S, moved, delta, gain
 
 
 def _round_groups(wa, ka, ga, sa, h, hflat, n, shortlist, m):
@@ -177,7 +181,7 @@ def _round_groups(wa, ka, ga, sa, h, hflat, n, shortlist, m):
     G = n // m
     t = wa * ga
     t.mul_(2)
-    rev = torch.where(ka, _INF, sa - t).view(R, G, m)
+    rev = torch.where(ka | (wa == 0), _INF, sa - t).view(R, G, m)
     pru = torch.where(ka, sa + t, _INF).view(R, G, m)
     del t
     blocks = h.view(G, m, G, m).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (G, m, m): H within each group

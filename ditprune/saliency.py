@@ -6,13 +6,9 @@ over N calibration tokens; ``gram`` is H = X X^T / N. Higher score = more worth 
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
-
 import torch
 
-from .refine import row_output_error
-
-__all__ = ["magnitude", "wanda", "ria", "energy_balanced", "balanced_mask", "sample_rows"]
+__all__ = ["magnitude", "wanda", "ria", "energy_balanced", "sample_rows"]
 
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -61,45 +57,3 @@ def sample_rows(labels: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor | N
         take = min(len(rows), max(8, round(n * len(rows) / out)))
         picked.append(rows[torch.randperm(len(rows), generator=g)[:take]])
     return torch.cat(picked).sort().values
-
-
-def balanced_mask(
-    weight: torch.Tensor,
-    energy: torch.Tensor,
-    gram: torch.Tensor,
-    labels: torch.Tensor,
-    alphas: Sequence[float],
-    groupings: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]],
-    refine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    sample: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, list[dict]]:
-    """Error-guided balance. Each candidate (alpha, grouping) is masked, refined (``refine``) and
-    judged by the output energy it removes on ``gram``'s tokens, tr(dW H dW^T), on the ``sample``
-    rows (None: all); each cluster of rows (``labels``) takes the candidate with the least error
-    on its rows. A grouping is ``fn(scores, labels) -> keep`` over the rows it is given, so on a
-    sample each cluster's sampled rows form its pool and every candidate prunes the same count.
-
-    Returns (the chosen candidates' masks on all rows, *before* refinement; per cluster
-    ``{"cluster", "rows", "alpha", "grouping", "error"}``, error being the judged one).
-    """
-    rows = torch.arange(weight.shape[0]) if sample is None else sample
-    w_s, lab_s = weight[rows.to(weight.device)], labels[rows]
-    clusters = labels.unique().tolist()
-    best: dict[int, tuple[float, tuple[float, str]]] = {c: (float("inf"), (0.5, next(iter(groupings)))) for c in clusters}
-    for alpha in alphas:
-        scores = energy_balanced(w_s, energy, alpha)
-        for name, fn in groupings.items():
-            err = row_output_error(w_s, refine(w_s, fn(scores, lab_s.to(scores.device))), gram).cpu()
-            for c in clusters:
-                e = float(err[lab_s == c].sum())
-                if e < best[c][0]:
-                    best[c] = (e, (alpha, name))
-    keep = torch.ones_like(weight, dtype=torch.bool)
-    choices = []
-    for c in clusters:
-        error, (alpha, name) = best[c]
-        rc = labels == c
-        rd = rc.to(weight.device)
-        keep[rd] = groupings[name](energy_balanced(weight[rd], energy, alpha), labels[rc].to(weight.device))
-        choices.append({"cluster": c, "rows": int(rc.sum()), "alpha": alpha, "grouping": name, "error": error})
-    return keep, choices

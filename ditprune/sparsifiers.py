@@ -24,11 +24,12 @@ from torch import nn
 from torch.ao.pruning import BaseSparsifier
 from torch.nn.utils import parametrize
 
+from . import ditmask as D
 from . import granularity as G
-from .errors import InputError
 from . import saliency
-from .refine import refine_mask, row_output_error
-from .sparsegpt import obs_prune, polish as polish_weights
+from .errors import InputError
+from .refine import refine_mask
+from .sparsegpt import obs_prune
 from .stats import InputStats, observe
 
 __all__ = [
@@ -258,13 +259,18 @@ class DiTPruningSparsifier(SaliencySparsifier):
     3. The chosen mask gets ``refine`` rounds of the swap search
        (:func:`ditprune.refine.refine_mask`: in each row the ``shortlist`` cheapest revivals and
        prunings, swapped pairwise with exact cross terms while the row's error falls).
-    4. Few tokens (a layer that saw fewer than 16 tokens per input, e.g. adaLN): the search is
-       also fitted on 3/4 of the tokens and judged on the held-out rest; a cluster whose search
-       does not beat the plain mask (Wanda's) there keeps the plain mask. With fewer than 4
-       tokens nothing is fitted: Wanda's mask.
+    4. Few tokens (a layer that saw fewer than 16 tokens per input, e.g. adaLN): about one token
+       in 4 is held out (by a hash of its content, so shards agree); the alpha/grouping choice
+       and the search are fitted on the other tokens and judged on the held-out ones alone; a
+       cluster whose searched mask does not beat Wanda's per-row mask there gets Wanda's per-row
+       mask (exactly ``method="wanda"``'s rows). When no token is held out, or none is left to fit
+       on: Wanda's mask for the whole layer.
     5. ``reconstruct=True``: the kept weights are updated (OBS for the ``dit`` mask, then a
-       least-squares ``polish``), against SparseGPT's own mask and update polished the same way;
-       the one that loses less output energy wins per layer (per row for N:M).
+       conjugate-gradient ``polish`` of the least-squares fit), against SparseGPT's own mask and
+       update polished the same way; the one that loses less output energy wins per layer (per
+       row for N:M). With few tokens the candidates, and no update at all, are fitted on the
+       sampled rows without the held-out tokens and judged per layer on those tokens alone.
+       The choice logic lives in :mod:`ditprune.ditmask` (pure functions).
 
     ``method: dit``, ``sparsity: 0.5``, ``alpha: auto``, ``alphas: [0.3, 0.4, 0.5]``,
     ``granularity: clusters``, ``max_clusters: 6``, ``refine: 8``, ``shortlist: 12``,
@@ -318,144 +324,70 @@ class DiTPruningSparsifier(SaliencySparsifier):
     def compute_mask(self, weight, stats, *, sparsity, nm, granularity, alpha, alphas, max_clusters, refine,
                      shortlist, sample_rows, damp, reconstruct, polish, holdout, seed, **options):
         energy = stats.energy
-        held = stats.holdout() if self.needs_gram and holdout else None
-        blind = self.needs_gram and holdout and stats.few_tokens and held is None  # too few tokens to judge anything
-        if blind:  # Wanda's mask: nothing fitted to tokens it cannot check
-            refine, reconstruct, alpha, granularity = 0, False, 0.5, "row"
-        # few tokens: fit on most of them, judge on the held-out rest (see ditprune.stats)
-        fit, judge = held if held is not None else (None, None)
-        if granularity == "clusters":
-            labels = G.cluster_rows(G.row_features(weight, energy), max_clusters, seed)
-        else:
-            labels = torch.zeros(weight.shape[0], dtype=torch.long)
-        if nm is not None:
-            groupings = {"nm": lambda s, lab: G.nm_mask(s, *nm)}
-        elif granularity == "row":
-            groupings = {"row": lambda s, lab: G.row_mask(s, sparsity)}
-        else:  # layer: one pool; clusters: one pool per cluster, or per row where that is better
-            groupings = {"pooled": lambda s, lab: G.pooled_mask(s, lab, sparsity)}
-            if granularity == "clusters":
-                groupings["row"] = lambda s, lab: G.row_mask(s, sparsity)
-        group = nm[1] if nm is not None else None
+        plain = lambda w: D.plain_mask(w, energy, sparsity, nm)  # noqa: E731
+        few = self.needs_gram and holdout and stats.few_tokens
+        held = stats.holdout() if few else None
+        if few and held is None:  # too few tokens to judge anything on: nothing is fitted to them
+            return plain(weight), None, {"search": f"skipped: {stats.count} calibration tokens, none to judge on"}
+        # few tokens: fit on the others, judge on the held-out ones (see ditprune.ditmask)
+        gram = stats.gram if self.needs_gram else None
+        fit, judge = held if held is not None else (gram, gram)
+        fit_energy = torch.diagonal(fit) if held is not None else energy
+        plain_fit = lambda w: D.plain_mask(w, fit_energy, sparsity, nm)  # noqa: E731
         swaps = []
 
-        def search(w, keep, rounds, gram):
-            if not rounds:
-                return keep
-            keep, found = refine_mask(w, keep, gram, rounds, shortlist, group)
-            swaps.append(found["swaps"])
-            return keep
+        def search(h, rounds):
+            if damp and h is not None:
+                h = h + damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], device=h.device)
 
-        full = stats.gram if self.needs_gram else None
-        if full is not None and damp:
-            full = full + damp * torch.diagonal(full).mean() * torch.eye(full.shape[0], device=full.device)
-        sample = saliency.sample_rows(labels, sample_rows, seed)
-        if alpha == "auto":
-            judge_rounds = refine if sample is None else (max(1, refine // 4) if refine else 0)
-            start, choice = saliency.balanced_mask(weight, energy, stats.gram if full is not None else None, labels,
-                                                   alphas, groupings, lambda w, k: search(w, k, judge_rounds, full),
-                                                   sample)
-            plain = lambda rows: next(iter(groupings.values()))(saliency.wanda(weight[rows], energy),  # noqa: E731
-                                                                labels[rows.cpu()].to(weight.device))
+            def run(w, keep):
+                if not rounds:
+                    return keep
+                keep, found = refine_mask(w, keep, h, rounds, shortlist, nm[1] if nm is not None else None)
+                swaps.append(found["swaps"])
+                return keep
+            return run
+
+        if granularity == "clusters":
+            labels = G.cluster_rows(G.row_features(weight, fit_energy), max_clusters, seed)
         else:
-            name, fn = next(iter(groupings.items()))
-            start = fn(saliency.energy_balanced(weight, energy, alpha), labels.to(weight.device))
-            plain = lambda rows: start[rows]  # noqa: E731
-            choice = [{"cluster": int(c), "rows": int((labels == c).sum()), "alpha": alpha, "grouping": name}
-                      for c in labels.unique()]
-        if held is not None and refine:
-            start = self._fall_back(weight, start, plain, fit, judge, labels, choice, sample,
-                                    lambda w, k: search(w, k, refine, fit))
+            labels = torch.zeros(weight.shape[0], dtype=torch.long)
+        groups = D.groupings(sparsity, nm, granularity)
+        sample = saliency.sample_rows(labels, sample_rows, seed)
+        rows = torch.arange(weight.shape[0]) if sample is None else sample
+        w_s, lab_s = weight[rows.to(weight.device)], labels[rows]
+        if alpha == "auto":  # on a sample each candidate gets a quarter of the rounds
+            rounds = refine if sample is None else (max(1, refine // 4) if refine else 0)
+            choice = D.choose(w_s, fit_energy, lab_s, alphas, groups, search(fit, rounds), judge)
+        else:
+            choice = [{"cluster": c, "alpha": alpha, "grouping": next(iter(groups))} for c in labels.unique().tolist()]
+        fitted = None
+        if held is not None:  # the search, fitted without the held-out tokens, must beat Wanda's mask on them
+            fitted = search(fit, refine)(w_s, D.build(w_s, fit_energy, lab_s, choice, groups, plain_fit))
+            D.fall_back(w_s, fitted, plain_fit(w_s), lab_s, choice, judge)
+            fitted = torch.where(_rows_of(lab_s, choice, fallback=True).to(weight.device).unsqueeze(1),
+                                 plain_fit(w_s), fitted)
         swaps.clear()  # count the swaps of the mask that is kept
-        searched = torch.tensor([c.get("fallback") is None for c in choice])
-        keep = start
-        if refine and searched.any():
-            rows = torch.isin(labels, torch.tensor([c["cluster"] for c in choice])[searched]).to(weight.device)
-            keep = start.clone()
-            keep[rows] = search(weight[rows], start[rows], refine, full)  # all tokens: the final mask
+        keep = D.build(weight, energy, labels, choice, groups, plain)
+        searched = _rows_of(labels, choice, fallback=False).to(weight.device)
+        if refine and searched.any():  # all tokens: the final mask
+            keep[searched] = search(gram, refine)(weight[searched], keep[searched])
         for c in choice:
-            c.pop("error", None)
+            c["rows"] = int((labels == c["cluster"]).sum())
         info = {"clusters": choice, "swaps": sum(swaps)}
         if held is not None:
             info["held_out_tokens"] = stats.held_count
-        if blind:
-            info["search"] = f"skipped: {stats.count} calibration tokens, none to judge on"
-        if reconstruct:
-            return self._reconstruct(weight, keep, stats, held, sparsity, nm, polish, info)
-        return keep, None, info
-
-    @staticmethod
-    def _reconstruct(weight, keep, stats, held, sparsity, nm, iters, info):
-        """The kept weights, updated: OBS for the ``dit`` mask, then a least-squares polish; against
-        SparseGPT's own mask and update, polished the same way. The one that loses less output
-        energy wins per layer (per row for N:M, where every row keeps the same count). With few
-        tokens the choice, including not updating at all, is judged on held-out tokens and the
-        winner fitted again on all of them."""
-
-        def candidates(gram):
-            dit_w, _, used = obs_prune(weight, gram, prune_mask=~keep)
-            sgpt_w, sgpt_keep, used2 = obs_prune(weight, gram, sparsity, nm)
-            if iters:
-                dit_w = polish_weights(weight, dit_w, keep, gram, iters)
-                sgpt_w = polish_weights(weight, sgpt_w, sgpt_keep, gram, iters)
-            return {"dit": (dit_w, keep), "sparsegpt": (sgpt_w, sgpt_keep)}, max(used, used2)
-
-        fit, judge = held if held is not None else (stats.gram, stats.gram)
-        options, used = candidates(fit)
-        if held is not None:
-            options["none"] = (weight, keep)
-        lost = {k: _removed_rows(weight, w, m, judge) for k, (w, m) in options.items()}
-        if nm is not None:  # per row
-            names = list(options)
-            pick = torch.stack([lost[k] for k in names]).argmin(0)
-            chosen = {k: int((pick == i).sum()) for i, k in enumerate(names)}
-        else:
-            best = min(options, key=lambda k: float(lost[k].sum()))
-            pick, names, chosen = None, [best], {best: weight.shape[0]}
-        if held is not None:
-            if set(chosen) == {"none"}:
-                info["reconstruct"] = "skipped: no gain on held-out tokens"
-                return keep, None, info
-            options, used = candidates(stats.gram)
-            options["none"] = (weight, keep)
-        if pick is None:
-            new_w, new_keep = options[names[0]]
-        else:
-            rows = pick.to(weight.device).unsqueeze(1)
-            new_w = torch.zeros_like(weight)
-            new_keep = torch.zeros_like(keep)
-            for i, k in enumerate(names):
-                new_w = torch.where(rows == i, options[k][0].to(weight.dtype), new_w)
-                new_keep = torch.where(rows == i, options[k][1], new_keep)
-        info["reconstruct"] = {k: v for k, v in chosen.items() if v}
-        if used != 0.01:
-            info["percdamp"] = used
-        return new_keep, new_w * new_keep, info
-
-    @staticmethod
-    def _fall_back(weight, start, plain, fit, judge, labels, choice, sample, search):
-        """Few tokens: a cluster is searched only if the search, fitted on most of the tokens,
-        leaves less error on the held-out tokens than the plain mask (Wanda's for alpha="auto")
-        does, on the judged rows; otherwise it keeps the plain mask."""
-        rows = torch.arange(weight.shape[0]) if sample is None else sample
-        rd = rows.to(weight.device)
-        searched = row_output_error(weight[rd], search(weight[rd], start[rd]), judge).cpu()
-        # the plain mask's pools are the judged rows of each cluster, as for the candidates
-        simple = row_output_error(weight[rd], plain(rd), judge).cpu()
-        start = start.clone()
-        for c in choice:
-            mine = labels[rows] == c["cluster"]
-            if float(simple[mine].sum()) <= float(searched[mine].sum()):
-                cluster = (labels == c["cluster"]).to(start.device)
-                start[cluster] = plain(cluster.nonzero().squeeze(1))
-                c["fallback"] = "plain mask (held-out tokens)"
-        return start
+        if not reconstruct:
+            return keep, None, info
+        keep, new_weight, extra = D.reconstruct(weight, keep, gram, sparsity, nm, polish,
+                                                None if held is None else (rows, fitted, *held))
+        return keep, new_weight, {**info, **extra}
 
 
-def _removed_rows(weight, new_weight, keep, gram) -> torch.Tensor:
-    """Per row, the output energy lost on ``gram``'s tokens when ``weight`` becomes ``new_weight * keep``."""
-    d = weight.float() - new_weight.float() * keep
-    return ((d @ gram.float()) * d).sum(1).cpu()
+def _rows_of(labels: torch.Tensor, choice: list[dict], fallback: bool) -> torch.Tensor:
+    """(rows,) bool: the rows of the clusters that fell back to the plain mask (or did not)."""
+    chosen = [c["cluster"] for c in choice if bool(c.get("fallback")) == fallback]
+    return torch.isin(labels, torch.tensor(chosen, dtype=labels.dtype))
 
 
 METHODS: dict[str, type[SaliencySparsifier]] = {

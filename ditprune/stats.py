@@ -10,8 +10,11 @@ methods that need it (SparseGPT, the ``dit`` method's error-guided search).
 - **Padding.** Layers that read encoder tokens (PixArt's and Sana's cross-attention keys and
   values) skip the tokens that the block's ``encoder_attention_mask`` removes.
 - **Held-out tokens.** While a layer has seen fewer than ``HOLDOUT_BELOW`` tokens per input,
-  every 4th token also goes into a held-out Gram matrix, so that a method can judge what it
-  fitted on the other tokens; the held-out matrix is freed once the layer has enough tokens.
+  about one token in ``HOLDOUT_EVERY`` also goes into a held-out Gram matrix, so that a method
+  can judge what it fitted on the other tokens; the held-out matrix is freed once the layer has
+  enough tokens. Which tokens are held out is decided by a hash of each token's content
+  (:func:`held_out`), never by arrival order: a token is held out whichever process, batch or
+  position it comes in, so N processes on shards hold out what one process on their union does.
 """
 
 from __future__ import annotations
@@ -28,10 +31,28 @@ from torch import nn
 from .errors import InputError
 
 __all__ = ["InputStats", "NonFiniteActivationError", "HookOwner", "observe", "token_weight", "HOLDOUT_BELOW",
-           "HOLDOUT_EVERY"]
+           "HOLDOUT_EVERY", "held_out"]
 
 HOLDOUT_BELOW = 16  # tokens per input below which held-out statistics are kept
-HOLDOUT_EVERY = 4  # every 4th token is held out
+HOLDOUT_EVERY = 4  # about one token in 4 is held out
+_PRIME = 2147483647  # 2^31 - 1
+
+
+def _coefficients(n: int, device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0x5EED)
+    return torch.randint(1, _PRIME, (n,), generator=g, dtype=torch.int64).to(device)
+
+
+def held_out(x: torch.Tensor) -> torch.Tensor:
+    """(T,) bool: the tokens of ``x`` (T, in), float32, that are held out, about one in
+    ``HOLDOUT_EVERY``, by a seeded linear hash of each token's sign, exponent and 3 leading
+    mantissa bits (so a last-bit difference between two processes' arithmetic moves a token
+    about once in 2^20 values)."""
+    bits = (x.contiguous().view(torch.int32) >> 20).to(torch.int64)  # in [-2048, 2048)
+    h = torch.remainder((bits * _coefficients(x.shape[1], x.device)).sum(1), _PRIME)  # < 2^55 before the mod
+    for _ in range(2):  # Lehmer steps mix the low bits
+        h = torch.remainder(h * 48271, _PRIME)
+    return torch.remainder(h >> 8, HOLDOUT_EVERY) == HOLDOUT_EVERY - 1
 
 
 _WEIGHT = contextvars.ContextVar("ditprune_token_weight", default=1.0)
@@ -79,6 +100,7 @@ class InputStats:
         if valid is not None:
             x = x[valid.to(x.device)]
         x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+        held = held_out(x) if self.held_sum is not None else None
         weight = _WEIGHT.get()
         if weight != 1.0:
             x = x * weight**0.5  # every second-order statistic scales by the weight
@@ -92,8 +114,7 @@ class InputStats:
         if self.gram_sum is not None:
             self.gram_sum += (x.T @ x).to(self.gram_sum.device)
             if self.held_sum is not None:
-                index = self.count + torch.arange(x.shape[0], device=x.device)
-                held = x[index % HOLDOUT_EVERY == HOLDOUT_EVERY - 1]
+                held = x[held]
                 self.held_sum += (held.T @ held).to(self.held_sum.device)
                 self.held_count += held.shape[0]
                 self.held_weight += weight * held.shape[0]
@@ -134,8 +155,8 @@ class InputStats:
 
     def holdout(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(H of the fit tokens, H of the held-out tokens) of a layer with :attr:`few_tokens`;
-        None when it has none held out (fewer than ``HOLDOUT_EVERY`` tokens) or enough tokens."""
-        if self.held_sum is None or self.held_count == 0:
+        None when it has enough tokens, or none held out, or none left to fit on."""
+        if self.held_sum is None or self.held_count == 0 or self.held_count == self.count:
             return None
         fit = (self.gram_sum - self.held_sum) / (self.weight_sum - self.held_weight)
         return fit, self.held_sum / self.held_weight

@@ -2,8 +2,10 @@
 relaunches this file once per rank. Each rank writes its masks, its weights after training and
 the calibration batches it saw to OUT/rank{r}.safetensors.
 
-    python tests/ddp_worker.py OUT METHOD
+    python tests/ddp_worker.py OUT METHOD [OPTIONS_JSON]
 """
+
+import json
 
 import sys
 from pathlib import Path
@@ -23,10 +25,10 @@ class Recording(DiTPruning):
         return self.seen
 
 
-def main(out: Path, method: str) -> None:
+def main(out: Path, method: str, options: dict) -> None:
     torch.manual_seed(0)
     module = ReferenceRecovery(load("dit"), lr=3e-4, seed=0)
-    callback = Recording(method, sparsity=0.5, calibration_batches=2)
+    callback = Recording(method, sparsity=0.5, calibration_batches=2, **options)
     trainer = Trainer(max_steps=3, callbacks=[callback], accelerator="cpu", devices=2, strategy="ddp", logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, reference_dataloader(16))
@@ -38,4 +40,4 @@ def main(out: Path, method: str) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2])
+    main(Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3]) if len(sys.argv) > 3 else {})

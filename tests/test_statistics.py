@@ -92,14 +92,35 @@ def test_padding_does_not_reach_the_statistics(family):
     assert ignored[kv[0]].count > clean[kv[0]].count  # without the mask the padding is counted
 
 
-def test_few_tokens_are_held_out_and_freed_when_enough():
-    s = InputStats("x", 8, need_gram=True)
-    s.update(torch.randn(10, 8))
-    assert s.few_tokens and s.held_count == 2  # tokens 3 and 7
-    fit, held = s.holdout()
-    assert fit.shape == held.shape == (8, 8)
+def test_held_out_tokens_depend_on_content_not_order_or_batching():
+    """Which tokens are held out is a function of each token alone: the same tokens, shuffled and
+    cut into other batches (as shards of several processes would be), give the same split."""
+    torch.manual_seed(0)
+    x = torch.randn(40, 8)
+    h = S.held_out(x)
+    assert 4 <= int(h.sum()) <= 20
+    expected_fit = x[~h].T @ x[~h] / int((~h).sum())
+    expected_held = x[h].T @ x[h] / int(h.sum())
+    whole, parts = InputStats("x", 8, need_gram=True), InputStats("x", 8, need_gram=True)
+    whole.update(x)
+    for part in x[torch.randperm(40)].split([3, 17, 20]):
+        parts.update(part)
+    for s in (whole, parts):
+        assert s.few_tokens and s.held_count == int(h.sum())
+        fit, held = s.holdout()
+        torch.testing.assert_close(fit, expected_fit)
+        torch.testing.assert_close(held, expected_held)
+    s = whole
     s.update(torch.randn(200, 8))
-    assert not s.few_tokens and s.holdout() is None and s.held_sum is None  # 210 >= 16 x 8
+    assert not s.few_tokens and s.holdout() is None and s.held_sum is None  # 240 >= 16 x 8
+    share = float(S.held_out(torch.randn(20000, 64)).float().mean())
+    assert 0.23 < share < 0.27  # about one token in HOLDOUT_EVERY
+
+
+def test_no_split_when_nothing_is_held_out_or_nothing_is_left():
+    s = InputStats("x", 8, need_gram=True)
+    s.update(torch.zeros(5, 8))  # five equal tokens hash alike: all held out or none
+    assert s.few_tokens and s.holdout() is None
 
 
 def test_token_weights_scale_every_statistic():

@@ -1,0 +1,158 @@
+"""The decisions of the ``dit`` method, as pure functions: tensors in, tensors out.
+
+A *choice* is, per cluster of rows, the (alpha, grouping) whose mask is built for that cluster
+(``{"cluster", "rows", "alpha", "grouping"}``, plus ``"fallback"`` where the cluster takes the
+plain mask). A *grouping* is ``fn(scores, labels) -> keep`` over the rows it is given.
+
+Every decision takes two Gram matrices: ``fit`` (what masks are searched and weights updated
+on) and ``judge`` (what they are compared on). With enough tokens both are the layer's H; with
+few tokens (see :mod:`ditprune.stats`) ``fit`` leaves out the held-out tokens and ``judge`` is
+those tokens alone, so nothing is judged on the tokens it was fitted to.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from . import granularity as G
+from .refine import row_output_error
+from .saliency import energy_balanced, wanda
+from .sparsegpt import obs_prune, polish
+
+__all__ = ["groupings", "plain_mask", "choose", "build", "fall_back", "removed_rows", "reconstruct"]
+
+Grouping = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Search = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (weight rows, keep) -> better keep
+
+
+def groupings(sparsity: float, nm, granularity: str) -> dict[str, Grouping]:
+    """The groupings a ``dit`` candidate may use: N:M; per row; or (layer, clusters) one pool per
+    cluster, and for clusters also per row."""
+    if nm is not None:
+        return {"nm": lambda s, lab: G.nm_mask(s, *nm)}
+    if granularity == "row":
+        return {"row": lambda s, lab: G.row_mask(s, sparsity)}
+    out = {"pooled": lambda s, lab: G.pooled_mask(s, lab, sparsity)}
+    if granularity == "clusters":
+        out["row"] = lambda s, lab: G.row_mask(s, sparsity)
+    return out
+
+
+def plain_mask(weight: torch.Tensor, energy: torch.Tensor, sparsity: float, nm) -> torch.Tensor:
+    """Wanda's mask: per row (N:M: per group), exactly what ``method="wanda"`` gives."""
+    scores = wanda(weight, energy)
+    return G.nm_mask(scores, *nm) if nm is not None else G.row_mask(scores, sparsity)
+
+
+def build(weight: torch.Tensor, energy: torch.Tensor, labels: torch.Tensor, choice: list[dict],
+          groups: dict[str, Grouping], plain: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The keep mask of ``weight``'s rows (any subset of a layer's rows, ``labels`` theirs): each
+    cluster's rows masked with its chosen (alpha, grouping), pooled over the rows given, or the
+    plain mask ``plain(weight_rows)`` where the choice says ``fallback``."""
+    keep = torch.ones_like(weight, dtype=torch.bool)
+    for c in choice:
+        rows = (labels == c["cluster"]).to(weight.device)
+        if not rows.any():
+            continue
+        if c.get("fallback"):
+            keep[rows] = plain(weight[rows])
+        else:
+            scores = energy_balanced(weight[rows], energy, c["alpha"])
+            keep[rows] = groups[c["grouping"]](scores, labels[rows.cpu()].to(weight.device))
+    return keep
+
+
+def choose(weight: torch.Tensor, energy: torch.Tensor, labels: torch.Tensor, alphas, groups: dict[str, Grouping],
+           search: Search, judge: torch.Tensor) -> list[dict]:
+    """Error-guided balance on the rows given: every (alpha, grouping) candidate is masked with
+    ``energy``, improved by ``search`` and judged by the output energy it removes on ``judge``,
+    tr(dW H dW^T); each cluster takes the candidate with the least error on its rows."""
+    clusters = labels.unique().tolist()
+    best = {c: (float("inf"), alphas[0], next(iter(groups))) for c in clusters}
+    lab = labels.to(weight.device)
+    for alpha in alphas:
+        scores = energy_balanced(weight, energy, alpha)
+        for name, fn in groups.items():
+            err = row_output_error(weight, search(weight, fn(scores, lab)), judge).cpu()
+            for c in clusters:
+                e = float(err[labels == c].sum())
+                if e < best[c][0]:
+                    best[c] = (e, alpha, name)
+    return [{"cluster": c, "alpha": a, "grouping": g} for c, (_, a, g) in best.items()]
+
+
+def fall_back(weight: torch.Tensor, searched: torch.Tensor, plain: torch.Tensor, labels: torch.Tensor,
+              choice: list[dict], judge: torch.Tensor) -> None:
+    """Marks ``fallback`` on every cluster whose ``searched`` mask does not remove less output
+    energy on ``judge`` (the held-out tokens) than the ``plain`` mask, on the rows given."""
+    mine = row_output_error(weight, searched, judge).cpu()
+    theirs = row_output_error(weight, plain, judge).cpu()
+    for c in choice:
+        rows = labels == c["cluster"]
+        if float(theirs[rows].sum()) <= float(mine[rows].sum()):
+            c["fallback"] = "plain mask (held-out tokens)"
+
+
+def removed_rows(weight: torch.Tensor, new_weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """Per row, the output energy lost on ``gram``'s tokens when ``weight`` becomes ``new_weight * keep``."""
+    d = weight.float() - new_weight.float() * keep
+    return ((d @ gram.float()) * d).sum(1).cpu()
+
+
+def _updates(weight, keep, gram, sparsity, nm, iters, which=("dit", "sparsegpt")) -> tuple[dict, float]:
+    """The reconstruction candidates named in ``which``: the OBS update of the ``dit`` mask, and
+    SparseGPT's own mask and update, each then polished by ``iters`` conjugate-gradient steps on
+    the damped H. Returns ({name: (weight, keep)}, the largest percdamp used)."""
+    out, used = {}, 0.0
+    for name in which:
+        w, k, damp = (obs_prune(weight, gram, prune_mask=~keep) if name == "dit" else
+                      obs_prune(weight, gram, sparsity, nm))
+        k = keep if name == "dit" else k
+        out[name] = (polish(weight, w, k, gram, iters) if iters else w, k)
+        used = max(used, damp)
+    return out, used
+
+
+def reconstruct(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor, sparsity: float, nm, iters: int,
+                held: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """(keep mask, updated weight or None, info). Candidates: the ``dit`` mask with its OBS update,
+    SparseGPT's mask and update (both polished). With enough tokens the one that loses less
+    output energy on ``gram`` wins per layer (per row for N:M, where every row keeps the same
+    count). With few tokens, ``held`` = (row indices, their ``dit`` mask fitted without the held-out
+    tokens, H of the fit tokens, H of the held-out tokens): every candidate, and leaving the
+    weights as they are, is fitted on those rows and fit tokens and judged on the held-out tokens
+    alone, per layer; the winner is then fitted again on all rows and all tokens."""
+    info: dict = {}
+    if held is None:
+        options, used = _updates(weight, keep, gram, sparsity, nm, iters)
+        lost = {k: removed_rows(weight, w, m, gram) for k, (w, m) in options.items()}
+        names = list(options)
+        if nm is not None:
+            pick = torch.stack([lost[k] for k in names]).argmin(0)
+        else:
+            best = min(names, key=lambda k: float(lost[k].sum()))
+            pick = torch.full((weight.shape[0],), names.index(best))
+    else:
+        rows, keep_rows, fit, judge = held
+        w_rows = weight[rows.to(weight.device)]
+        trial, _ = _updates(w_rows, keep_rows, fit, sparsity, nm, iters)
+        trial["none"] = (w_rows, keep_rows)
+        best = min(trial, key=lambda k: float(removed_rows(w_rows, *trial[k], judge).sum()))
+        if best == "none":
+            return keep, None, {"reconstruct": "skipped: no gain on held-out tokens"}
+        options, used = _updates(weight, keep, gram, sparsity, nm, iters, which=(best,))
+        names = [best]
+        pick = torch.zeros(weight.shape[0], dtype=torch.long)
+    sel = pick.to(weight.device).unsqueeze(1)
+    new_w = torch.zeros_like(weight)
+    new_keep = torch.zeros_like(keep)
+    for i, k in enumerate(names):
+        new_w = torch.where(sel == i, options[k][0].to(weight.dtype), new_w)
+        new_keep = torch.where(sel == i, options[k][1], new_keep)
+    info["reconstruct"] = {k: int((pick == i).sum()) for i, k in enumerate(names) if (pick == i).any()}
+    if used != 0.01:
+        info["percdamp"] = used
+    return new_keep, new_w * new_keep, info
