@@ -104,11 +104,13 @@ def removed_rows(weight: torch.Tensor, new_weight: torch.Tensor, keep: torch.Ten
 def _updates(weight, keep, gram, sparsity, nm, iters, which=("dit", "sparsegpt")) -> tuple[dict, float]:
     """The reconstruction candidates named in ``which``: the OBS update of the ``dit`` mask, and
     SparseGPT's own mask and update, each then polished by ``iters`` conjugate-gradient steps on
-    the damped H. Returns ({name: (weight, keep)}, the largest percdamp used)."""
+    the damped H, all in float64 (an update solves a linear system in a near-singular H: float32
+    turned 1e-7 of summation-order noise into 1e-2 changes of the weights). Returns
+    ({name: (weight, keep)}, the largest percdamp used)."""
     out, used = {}, 0.0
     for name in which:
-        w, k, damp = (obs_prune(weight, gram, prune_mask=~keep) if name == "dit" else
-                      obs_prune(weight, gram, sparsity, nm))
+        w, k, damp = (obs_prune(weight, gram, prune_mask=~keep, dtype=torch.float64) if name == "dit" else
+                      obs_prune(weight, gram, sparsity, nm, dtype=torch.float64))
         k = keep if name == "dit" else k
         out[name] = (polish(weight, w, k, gram, iters) if iters else w, k)
         used = max(used, damp)

@@ -56,10 +56,13 @@ def obs_prune(
     prune_mask: torch.Tensor | None = None,
     blocksize: int = 128,
     percdamp: float = 0.01,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Returns (updated weight in ``weight``'s dtype, keep mask, percdamp used). Math runs in float32."""
-    W = weight.detach().float().clone()
-    H = gram.detach().float().clone().to(W.device)
+    """Returns (updated weight in ``weight``'s dtype, keep mask, percdamp used). Math runs in
+    ``dtype``: float32 as the reference (``method="sparsegpt"``); the ``dit`` reconstruction asks
+    float64, so that summation-order noise in H (several processes) does not move the weights."""
+    W = weight.detach().to(dtype).clone()
+    H = gram.detach().to(dtype).clone().to(W.device)
     rows, cols = W.shape
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0

@@ -15,7 +15,6 @@ import torch
 from safetensors.torch import load_file
 
 import ditprune
-from ditprune.refine import row_output_error
 from ditprune.reference import load
 from ditprune.stats import observe
 
@@ -39,15 +38,18 @@ def _batches(d):
     return [_group(d, f"batch{i}/") for i in range(n)]
 
 
-def removed_energy(dense, masks, batches):
-    """sum over layers of tr(dW H dW^T), H from the dense model's inputs on ``batches``: one yardstick
-    for two sets of masks."""
-    layers = {k[: -len(".weight")]: dense.get_submodule(k[: -len(".weight")]) for k in masks}
+def removed_energy(dense, pruned, batches):
+    """sum over layers of tr(dW H dW^T), dW = dense - pruned weights (masked, and updated where the
+    method updates), H from the dense model's inputs on ``batches``: one yardstick for two runs."""
+    layers = {k[: -len(".weight")]: dense.get_submodule(k[: -len(".weight")]) for k in pruned}
     with observe(layers, need_gram=True, share=False) as stats, torch.no_grad():
         for b in batches:
             dense(**b)
-    return sum(float(row_output_error(layers[n].weight.detach(), masks[f"{n}.weight"].bool(), stats[n].gram).sum())
-               for n in layers)
+    total = 0.0
+    for n, layer in layers.items():
+        d = (layer.weight.detach() - pruned[f"{n}.weight"]).double()
+        total += float(((d @ stats[n].gram.double()) * d).sum())
+    return total
 
 
 @pytest.mark.parametrize("options", [{"refine": 2}, {"refine": 2, "reconstruct": True}], ids=["dit", "dit+obs"])
@@ -66,12 +68,17 @@ def test_two_processes_prune_as_one_process_on_the_union(tmp_path, options):
     # one process on the union of both shards
     dense = load("dit")
     model = copy.deepcopy(dense)
-    report = ditprune.prune(model, b0 + b1, method=method, sparsity=0.5, **options)
+    # rank 1's shard first, batches of 14 (not a multiple of 4): any split of the tokens that follows
+    # their arrival order would differ from the ranks'
+    report = ditprune.prune(model, b1 + b0, method=method, sparsity=0.5, **options)
     assert any("held_out_tokens" in r.info for r in report.layers)  # the few-token regime was exercised
-    one = {f"{r.name}.weight": model.get_parameter(f"{r.name}.weight") != 0 for r in report.layers}
+    weights = {f"{r.name}.weight": model.get_parameter(f"{r.name}.weight").detach() for r in report.layers}
+    one = {k: w != 0 for k, w in weights.items()}
     assert one.keys() == masks.keys()
     differ = sum(int((one[k] != masks[k].bool()).sum()) for k in masks)
     total = sum(m.numel() for m in masks.values())
     assert differ <= 1e-3 * total, f"{differ} of {total} mask entries differ"
-    e_one, e_two = removed_energy(dense, one, b0 + b1), removed_energy(dense, masks, b0 + b1)
+    # the weights themselves may differ where H is near-singular (see test_pipeline_eval); what
+    # they are for, the output energy they remove, may not
+    e_one, e_two = removed_energy(dense, weights, b0 + b1), removed_energy(dense, _group(r0, "pruned/"), b0 + b1)
     assert e_two == pytest.approx(e_one, rel=1e-3)

@@ -25,9 +25,9 @@ def clip_dir(tmp_path_factory):
     return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip") / "clip")
 
 
-def _flux_args(flux_dir, out, *extra):
+def _flux_args(flux_dir, out, *extra, method="wanda"):
     return ["flux_dev", f"model.source={flux_dir}", "model.device=cpu", "model.dtype=float32",
-            "calibration.num_prompts=4", "calibration.steps=2", "calibration.resolution=16", "pruning.method=wanda",
+            "calibration.num_prompts=4", "calibration.steps=2", "calibration.resolution=16", f"pruning.method={method}",
             f"export.output_dir={out}", *extra]
 
 
@@ -99,13 +99,17 @@ def test_prune_then_evaluate_then_resume(flux_dir, clip_dir, tmp_path, capsys):
     assert resumed["clip_score_pruned"]["value"] == pytest.approx(summary["clip_score_pruned"]["value"], abs=1e-6)
 
 
-def test_two_processes_give_the_numbers_of_one(flux_dir, clip_dir, tmp_path):
+@pytest.mark.parametrize("method,options", [("wanda", ()), ("dit", ("pruning.options.reconstruct=true",))],
+                         ids=["wanda", "dit+obs"])
+def test_two_processes_give_the_numbers_of_one(flux_dir, clip_dir, tmp_path, method, options):
     """`--devices 2 --accelerator cpu`: 2 real processes (gloo). Calibration prompts and images are
-    split over the ranks; the masks, the export and the evaluation equal those of one process."""
+    split over the ranks; the masks, the export and the evaluation equal those of one process.
+    4 prompts x 2 steps: the adaLN layers see few tokens, so ``dit`` holds tokens out."""
     outs = {}
     for devices in (1, 2):
         out = tmp_path / f"d{devices}"
-        cmd = [sys.executable, "-m", "ditprune.cli", "-q", "prune", *_flux_args(flux_dir, out, *_eval_keys(clip_dir, 6)),
+        cmd = [sys.executable, "-m", "ditprune.cli", "-q", "prune",
+               *_flux_args(flux_dir, out, *options, *_eval_keys(clip_dir, 6), method=method),
                "--devices", str(devices), "--accelerator", "cpu"]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
@@ -115,9 +119,16 @@ def test_two_processes_give_the_numbers_of_one(flux_dir, clip_dir, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k] == 0, b[k] == 0), k  # the same masks
-        torch.testing.assert_close(a[k], b[k])
+        if method == "wanda":
+            torch.testing.assert_close(a[k], b[k])
+    # dit+obs: the reconstructed weights solve a least-squares problem whose H is near-singular
+    # (cond up to 1e7 on this tiny model): summation-order noise in H (1e-7) moves them along
+    # directions the calibration data barely excites (up to 3e-3 here). What they are for, the
+    # model's outputs, must agree: the evaluation numbers below.
     ma, mb = _strict(outs[1] / "metrics.json"), _strict(outs[2] / "metrics.json")
     assert mb["ranks"] == 2 and ma["sparsity"] == mb["sparsity"]
+    if method == "dit":
+        assert "held_out_tokens" in (outs[1] / "report.txt").read_text()  # the few-token regime was exercised
     ea, eb = _strict(outs[1] / "evaluation.json"), _strict(outs[2] / "evaluation.json")
     assert ea["n_images"] == eb["n_images"] == 6
     for key in ("clip_score_dense", "clip_score_pruned", "psnr_vs_dense", "ssim_vs_dense", "fd_pruned_vs_dense"):
