@@ -92,3 +92,37 @@ def test_rows_with_different_counts_do_not_couple():
     for i in range(12):
         alone, _ = refine_mask(w[i : i + 1], start[i : i + 1], h, shortlist=8)
         assert torch.equal(alone, together[i : i + 1]), i
+
+
+def test_an_exact_zero_is_never_revived():
+    # weight 1 is exactly zero and pruned; pruning the kept 1.0 as well lowers the error (its input
+    # correlates with the pruned 0.9's, opposite signs): the old search "revived" the zero to pay
+    # for it and dropped the revival, leaving 3 pruned where 2 were asked
+    w = torch.tensor([[1.0, 0.0, -0.9, 2.0]])
+    h = torch.eye(4)
+    h[0, 2] = h[2, 0] = 0.95
+    start = torch.tensor([[True, False, False, True]])
+    keep, info = refine_mask(w, start, h)
+    assert keep.tolist() == [[True, False, False, True]] and info["swaps"] == 0
+    # N:M alike: the only pruned slot of each group that may be revived is a zero
+    keep, _ = refine_mask(w, torch.tensor([[True, False, True, False]]), h, group=2)
+    assert int((~keep).sum()) == 2
+
+
+@pytest.mark.parametrize("group", [None, 4])
+def test_counts_kept_on_weights_with_exact_zeros(group):
+    """Re-pruning a pruned model: half the weights are already zero. Every row (every group) keeps
+    exactly its count, and never more zeros than the mask asks for."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(64, 32, generator=g)
+    w[torch.rand(64, 32, generator=g) < 0.5] = 0.0
+    x = torch.randn(200, 32, generator=g) @ torch.randn(32, 32, generator=g)
+    h = x.T @ x / 200
+    scores = saliency.wanda(w, torch.diagonal(h))
+    start = G.nm_mask(scores, 2, 4) if group else G.row_mask(scores, 0.5)
+    keep, _ = refine_mask(w, start, h, rounds=8, group=group)
+    if group:
+        assert (keep.reshape(64, -1, 4).sum(-1) == 2).all()
+    else:
+        assert (keep.sum(1) == start.sum(1)).all()
+    assert int(((w * keep) == 0).sum()) <= int(((w * start) == 0).sum())  # no zero kept in place of a weight
