@@ -75,38 +75,52 @@ class ReferenceRecovery(LightningModule):
         return torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=0.0)
 
 
-def recover_and_quantize(dense: nn.Module, calibration: list[dict], recipe, evaluator, progress: bool = True):
-    """The recipe's method, pruned -> recovered -> [quantized] in one ``Trainer.fit`` from a fresh
-    dense copy, on the same calibration. Returns (model, rows): one row after recovery (measured
-    at the end of training, before quantization) and, with a quantization config, one after it."""
+def recover_and_quantize(dense: nn.Module, calibration: list[dict], evaluator, *, method: str, setting: dict,
+                         prune_kwargs: dict, steps: int, lr: float = 1e-4, batch_size: int = 32, distill: bool = True,
+                         quantize: str | None = None, progress: bool = True):
+    """``method`` at ``setting`` ({"sparsity": s} or {"pattern": "N:M"}, with ``prune_kwargs``),
+    pruned -> recovered for ``steps`` -> [quantized] in one ``Trainer.fit`` from a fresh dense copy,
+    on ``calibration``; with ``steps=0`` pruned and quantized without training. Returns (model,
+    rows): one row after recovery (measured at the end of training, before quantization) when
+    ``steps > 0`` and, with ``quantize``, one after it."""
     from lightning.pytorch import Callback
 
     from ditprune.callbacks import DiTPruning
 
-    from .recipe import pruning_setting
-    from .runner import recipe_prune_kwargs
-
-    p, r, q = recipe.pruning, recipe.recovery, recipe.quantization.config
     model = copy.deepcopy(dense)
-    module = ReferenceRecovery(model, lr=r.lr)
+    module = ReferenceRecovery(model, lr=lr)
     rows: list[dict] = []
+    label = method + (f" + {steps} recovery steps" if steps else "")
+    report = None
 
     def row(label: str) -> dict:
-        return {"model": NAMES[module.kind], "method": label, "setting": p.pattern or p.sparsity,
-                "sparsity": callback.report.sparsity, **evaluator(model), "samples": evaluator.last_samples}
+        return {"model": NAMES[module.kind], "method": label, "setting": setting.get("pattern") or setting["sparsity"],
+                "sparsity": report.sparsity, **evaluator(model), "samples": evaluator.last_samples}
+
+    if steps == 0:
+        from .pruning import prune
+        from .quantize import quantize as quantize_
+
+        report = prune(model, calibration, method, **setting, **prune_kwargs)
+        if quantize:
+            quantize_(model, quantize, targets=[r.name for r in report.layers])
+            rows.append(row(f"{label} + {quantize}"))
+        return model, rows
 
     class _Measure(Callback):  # listed before DiTPruning: runs before it squashes and quantizes
         def on_train_end(self, trainer, pl_module):
-            rows.append(row(f"{p.method} + {r.steps} recovery steps"))
+            nonlocal report
+            report = callback.report
+            rows.append(row(label))
 
-    callback = DiTPruning(p.method, **pruning_setting(p), calibration=calibration, distill=r.distill, quantize=q,
-                          **recipe_prune_kwargs(p, p.method))
-    trainer = Trainer(max_steps=r.steps, callbacks=[_Measure(), callback], accelerator="cpu", logger=False,
+    callback = DiTPruning(method, **setting, calibration=calibration, distill=distill, quantize=quantize,
+                          **prune_kwargs)
+    trainer = Trainer(max_steps=steps, callbacks=[_Measure(), callback], accelerator="cpu", logger=False,
                       enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False)
     with warnings.catch_warnings():  # the reference DiT trains in eval mode on purpose (no label dropout)
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-        trainer.fit(module, reference_dataloader(r.batch_size))
-    if q:
-        rows.append(row(f"{p.method} + {r.steps} recovery steps + {q}"))
+        trainer.fit(module, reference_dataloader(batch_size))
+    if quantize:
+        rows.append(row(f"{label} + {quantize}"))
     return model, rows

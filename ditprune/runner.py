@@ -237,7 +237,11 @@ def _run_reference(recipe: DictConfig, out: OutputDir, progress: bool) -> dict:
     if recipe.recovery.steps > 0 or recipe.quantization.config:
         from .recovery import recover_and_quantize
 
-        model, extra = recover_and_quantize(bench.dense, bench.calibration, recipe, bench.evaluator, progress)
+        r = recipe.recovery
+        model, extra = recover_and_quantize(bench.dense, bench.calibration, bench.evaluator, method=p.method,
+                                            setting=pruning_setting(p), prune_kwargs=recipe_prune_kwargs(p, p.method),
+                                            steps=r.steps, lr=r.lr, batch_size=r.batch_size, distill=r.distill,
+                                            quantize=recipe.quantization.config, progress=progress)
         rows.extend(extra)
     save_transformer(model, out / "transformer", recipe.export.format)
     outputs = {"model": "transformer"}
