@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from ditprune.errors import InputError, InputTypeError
-from ditprune.pruning import PrunePlan, make_sparsifier
+from ditprune.pruning import PrunePlan, compile_regexes, make_sparsifier
 
 __all__ = ["DiTPruning"]
 
@@ -89,6 +89,9 @@ class DiTPruning(Callback):
 
             check_config(quantize)
         make_sparsifier(method, sparsity, pattern, **method_options)  # validates early: errors at construction
+        for what, patterns in (("targets", targets), ("ignore", ignore)):
+            if patterns is not None:
+                compile_regexes(patterns, what)
         self.method, self.sparsity, self.pattern = method, sparsity, pattern
         self.targets, self.ignore, self.overrides = targets, ignore, overrides
         self.block_sequential, self.offload, self.method_options = block_sequential, offload, method_options

@@ -84,20 +84,27 @@ class PruneReport:
 
 
 def make_sparsifier(method: str, sparsity: float = 0.5, pattern: str | None = None, **options) -> SaliencySparsifier:
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise InputError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
+    import inspect
+
+    params = inspect.signature(METHODS[method]).parameters
+    valid = [p for p, v in params.items() if p not in ("sparsity", "pattern") and v.kind is not v.VAR_KEYWORD]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:  # every method refuses what it does not take (the base class would store anything)
+        raise InputTypeError(f"method {method!r} got an unknown option {unknown[0]!r}; its options are {valid}")
     try:
         return METHODS[method](sparsity=sparsity, pattern=pattern, **options)
     except TypeError as e:
-        import inspect
-
-        valid = [p for p in inspect.signature(METHODS[method]).parameters if p not in ("sparsity", "pattern")]
-        raise InputTypeError(f"method {method!r} got an unknown option ({e}); its options are {valid}") from None
+        raise InputTypeError(f"method {method!r}: {e}; its options are {valid}") from None
 
 
-def _compile(patterns: Sequence[str], what: str) -> list[re.Pattern]:
+def compile_regexes(patterns: Sequence[str], what: str) -> list[re.Pattern]:
+    """``patterns`` (a list of regex strings) compiled; a user error names ``what`` otherwise."""
     if isinstance(patterns, str):
-        raise InputTypeError(f"{what} is a list of regexes, not a single string")
+        raise InputTypeError(f"{what} is a list of regexes, not a single string: write {what}=[{patterns!r}]")
+    if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
+        raise InputTypeError(f"{what} is a list of regex strings, got {patterns!r}")
     out = []
     for p in patterns:
         try:
@@ -114,8 +121,8 @@ def resolve_targets(
     ``ignore`` regex. ``targets=None``: the model family's defaults (Linears inside the blocks).
     ``ignore=None``: :data:`DEFAULT_IGNORE` (embedders nested in blocks); ``ignore=[]`` keeps them."""
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    patterns = _compile(list(targets) if targets is not None else models.default_targets(model), "targets")
-    ignored = _compile(list(ignore) if ignore is not None else list(DEFAULT_IGNORE), "ignore")
+    patterns = compile_regexes(targets if targets is not None else models.default_targets(model), "targets")
+    ignored = compile_regexes(ignore if ignore is not None else DEFAULT_IGNORE, "ignore")
     chosen: dict[str, nn.Linear] = {}
     for regex in patterns:
         hits = [n for n in linears if regex.search(n)]

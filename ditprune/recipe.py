@@ -167,20 +167,23 @@ def _parse_yaml(text: str, where: str) -> Any:
         raise RecipeError(f"{where}: not valid YAML{at}: {problem}") from None
 
 
-_ENV = re.compile(r"\$\{\s*(oc\.env|env)\s*:")
+_RESOLVER = re.compile(r"\$\{\s*[\w.\-]+\s*:")  # ${name:...}: a resolver call (oc.env, oc.decode, ...)
 
 
 def _refuse_env(node: Any, path: str = "") -> None:
-    """Recipes are printed and saved with the run: they may not read environment variables."""
+    """Recipes are printed and saved with the run: they may not read environment variables, nor
+    call any resolver (``oc.decode`` can build an ``oc.env`` call out of plain strings); plain
+    references between keys (``${pruning.sparsity}``) are kept."""
     if isinstance(node, dict):
         for k, v in node.items():
             _refuse_env(v, f"{path}.{k}" if path else str(k))
     elif isinstance(node, list):
         for i, v in enumerate(node):
             _refuse_env(v, f"{path}[{i}]")
-    elif isinstance(node, str) and _ENV.search(node):
-        raise RecipeError(f"{path}: recipes may not read environment variables ({node!r}); they are printed and "
-                          "saved with the outputs. Put the value in the recipe or pass it as key=value")
+    elif isinstance(node, str) and _RESOLVER.search(node):
+        raise RecipeError(f"{path}: recipes may not read environment variables nor call resolvers ({node!r}); "
+                          "they are printed and saved with the outputs. Put the value in the recipe or pass it as "
+                          "key=value")
 
 
 def _valid_keys(node, prefix=""):

@@ -52,6 +52,8 @@ CASES = [  # (arguments after `prune`, expected part of the message)
     ([DEMO, "evaluation.n_samples=1"], "evaluation.n_samples must be >= 2"),
     ([DEMO, "pruning.overrides=[{targets: [attn]}]"], "pruning.overrides[0]: set sparsity or pattern"),
     ([DEMO, "model.source=${oc.env:SECRET_TOKEN}"], "may not read environment variables"),
+    ([DEMO, "model.source=${oc.decode:'${oc.env:SECRET_TOKEN}'}"], "may not read environment variables"),
+    ([DEMO, "model.source=${oc.decode:${calibration.note}}"], "nor call resolvers"),
     ([DEMO, "pruning.sparsty=0.6"], "did you mean 'pruning.sparsity'"),
     (["configs/nope.yaml"], "recipe file not found"),
     ([PIPE, "model.source=/nonexistent/pipeline"], "no such directory '/nonexistent/pipeline'"),

@@ -68,11 +68,34 @@ def test_nan_in_calibration_names_the_layer_and_restores(block_sequential):
     assert _unchanged(model, before)  # block 0 was already pruned and weight-updated: undone
 
 
-def test_unknown_method_and_unknown_option():
+@pytest.mark.parametrize("method", ["dit", "wanda", "magnitude", "ria", "sparsegpt"])
+def test_unknown_method_and_unknown_option(method):
     with pytest.raises(ValueError, match="unknown method 'wandda'"):
         ditprune.prune(TwoLinear(), linear_batches(), method="wandda")
-    with pytest.raises(TypeError, match="options are"):
-        ditprune.prune(TwoLinear(), linear_batches(), method="dit", alfa=0.3)
+    model = TwoLinear()
+    before = _snapshot(model)
+    with pytest.raises(TypeError, match="unknown option 'bogus_option'.*options are"):
+        ditprune.prune(model, linear_batches(), method=method, bogus_option=1)
+    assert _unchanged(model, before)
+    from ditprune.callbacks import DiTPruning
+
+    with pytest.raises(TypeError, match="unknown option 'bogus_option'"):
+        DiTPruning(method, bogus_option=1)
+
+
+@pytest.mark.parametrize("targets", ["fc1", 3, ["fc1", 2]])
+def test_targets_of_the_wrong_type_are_refused(targets):
+    model = TwoLinear()
+    before = _snapshot(model)
+    with pytest.raises(TypeError, match="targets is a list of regex"):
+        ditprune.prune(model, linear_batches(), method="wanda", targets=targets)
+    with pytest.raises(TypeError, match="ignore is a list of regex"):
+        ditprune.prune(model, linear_batches(), method="wanda", ignore=targets)
+    assert _unchanged(model, before)
+    from ditprune.callbacks import DiTPruning
+
+    with pytest.raises(TypeError, match="targets is a list of regex"):
+        DiTPruning("wanda", targets=targets)
 
 
 def test_unsupported_dtype():
