@@ -121,6 +121,9 @@ class DiTPruning(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._finish(trainer, pl_module)
 
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._abandon(pl_module)
+
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
         self._plain_state_dict(checkpoint["state_dict"])
 
@@ -238,6 +241,25 @@ class DiTPruning(Callback):
             from ditprune.quantize import quantize
 
             quantize(self._model(pl_module), self.quantize, targets=[g["module_fqn"] for g in self.plan.sparsifier.groups])
+
+    def _abandon(self, pl_module: LightningModule) -> None:
+        """A fit that failed: no parametrization, hook or teacher stays on the model. Once pruned,
+        the masks are baked into the weights as they stand (a plain model that saves and loads);
+        before that, the model is as it was. A later fit with this callback starts afresh."""
+        if self.plan is None or self._masks is not None:
+            return
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        if self.report is not None or self._restored:
+            self.plan.squash()
+            rank_zero_warn("ditprune: the fit failed after pruning; the model keeps its pruned weights as they "
+                           "stood (masks baked in)")
+        else:
+            self.plan.restore()
+        self.plan, self.report, self._restored, self._teacher = None, None, False, None
+        if getattr(pl_module, "teacher", None) is not None:
+            object.__setattr__(pl_module, "teacher", None)
 
     def masks(self) -> dict[str, torch.Tensor] | None:
         """tensor_fqn -> bool mask (True = kept) of every pruned weight; None before pruning."""

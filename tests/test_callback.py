@@ -181,3 +181,37 @@ def test_callback_validates_its_arguments():
         DiTPruning("wanda", calibration_batches=0)
     with pytest.raises(TypeError, match="unknown option"):
         DiTPruning("dit", alfa=0.3)
+
+
+class FailsAt(ReferenceRecovery):
+    def __init__(self, *args, fail_at=1, **kw):
+        super().__init__(*args, **kw)
+        self.fail_at = fail_at
+
+    def training_step(self, batch, batch_idx):
+        if batch_idx == self.fail_at:
+            raise RuntimeError("boom in training_step")
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_failed_fit_leaves_a_plain_model_and_the_callback_fits_again(tmp_path):
+    from torch.nn.utils import parametrize
+
+    import ditprune
+
+    torch.manual_seed(0)
+    module = FailsAt(load("dit"), lr=3e-4)
+    pruning = DiTPruning("wanda", sparsity=0.5, calibration_batches=1)
+    with pytest.raises(RuntimeError, match="boom"):
+        _trainer([pruning], steps=5).fit(module, reference_dataloader(16))
+    model = module.model
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+    assert not hasattr(module, "teacher") or module.teacher is None
+    assert _zero_fraction(model) >= 0.5  # pruned (and partly trained) weights stay, as plain weights
+    for fmt in ("diffusers", "compressed"):  # the model saves and loads as any other
+        ditprune.save_transformer(model, tmp_path / fmt, fmt)
+        assert _zero_fraction(ditprune.load_transformer(tmp_path / fmt)) == _zero_fraction(model)
+    module.fail_at = -1  # the same callback, fitted again
+    _trainer([pruning], steps=2).fit(module, reference_dataloader(16))
+    assert pruning.report.sparsity == 0.5 and _zero_fraction(model) == 0.5
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
