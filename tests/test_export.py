@@ -141,3 +141,86 @@ def test_whole_flux_size_counts_each_block_19_or_38_times(tmp_path):
     assert flux_dev_bytes(path, double=1, single=2) == sum(nbytes.values())
     per_double, per_single = nbytes["transformer_blocks."], nbytes["single_transformer_blocks."] // 2
     assert flux_dev_bytes(path) == nbytes[""] + 19 * per_double + 38 * per_single
+
+
+def test_negative_zero_comes_back_negative_zero():
+    t = torch.tensor([[-0.0, 1.5, 0.0, 0.0], [0.0, 0.0, -0.0, 2.0]])
+    for dtype in (torch.float32, torch.bfloat16):
+        stored, entries = encode({"w": t.to(dtype)}, compress=True)
+        assert entries["w"]["encoding"] == "bitmask"
+        assert torch.equal(_bits(decode(stored, entries)["w"]), _bits(t.to(dtype)))
+
+
+def _crafted(tmp_path, name, edit_info=None, edit_config=None, edit_tensors=None):
+    """A compressed export of a pruned tiny FLUX with one part edited."""
+    from safetensors.torch import save_file
+
+    model, _ = _pruned()
+    path = save_transformer(model, tmp_path / name, "compressed")
+    if edit_info:
+        info = json.loads((path / "ditprune.json").read_text())
+        edit_info(info)
+        (path / "ditprune.json").write_text(json.dumps(info))
+    if edit_config:
+        config = json.loads((path / "config.json").read_text())
+        edit_config(config)
+        (path / "config.json").write_text(json.dumps(config))
+    if edit_tensors:
+        tensors = load_file(str(path / "weights.safetensors"))
+        edit_tensors(tensors)
+        save_file(tensors, str(path / "weights.safetensors"))
+    return path
+
+
+def _first_bitmask(info):
+    return next(k for k, e in info["tensors"].items() if e["encoding"] == "bitmask")
+
+
+def _truncate(t):
+    mask_key = next(k for k in t if k.endswith(".mask"))
+    name = mask_key[: -len(".mask")]
+    t[mask_key] = t[mask_key][: len(t[mask_key]) // 2].clone()
+    ones = int(torch.from_numpy(__import__("numpy").unpackbits(t[mask_key].numpy())).sum())
+    t[f"{name}.values"] = t[f"{name}.values"][:ones].clone()  # values cut to match the shorter mask
+
+
+CRAFTED = {
+    "huge declared shape": dict(edit_info=lambda i: i["tensors"][_first_bitmask(i)].update(shape=[100000, 100000])),
+    "negative shape": dict(edit_info=lambda i: i["tensors"][_first_bitmask(i)].update(shape=[-4, 8])),
+    "declared int64": dict(edit_info=lambda i: i["tensors"][_first_bitmask(i)].update(dtype="int64")),
+    "unknown dtype": dict(edit_info=lambda i: i["tensors"][_first_bitmask(i)].update(dtype="object")),
+    "truncated mask, values cut to match": dict(edit_tensors=_truncate),
+    "undeclared tensor": dict(edit_tensors=lambda t: t.update(extra=torch.zeros(3))),
+    "stored as int64": dict(edit_tensors=lambda t: t.update({k: t[k].long() for k in t if k.endswith(".bias")}),
+                            edit_info=lambda i: [e.update(dtype="int64") for k, e in i["tensors"].items()
+                                                 if k.endswith(".bias")]),
+    "ten million layers": dict(edit_config=lambda c: c.update(num_layers=10_000_000)),
+    "a million heads": dict(edit_config=lambda c: c.update(num_attention_heads=1_000_000)),
+    "tensors not a mapping": dict(edit_info=lambda i: i.update(tensors=[1, 2])),
+}
+
+
+@pytest.mark.parametrize("case", list(CRAFTED))
+def test_crafted_exports_are_refused_with_ditprunes_error(tmp_path, case):
+    path = _crafted(tmp_path, "m", **CRAFTED[case])
+    with pytest.raises(InputError):
+        load_transformer(path)
+
+
+def test_a_plain_diffusers_export_never_reaches_a_hub(tmp_path, monkeypatch):
+    model, _ = _pruned()
+    path = save_transformer(model, tmp_path / "d", "diffusers")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "_name_or_path": "black-forest-labs/FLUX.1-dev"}))
+    import huggingface_hub
+
+    def no_network(*a, **k):
+        raise AssertionError("the loader reached for the hub")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
+    loaded = load_transformer(path)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    (path / "config.json").write_text(json.dumps({**config, "num_layers": 10_000_000}))
+    with pytest.raises(InputError, match="num_layers"):
+        load_transformer(path)
