@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from ditprune.errors import InputError, InputTypeError
+from ditprune.granularity import prune_count
 from ditprune.pruning import PrunePlan, compile_regexes, make_sparsifier
 
 __all__ = ["DiTPruning"]
@@ -194,7 +195,10 @@ class DiTPruning(Callback):
             raise InputError("DiTPruning state loaded outside of a fit: resume with trainer.fit(..., ckpt_path=...)")
         asked = {"method": self.method, "sparsity": self.sparsity, "pattern": self.pattern}
         for key, value in asked.items():
-            if key in state and state[key] != value:
+            if key not in state:
+                raise InputError(f"the checkpoint's DiTPruning state has masks but no {key!r}: it was not written by "
+                                 "DiTPruning; start a new fit from the dense model")
+            if state[key] != value:
                 raise InputError(f"the checkpoint was pruned with {key}={state[key]!r}, this DiTPruning asks "
                                  f"{key}={value!r}: resume with the checkpoint's settings, or start a new fit from "
                                  "the dense model")
@@ -206,9 +210,10 @@ class DiTPruning(Callback):
                              f"{len(extra)} masks without a target (e.g. {extra[:2]})")
         for fqn, mask in masks.items():
             buf = groups[fqn]["module"].parametrizations[groups[fqn]["tensor_name"]][0].mask
-            if tuple(mask.shape) != tuple(buf.shape):
-                raise InputError(f"the checkpoint's mask for '{fqn}' has shape {tuple(mask.shape)}, the model's "
-                                 f"weight {tuple(buf.shape)}")
+            if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(buf.shape):
+                raise InputError(f"the checkpoint's mask for '{fqn}' has shape {tuple(getattr(mask, 'shape', ()))}, "
+                                 f"the model's weight {tuple(buf.shape)}")
+            _check_mask(fqn, mask.to(torch.bool), self.plan.settings[groups[fqn]["module_fqn"]])
         for fqn, mask in masks.items():
             g = groups[fqn]
             g["module"].parametrizations[g["tensor_name"]][0].mask.copy_(mask.to(torch.bool))
@@ -296,6 +301,22 @@ class DiTPruning(Callback):
         if trainer.logger is not None and trainer.is_global_zero:
             trainer.logger.log_metrics({f"sparsity/{when.replace(' ', '_')}/{n}": s for n, s in rows.items()},
                                        step=trainer.global_step)
+
+
+def _check_mask(fqn: str, keep: torch.Tensor, setting: dict) -> None:
+    """A resumed mask must be one this setting could have made: N:M valid in every group, or at
+    least the per-row count pruned (a method may prune more, e.g. SparseGPT's dead inputs)."""
+    out, cols = keep.shape
+    if setting["nm"] is not None:
+        n, m = setting["nm"]
+        if cols % m or (keep.reshape(out, -1, m).sum(-1) > n).any():
+            raise InputError(f"the checkpoint's mask for '{fqn}' is not {n}:{m}: resume with the checkpoint's "
+                             "settings, or start a new fit from the dense model")
+        return
+    need = out * prune_count(cols, setting["sparsity"])
+    if int((~keep).sum()) < need:
+        raise InputError(f"the checkpoint's mask for '{fqn}' prunes {int((~keep).sum())} of {keep.numel()} weights, "
+                         f"sparsity {setting['sparsity']} prunes at least {need}: the masks do not match their settings")
 
 
 def _plain_keys_loader(tensor_name: str):

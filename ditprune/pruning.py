@@ -119,7 +119,8 @@ def resolve_targets(
 ) -> dict[str, nn.Linear]:
     """Linear layers whose qualified name matches any ``targets`` regex (``re.search``) and no
     ``ignore`` regex. ``targets=None``: the model family's defaults (Linears inside the blocks).
-    ``ignore=None``: :data:`DEFAULT_IGNORE` (embedders nested in blocks); ``ignore=[]`` keeps them."""
+    ``ignore=None``: :data:`DEFAULT_IGNORE` (embedders nested in blocks); ``ignore=[]`` keeps them.
+    A weight shared by several Linears (tied) is listed once, under the first name."""
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     patterns = compile_regexes(targets if targets is not None else models.default_targets(model), "targets")
     ignored = compile_regexes(ignore if ignore is not None else DEFAULT_IGNORE, "ignore")
@@ -135,7 +136,15 @@ def resolve_targets(
         hint = " (the default ignore list skips embedders: pass ignore=[] to prune them)" if ignore is None else ""
         raise InputError(f"the ignore regexes removed every targeted layer{hint}")
     order = list(linears)
-    return dict(sorted(kept.items(), key=lambda nm: order.index(nm[0])))
+    out: dict[str, nn.Linear] = {}
+    owner: dict[int, str] = {}
+    for name, module in sorted(kept.items(), key=lambda nm: order.index(nm[0])):
+        first = owner.setdefault(id(module.weight), name)
+        if first == name:
+            out[name] = module
+        else:  # one weight, two Linears (tied): pruned once, with the first layer's statistics
+            log.info("'%s' shares its weight with '%s': pruned once, as '%s'", name, first, first)
+    return out
 
 
 def _setting(sparsity: float | None, pattern: str | None, where: str) -> tuple[float, tuple[int, int] | None]:

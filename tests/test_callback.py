@@ -123,6 +123,8 @@ def test_resume_with_other_settings_is_refused(tmp_path, change, message):
     (lambda m: m.pop("transformer_blocks.0.ff.net.2.weight"), "1 targets without a mask"),
     (lambda m: m.__setitem__("transformer_blocks.0.ff.net.2.weight", torch.ones(1, 256, dtype=torch.bool)),
      "has shape \\(1, 256\\), the model's weight \\(64, 256\\)"),
+    (lambda m: m.update({k: torch.ones_like(v) for k, v in m.items()}), "prunes 0 of .* the masks do not match"),
+    (lambda m: m.__setitem__("transformer_blocks.0.ff.net.2.weight", torch.rand(64, 256) > 0.2), "do not match"),
 ])
 def test_resume_checks_masks_against_the_model(tmp_path, edit, message):
     path, _ = _fit_with_checkpoint(tmp_path)
@@ -130,6 +132,17 @@ def test_resume_checks_masks_against_the_model(tmp_path, edit, message):
     edit(ckpt["callbacks"]["DiTPruning"]["masks"])
     torch.save(ckpt, path)
     with pytest.raises(InputError, match=message):
+        _trainer([DiTPruning("magnitude", sparsity=0.6)], steps=8, tmp_path=tmp_path).fit(
+            ReferenceRecovery(load("dit")), reference_dataloader(32), ckpt_path=path)
+
+
+@pytest.mark.parametrize("key", ["method", "sparsity", "pattern"])
+def test_resume_without_its_settings_is_refused(tmp_path, key):
+    path, _ = _fit_with_checkpoint(tmp_path)
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["callbacks"]["DiTPruning"][key]
+    torch.save(ckpt, path)
+    with pytest.raises(InputError, match=f"no '{key}'"):
         _trainer([DiTPruning("magnitude", sparsity=0.6)], steps=8, tmp_path=tmp_path).fit(
             ReferenceRecovery(load("dit")), reference_dataloader(32), ckpt_path=path)
 

@@ -107,3 +107,21 @@ def test_unsupported_dtype():
 def test_batch_that_is_not_a_dict():
     with pytest.raises(TypeError, match="must be a dict"):
         ditprune.prune(TwoLinear(), [torch.randn(2, 16)], method="wanda")
+
+
+def test_a_weight_shared_by_two_linears_is_pruned_once():
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(16, 16, bias=False)
+            self.b = torch.nn.Linear(16, 16, bias=False)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    for method in ("wanda", "dit", "sparsegpt"):
+        model = Tied()
+        report = ditprune.prune(model, linear_batches(n=2), method=method, sparsity=0.5)
+        assert [r.name for r in report.layers] == ["a"]
+        assert (model.a.weight == 0).float().mean().item() == 0.5 and model.b.weight is model.a.weight
