@@ -5,7 +5,10 @@
   staging directory inside the output directory and moved into place together by ``commit``.
   A manifest (``.ditprune.json``) lists what ditprune wrote; a later run replaces only those
   entries (anything else only with ``overwrite=True``). A run that dies leaves its staging
-  directory with its pid; the next run into the same directory removes it and says so.
+  directory with its pid; the next run into the same directory removes it and says so, or, if
+  the run died while committing, finishes its commit first. A committed directory entry is
+  swapped with the old one in one step (Linux ``renameat2``), so the old or the new entry is in
+  place at every instant.
 """
 
 from __future__ import annotations
@@ -141,9 +144,56 @@ def _alive(pid: int) -> bool:
     return True
 
 
+_JOURNAL = ".committing"
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    system or file system cannot."""
+    try:
+        import ctypes
+
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0
+
+
+def _put(staged: Path, target: Path, aside: Path) -> None:
+    """Move ``staged`` to ``target``; an existing target goes to ``aside``. A file replaces its
+    target in one rename; a directory is swapped with it in one step where the system can, so
+    the old or the new entry is in place at every instant."""
+    if not (target.exists() or target.is_symlink()):
+        os.replace(staged, target)
+    elif staged.is_dir() and not target.is_symlink() and target.is_dir() and _exchange(staged, target):
+        os.replace(staged, aside / target.name)  # ``staged`` now holds the old entry
+    elif staged.is_dir():  # no atomic swap here: the journal lets the next run finish the commit
+        os.replace(target, aside / target.name)
+        os.replace(staged, target)
+    else:
+        os.replace(staged, target)
+
+
+def _roll_forward(path: Path, staging: Path) -> list[str]:
+    """Finish the commit of a run that died while committing (its outputs were complete)."""
+    names = json.loads((staging / _JOURNAL).read_text())["names"]
+    aside = staging / ".replaced"
+    aside.mkdir(exist_ok=True)
+    for name in names:
+        if (staging / name).exists() or (staging / name).is_symlink():
+            _put(staging / name, path / name, aside)
+    mine = set(_read_manifest(path)["files"])
+    with atomic_file(path / MANIFEST) as tmp:
+        tmp.write_text(json.dumps({"files": sorted(mine | set(names)), "written": time.strftime("%Y-%m-%dT%H:%M:%S")},
+                                  indent=1))
+    return names
+
+
 def _clean_stale(path: Path) -> None:
-    """Remove the staging directories of runs that died (same host, pid gone); refuse while a
-    live run writes here."""
+    """Finish or remove the staging directories of runs that died (same host, pid gone): one that
+    died while committing has its commit finished (its outputs were complete), any other is
+    removed (it never touched what was in place); refuse while a live run writes here."""
     if not path.is_dir():
         return
     for d in sorted(path.glob(STAGING_PREFIX + "*")):
@@ -161,6 +211,9 @@ def _clean_stale(path: Path) -> None:
             raise InputError(f"another ditprune run (pid {pid}) is writing into {path}; wait for it or choose "
                              "another output directory")
         else:
+            if (d / _JOURNAL).is_file():
+                names = _roll_forward(path, d)
+                log.warning("finished the commit of an interrupted run (pid %d): %s", pid, ", ".join(names))
             shutil.rmtree(d, ignore_errors=True)
             log.warning("removed %s: the leftovers of an interrupted run (pid %d)", d, pid)
 
@@ -241,11 +294,9 @@ class OutputDir:
             if (target.exists() or target.is_symlink()) and name not in mine and not self.overwrite:
                 raise InputError(f"{target} appeared during the run and was not written by ditprune; "
                                  f"nothing was written (outputs were in {self.staging})")
+        (self.staging / _JOURNAL).write_text(json.dumps({"names": staged}))  # from here on, finished if killed
         for name in staged:
-            target = self.path / name
-            if target.exists() or target.is_symlink():
-                os.replace(target, aside / name)
-            os.replace(self.staging / name, target)
+            _put(self.staging / name, self.path / name, aside)
         self._write_manifest((mine | set(staged) | set(self.persistent_names)) & {p.name for p in self.path.iterdir()})
 
 

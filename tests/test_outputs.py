@@ -146,3 +146,45 @@ def test_a_killed_run_loses_nothing_and_the_next_run_cleans_up(tiny_pipeline_dir
     assert again.returncode == 0, again.stderr
     assert "leftovers of an interrupted run" in again.stderr
     assert not list(out.glob(STAGING_PREFIX + "*"))
+
+
+KILL_MID_COMMIT = """
+import os, sys
+from pathlib import Path
+import ditprune._io as io
+from ditprune._io import OutputDir
+real = io._put
+calls = []
+def dying(staged, target, aside):
+    real(staged, target, aside)
+    calls.append(target.name)
+    if len(calls) == 1:
+        os._exit(9)  # killed between the first and the second entry of the commit
+io._put = dying
+with OutputDir(Path(sys.argv[1]), ["model", "metrics.json"]) as o:
+    (o / "model").mkdir()
+    (o / "model" / "w.bin").write_bytes(b"new")
+    (o / "metrics.json").write_text("new")
+"""
+
+
+def test_a_run_killed_while_committing_never_loses_the_set(tmp_path):
+    out = tmp_path / "out"
+    with OutputDir(out, ["model", "metrics.json"]) as o:
+        (o / "model").mkdir()
+        (o / "model" / "w.bin").write_bytes(b"old")
+        (o / "metrics.json").write_text("old")
+    done = subprocess.run([sys.executable, "-c", KILL_MID_COMMIT, str(out)], capture_output=True, text=True)
+    assert done.returncode == 9, done.stderr
+    # at the instant of the kill every entry is in place, old or new
+    assert (out / "model" / "w.bin").read_bytes() == b"new" and (out / "metrics.json").read_text() == "old"
+    # a later run that fails on a user error before it starts touches nothing
+    with pytest.raises(InputError):
+        OutputDir(out, ["model"], protect=[out / "model"])
+    assert (out / "model" / "w.bin").read_bytes() == b"new" and len(list(out.glob(STAGING_PREFIX + "*"))) == 1
+    # the next run into the directory finishes the dead run's commit: the whole new set
+    with OutputDir(out, ["report.txt"]) as o:
+        (o / "report.txt").write_text("r")
+    assert (out / "model" / "w.bin").read_bytes() == b"new" and (out / "metrics.json").read_text() == "new"
+    assert not list(out.glob(STAGING_PREFIX + "*"))
+    assert json.loads((out / MANIFEST).read_text())["files"] == ["metrics.json", "model", "report.txt"]
