@@ -91,23 +91,59 @@ def _fabric(args: argparse.Namespace):
     return fabric
 
 
+BENCH_OUTPUTS = {"cost": ["cost.md", "cost.json"], "deploy": ["deploy.md", "deploy.json"],
+                 "ablation": ["ablation.md", "ablation.json"], "bench": ["bench.md", "bench.json", "bench.png"]}
+
+
+def _bench_mode(args: argparse.Namespace) -> str:
+    """The one mode asked for, every flag checked before any work (user errors otherwise)."""
+    from .errors import InputError
+
+    modes = [m for m in ("ablation", "cost", "deploy") if getattr(args, m)]
+    if len(modes) > 1:
+        raise InputError(f"bench: choose one of --ablation, --cost, --deploy (got {', '.join('--' + m for m in modes)})")
+    mode = modes[0] if modes else "bench"
+    if not 1 <= args.images <= 64:
+        raise InputError(f"bench: --images must be in [1, 64], got {args.images}")
+    if args.images != 1 and mode != "cost":
+        raise InputError("bench: --images applies to --cost only")
+    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
+        raise InputError(f"bench: --device must be cpu or cuda, got {args.device!r}")
+    if args.device != "cpu":
+        import torch
+
+        if mode != "cost":
+            raise InputError("bench: --device applies to --cost only")
+        if not torch.cuda.is_available():
+            raise InputError(f"bench: --device {args.device}: no CUDA device on this machine; use --device cpu")
+    if args.quick and mode == "deploy":
+        raise InputError("bench: --quick does not apply to --deploy")
+    return mode
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
-    if args.cost:
-        from .costbench import run_cost
+    from ._io import OutputDir
 
-        out = run_cost(Path(args.out), quick=args.quick, images=args.images, device=args.device, progress=not args.quiet)
-    elif args.deploy:
-        from .deploybench import run_deploy
+    mode = _bench_mode(args)
+    # the same output rules as `prune`: nothing ditprune did not write is replaced, outputs staged
+    with OutputDir(args.out, BENCH_OUTPUTS[mode], key="--out") as o:
+        if mode == "cost":
+            from .costbench import run_cost
 
-        out = run_deploy(Path(args.out), progress=not args.quiet)
-    else:
-        from .bench import run_bench
+            out = run_cost(o.staging, quick=args.quick, images=args.images, device=args.device,
+                           progress=not args.quiet)
+        elif mode == "deploy":
+            from .deploybench import run_deploy
 
-        out = run_bench(Path(args.out), ablation=args.ablation, quick=args.quick, progress=not args.quiet)
+            out = run_deploy(o.staging, progress=not args.quiet)
+        else:
+            from .bench import run_bench
+
+            out = run_bench(o.staging, ablation=mode == "ablation", quick=args.quick, progress=not args.quiet)
     print(out["table"])
     print()
     for what, where in out["outputs"].items():
-        print(f"{what:>10}: {where}")
+        print(f"{what:>10}: {o.final(Path(where).name)}")
     return 0
 
 

@@ -174,3 +174,64 @@ def test_importing_the_cli_leaves_torch_unloaded_so_the_wait_policy_applies():
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert done.returncode == 0 and done.stdout.strip() == "PASSIVE", done.stderr
+
+
+@pytest.fixture
+def no_bench(monkeypatch):
+    import ditprune.bench
+    import ditprune.costbench
+    import ditprune.deploybench
+
+    def forbidden(*a, **k):
+        raise AssertionError("the bench started before the error was found")
+
+    for mod, name in ((ditprune.bench, "run_bench"), (ditprune.costbench, "run_cost"),
+                      (ditprune.deploybench, "run_deploy")):
+        monkeypatch.setattr(mod, name, forbidden)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--cost", "--deploy"], "choose one of --ablation, --cost, --deploy"),
+    (["--cost", "--images", "0"], "--images must be in [1, 64], got 0"),
+    (["--images", "3"], "--images applies to --cost only"),
+    (["--cost", "--device", "tpu"], "--device must be cpu or cuda"),
+    (["--deploy", "--quick"], "--quick does not apply to --deploy"),
+])
+def test_bench_flags_are_checked_before_any_work(capsys, no_bench, tmp_path, extra, message):
+    assert message in _one_line_error(capsys, ["bench", "--out", str(tmp_path / "b"), *extra])
+
+
+def test_bench_cuda_without_cuda_is_a_user_error(capsys, no_bench, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: --device cuda is valid here")
+    assert "no CUDA device" in _one_line_error(capsys, ["bench", "--cost", "--device", "cuda", "--out", str(tmp_path)])
+
+
+def test_bench_follows_the_output_rules_of_prune(capsys, no_bench, tmp_path):
+    users = tmp_path / "mine"
+    users.mkdir()
+    (users / "bench.md").write_text("my own notes")
+    assert "was not written by ditprune" in _one_line_error(capsys, ["bench", "--out", str(users)])
+    assert (users / "bench.md").read_text() == "my own notes"
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert "is a file" in _one_line_error(capsys, ["bench", "--out", str(afile)])
+    assert "cannot write into" in _one_line_error(capsys, ["bench", "--out", "/proc/ditprune-bench"])
+
+
+def test_bench_writes_through_the_staging_directory(capsys, tmp_path, monkeypatch):
+    import ditprune.deploybench
+
+    def fake(out, progress=True):
+        (out / "deploy.md").write_text("t\n")
+        (out / "deploy.json").write_text("[]\n")
+        return {"table": "t", "outputs": {"table": str(out / "deploy.md"), "json": str(out / "deploy.json")}}
+
+    monkeypatch.setattr(ditprune.deploybench, "run_deploy", fake)
+    for _ in range(2):  # a second run replaces what the first one wrote
+        assert main(["-q", "bench", "--deploy", "--out", str(tmp_path / "b")]) == 0
+    printed = capsys.readouterr().out
+    assert f"table: {tmp_path / 'b' / 'deploy.md'}" in printed
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [".ditprune.json", "deploy.json", "deploy.md"]
