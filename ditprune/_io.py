@@ -113,17 +113,25 @@ def check_output_dir(path: str | os.PathLike, names: Iterable[str], protect: Ite
     """Refuse, before any work, an output directory that would lose a user's files: one that is a
     file or not writable, one equal to, inside or containing a ``protect`` path (the model's
     source), or one holding any of ``names`` that ditprune did not write (unless ``overwrite``)."""
-    path = Path(path).expanduser().absolute()
-    if path.exists() and not path.is_dir():
-        raise InputError(f"{key}: {path} is a file; give a directory")
-    real = path.resolve()
+    if "\x00" in str(path):
+        raise InputError(f"{key}: the path contains a NUL byte")
+    try:
+        path = Path(path).expanduser().absolute()
+        if path.exists() and not path.is_dir():
+            raise InputError(f"{key}: {path} is a file; give a directory")
+        real = path.resolve(strict=False)
+    except (OSError, RuntimeError) as e:  # a symlink loop, a name too long, ...
+        raise InputError(f"{key}: {path}: {getattr(e, 'strerror', None) or e}") from None
     for p in protect:
         src = Path(p).expanduser().resolve()
         if _inside(real, src) or _inside(src, real):
             how = "is" if real == src else ("lies inside" if _inside(real, src) else "contains")
             raise InputError(f"{key}: {path} {how} the model source {src}; ditprune never writes over its "
                              "input: choose another output directory")
-    _probe_writable(path, key)
+    try:
+        _probe_writable(path, key)
+    except OSError as e:
+        raise InputError(f"{key}: cannot write into {path} ({e.strerror or e}); choose a writable directory") from None
     if path.is_dir():
         mine = set(_read_manifest(path)["files"])
         for name in names:

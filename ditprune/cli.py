@@ -82,7 +82,24 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _fabric(args: argparse.Namespace):
     """Lightning Fabric over ``--devices`` (several: DDP, one process per device; each rank takes
     its share of prompts), or None for one device."""
-    if args.devices <= 1:
+    from .errors import InputError
+
+    accelerators = ("auto", "cpu", "cuda", "gpu")
+    if args.accelerator not in accelerators:
+        raise InputError(f"--accelerator must be one of {list(accelerators)}, got {args.accelerator!r}")
+    if args.devices < 1:
+        raise InputError(f"--devices must be >= 1, got {args.devices}")
+    import os
+
+    import torch
+
+    gpu = args.accelerator in ("cuda", "gpu") or (args.accelerator == "auto" and torch.cuda.is_available())
+    if gpu and not torch.cuda.is_available():
+        raise InputError(f"--accelerator {args.accelerator}: no CUDA device on this machine; use --accelerator cpu")
+    have = torch.cuda.device_count() if gpu else (os.cpu_count() or 1)
+    if args.devices > have:
+        raise InputError(f"--devices {args.devices}: this machine has {have} {'GPUs' if gpu else 'CPU cores'}")
+    if args.devices == 1:
         return None
     from lightning.fabric import Fabric
 

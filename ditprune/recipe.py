@@ -271,9 +271,15 @@ def _regexes(key: str, patterns) -> None:
             raise RecipeError(f"{key}: regex {p!r} does not compile ({e})") from None
 
 
-def _positive(key: str, value, minimum: int = 1) -> None:
+def _positive(key: str, value, minimum: int = 1, maximum: int | None = None) -> None:
     if value is None or value < minimum:
         raise RecipeError(f"{key} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise RecipeError(f"{key} must be <= {maximum}, got {value} (a bound against runs that cannot end)")
+
+
+# upper bounds: far above any real run, low enough that a typo cannot start one that never ends
+MAX_PROMPTS, MAX_STEPS, MAX_RESOLUTION, MAX_BATCH, MAX_SAMPLES = 100_000, 1000, 8192, 4096, 1_000_000
 
 
 def check_recipe(cfg: DictConfig) -> None:
@@ -298,6 +304,9 @@ def check_recipe(cfg: DictConfig) -> None:
             if m[key] != default:
                 raise RecipeError(f"model.{key}={m[key]} applies to pipelines; the reference models run in "
                                   "float32 on the CPU: remove it")
+    if reference and m.transformer_class is not None:
+        raise RecipeError("model.transformer_class applies to pipelines; the reference models know their class: "
+                          "remove it")
     if m.dtype not in DTYPES:
         raise RecipeError(f"model.dtype must be one of {list(DTYPES)}, got {m.dtype!r}")
     if m.transformer_class is not None:
@@ -310,17 +319,18 @@ def check_recipe(cfg: DictConfig) -> None:
             raise RecipeError(f"model.transformer_class: {m.transformer_class!r} is not a diffusers model class "
                               "(e.g. FluxTransformer2DModel)")
     # calibration
-    _positive("calibration.num_prompts", c.num_prompts)
-    _positive("calibration.steps", c.steps)
+    _positive("calibration.num_prompts", c.num_prompts, 1, MAX_PROMPTS)
+    _positive("calibration.steps", c.steps, 1, MAX_STEPS)
+    _positive("calibration.seed", c.seed, 0, 2**32 - 1)
     if reference:
         for key, what in (("prompts", "take digits, not a prompt file"), ("guidance", "sample with guidance 1.5"),
                           ("resolution", "are 16x16")):
             if c[key] is not None:
                 raise RecipeError(f"calibration.{key} applies to pipelines; the reference models {what}: remove it")
     elif c.resolution is not None:
-        _positive("calibration.resolution", c.resolution, 8)
-    if c.guidance is not None and c.guidance < 0:
-        raise RecipeError(f"calibration.guidance must be >= 0, got {c.guidance}")
+        _positive("calibration.resolution", c.resolution, 8, MAX_RESOLUTION)
+    if c.guidance is not None and not 0 <= c.guidance <= 1000:
+        raise RecipeError(f"calibration.guidance must be in [0, 1000], got {c.guidance}")
     # pruning
     if p.method not in METHODS:
         raise RecipeError(f"pruning.method: unknown method {p.method!r}; choose one of {sorted(METHODS)}")
@@ -351,10 +361,16 @@ def check_recipe(cfg: DictConfig) -> None:
     except (TypeError, ValueError) as err:
         raise RecipeError(f"pruning.options: {err}") from None
     # recovery, quantization, export, evaluation
-    _positive("recovery.steps", r.steps, 0)
-    _positive("recovery.batch_size", r.batch_size)
-    if not r.lr > 0:
-        raise RecipeError(f"recovery.lr must be > 0, got {r.lr}")
+    _positive("recovery.steps", r.steps, 0, MAX_SAMPLES)
+    _positive("recovery.batch_size", r.batch_size, 1, MAX_BATCH)
+    if not 0 < r.lr <= 1:
+        raise RecipeError(f"recovery.lr must be in (0, 1], got {r.lr}")
+    if r.steps == 0:
+        defaults = RecoveryConfig()
+        for key in ("lr", "batch_size", "distill"):
+            if r[key] != getattr(defaults, key):
+                raise RecipeError(f"recovery.{key} applies only with recovery.steps > 0: set recovery.steps or "
+                                  "remove it")
     if r.steps > 0 and not reference:
         raise RecipeError("recovery.steps > 0 runs only on the reference models: for a pipeline, put "
                           "ditprune.callbacks.DiTPruning in your own Trainer with your data")
@@ -367,13 +383,13 @@ def check_recipe(cfg: DictConfig) -> None:
     if not e.output_dir:
         raise RecipeError("export.output_dir is empty")
     if ev.steps is not None:
-        _positive("evaluation.steps", ev.steps)
+        _positive("evaluation.steps", ev.steps, 1, MAX_STEPS)
     if reference:
         for name in ev.compare or []:
             if name not in METHODS:
                 raise RecipeError(f"evaluation.compare: unknown method {name!r}; choose from {sorted(METHODS)}")
         if ev.n_samples is not None:
-            _positive("evaluation.n_samples", ev.n_samples, 2)
+            _positive("evaluation.n_samples", ev.n_samples, 2, MAX_SAMPLES)
         for key in PIPELINE_EVAL_KEYS:
             if ev[key] is not None:
                 raise RecipeError(f"evaluation.{key} applies to pipelines; the reference models are judged by "
@@ -383,11 +399,11 @@ def check_recipe(cfg: DictConfig) -> None:
             if ev[key] is not None:
                 raise RecipeError(f"evaluation.{key} applies to the reference models; for a pipeline set "
                                   "evaluation.clip_model (and prompts, num_prompts, ...): remove it")
-        for key in ("num_prompts", "batch_size"):
+        for key, top in (("num_prompts", MAX_PROMPTS), ("batch_size", MAX_BATCH)):
             if ev[key] is not None:
-                _positive(f"evaluation.{key}", ev[key])
+                _positive(f"evaluation.{key}", ev[key], 1, top)
         if ev.resolution is not None:
-            _positive("evaluation.resolution", ev.resolution, 8)
+            _positive("evaluation.resolution", ev.resolution, 8, MAX_RESOLUTION)
 
 
 def unused_evaluation(cfg: DictConfig) -> str | None:
@@ -444,16 +460,24 @@ def _check_device(device: str) -> None:
         raise RecipeError(f"model.device: {device!r} is not supported (cpu, cuda, cuda:N, mps)")
 
 
-def read_prompt_file(path: str) -> list[str]:
+MAX_PROMPT_BYTES = 64 << 20  # MJHQ-30K's meta_data.json is about 10 MB
+
+
+def read_prompt_file(path: str, key: str = "calibration.prompts") -> list[str]:
     p = Path(path).expanduser()
     try:
+        if p.exists() and not p.is_file():  # a FIFO or a device would hang or never end
+            raise RecipeError(f"{key}: {path} is not a regular file")
+        if p.is_file() and p.stat().st_size > MAX_PROMPT_BYTES:
+            raise RecipeError(f"{key}: {path} is {p.stat().st_size} bytes; a prompt file is at most "
+                              f"{MAX_PROMPT_BYTES >> 20} MiB")
         prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
     except OSError as e:
-        raise RecipeError(f"calibration.prompts: cannot read {path} ({e.strerror or e})") from None
+        raise RecipeError(f"{key}: cannot read {path} ({e.strerror or e})") from None
     except UnicodeDecodeError:
-        raise RecipeError(f"calibration.prompts: {path} is not UTF-8 text (one prompt a line)") from None
+        raise RecipeError(f"{key}: {path} is not UTF-8 text (one prompt a line)") from None
     if not prompts:
-        raise RecipeError(f"calibration.prompts: {path} has no prompts (one a line)")
+        raise RecipeError(f"{key}: {path} has no prompts (one a line)")
     return prompts
 
 

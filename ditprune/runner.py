@@ -203,12 +203,12 @@ def run_eval(recipe: DictConfig, progress: bool = True, fabric=None) -> dict:
     if not evaluates_pipeline(recipe) or recipe.evaluation.pruned is None:
         raise InputError("ditprune eval needs a pipeline (model.source), evaluation.clip_model and "
                          "evaluation.pruned (the pruned transformer's directory)")
-    out = check_run(recipe, ["recipe.yaml"] + EVAL_OUTPUTS)
+    out = check_run(recipe, ["eval_recipe.yaml"] + EVAL_OUTPUTS)  # never over a prune run's recipe.yaml
     rank, world = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
     target = out if rank == 0 else _Scratch(out)
     m = recipe.model
     with target:
-        (target / "recipe.yaml").write_text(OmegaConf.to_yaml(recipe))
+        (target / "eval_recipe.yaml").write_text(OmegaConf.to_yaml(recipe))
         pipe = load_pipeline(m.source, m.dtype, _device(recipe, fabric), m.transformer_class)
         pruned = load_transformer(recipe.evaluation.pruned, pipe.transformer.device)
         text = _evaluate(recipe, pipe, pipe.transformer, pruned, _eval_job(recipe), target, progress, rank, world)
@@ -220,8 +220,13 @@ def _run_reference(recipe: DictConfig, out: OutputDir, progress: bool) -> dict:
     from .evaluation.harness import Candidate, Comparison
     from .evaluation.report import markdown_table, save_grid
 
+    from .reference import load
+
     kind = recipe.model.source.split(":", 1)[1]  # flux-layout / dit-xl-layout (or their short names)
     p, ev = recipe.pruning, evaluation_settings(recipe)
+    kw = recipe_prune_kwargs(p, p.method)
+    kw.pop("offload")
+    PrunePlan(load(kind), p.method, **pruning_setting(p), **kw)  # targets and N:M checked before calibrating
     main_label = f"{p.method} (recipe)"
     candidates = [Candidate("dense", None), Candidate(main_label, p.method)]
     candidates += [Candidate(m, m) for m in ev["compare"] if m != p.method]

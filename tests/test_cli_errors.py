@@ -52,6 +52,21 @@ CASES = [  # (arguments after `prune`, expected part of the message)
     ([DEMO, "evaluation.n_samples=1"], "evaluation.n_samples must be >= 2"),
     ([DEMO, "pruning.overrides=[{targets: [attn]}]"], "pruning.overrides[0]: set sparsity or pattern"),
     ([DEMO, "model.source=${oc.env:SECRET_TOKEN}"], "may not read environment variables"),
+    ([DEMO, "calibration.num_prompts=100000000000000000000"], "calibration.num_prompts must be <="),
+    ([DEMO, "calibration.seed=100000000000000000000"], "calibration.seed must be <="),
+    ([DEMO, "calibration.steps=1000000000"], "calibration.steps must be <= 1000"),
+    ([DEMO, "evaluation.n_samples=1000000000000"], "evaluation.n_samples must be <="),
+    ([DEMO, "recovery.lr=.inf"], "recovery.lr must be in (0, 1]"),
+    ([DEMO, "recovery.lr=0.01"], "recovery.lr applies only with recovery.steps > 0"),
+    ([DEMO, "recovery.batch_size=8"], "recovery.batch_size applies only with recovery.steps > 0"),
+    ([DEMO, "model.transformer_class=FluxTransformer2DModel"], "model.transformer_class applies to pipelines"),
+    ([DEMO, 'export.output_dir="/tmp/a\\0b"'], "NUL byte"),  # YAML's \0 escape
+    ([DEMO, "export.output_dir=/tmp/" + "x" * 300], "export.output_dir"),
+    ([DEMO, "--devices", "0"], "--devices must be >= 1, got 0"),
+    ([DEMO, "--devices", "-1"], "--devices must be >= 1, got -1"),
+    ([DEMO, "--devices", "99999", "--accelerator", "cpu"], "--devices 99999: this machine has"),
+    ([DEMO, "--accelerator", "banana"], "--accelerator must be one of"),
+    ([DEMO, "--devices", "2", "--accelerator", "banana"], "--accelerator must be one of"),
     ([DEMO, "model.source=${oc.decode:'${oc.env:SECRET_TOKEN}'}"], "may not read environment variables"),
     ([DEMO, "model.source=${oc.decode:${calibration.note}}"], "nor call resolvers"),
     ([DEMO, "pruning.sparsty=0.6"], "did you mean 'pruning.sparsity'"),
@@ -68,6 +83,20 @@ CASES = [  # (arguments after `prune`, expected part of the message)
 ]
 
 
+@pytest.mark.parametrize("args, message", [
+    (["pruning.pattern=2:5"], "pattern 2:5 does not divide layer"),
+    (["pruning.targets=[no_such_layer]"], "'no_such_layer' matches no nn.Linear"),
+])
+def test_structural_errors_come_before_calibration(args, message, capsys, tmp_path, monkeypatch):
+    import ditprune.evaluation.harness as harness
+
+    def forbidden(*a, **k):
+        raise AssertionError("calibration started before the error was found")
+
+    monkeypatch.setattr(harness, "Comparison", forbidden)
+    assert message in _one_line_error(capsys, ["prune", DEMO, *args, f"export.output_dir={tmp_path / 'out'}"])
+
+
 @pytest.mark.parametrize("args, message", CASES, ids=[" ".join(a[1:]) or a[0] for a, _ in CASES])
 def test_user_error_is_one_line_and_exit_2_before_any_work(args, message, capsys, no_work, tmp_path, monkeypatch,
                                                             tiny_pipeline_dir):
@@ -77,7 +106,14 @@ def test_user_error_is_one_line_and_exit_2_before_any_work(args, message, capsys
         args = [PIPE, f"model.source={tiny_pipeline_dir}", *args[1:]]
     if args[0] == PIPE and "model.device" not in " ".join(args):
         args = [*args, "model.device=cpu"]
-    err = _one_line_error(capsys, ["prune", *args, f"export.output_dir={tmp_path / 'out'}"])
+    if "model.device=cuda" in args:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a CUDA device: model.device=cuda is valid here")
+    if not any(a.startswith("export.output_dir=") for a in args):
+        args = [args[0], f"export.output_dir={tmp_path / 'out'}", *args[1:]]  # before any --flag
+    err = _one_line_error(capsys, ["prune", *args])
     assert message in err
     assert "hunter2" not in err
 
@@ -235,3 +271,26 @@ def test_bench_writes_through_the_staging_directory(capsys, tmp_path, monkeypatc
     printed = capsys.readouterr().out
     assert f"table: {tmp_path / 'b' / 'deploy.md'}" in printed
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [".ditprune.json", "deploy.json", "deploy.md"]
+
+
+def test_a_fifo_or_a_device_is_not_read_as_prompts(capsys, no_work, tiny_pipeline_dir, tmp_path):
+    import os
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for source in (fifo, "/dev/zero"):
+        err = _one_line_error(capsys, ["prune", PIPE, f"model.source={tiny_pipeline_dir}", "model.device=cpu",
+                                       f"calibration.prompts={source}", f"export.output_dir={tmp_path / 'out'}"])
+        assert "is not a regular file" in err
+    from ditprune.evaluation.pipeline import read_eval_prompts
+    from ditprune.errors import InputError
+
+    with pytest.raises(InputError, match="not a regular file"):
+        read_eval_prompts(fifo)
+
+
+def test_a_symlink_loop_as_output_is_a_user_error(capsys, no_work, tmp_path):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    err = _one_line_error(capsys, ["prune", DEMO, f"export.output_dir={loop / 'out'}"])
+    assert err.startswith("ditprune: error: export.output_dir")
