@@ -20,12 +20,11 @@ def test_synthetic_statistics_plenty_and_few():
 def test_layer_costs_rows_and_ratios():
     rows = layer_costs([("a", 48, 32, None), ("b", 64, 32, 40)], METHODS[:3], repeats=1, progress=False)
     assert [(r["shape"], r["method"]) for r in rows] == [(s, m) for s in "ab" for m in ("wanda", "sparsegpt", "dit")]
-    for r in rows:
+    by = {(r["shape"], r["method"]): r for r in rows}
+    for r in rows:  # each ratio divides by the baseline of the same shape
         assert r["seconds"] > 0
-        if r["method"] == "sparsegpt":
-            assert r["x_sparsegpt"] == 1.0
-        if r["method"] == "wanda":
-            assert r["x_wanda"] == 1.0
+        base = by[(r["shape"], "sparsegpt")]["seconds"]
+        assert r["x_sparsegpt"] == pytest.approx(r["seconds"] / base)
 
 
 def test_blocks_extrapolation_and_memory_account():
@@ -37,7 +36,6 @@ def test_blocks_extrapolation_and_memory_account():
     expected = (19 * sgpt["double"]["mask_seconds"] + 38 * sgpt["single"]["mask_seconds"]) / 3600
     assert whole["transformer_mask_hours"] == pytest.approx(expected)
     memory = memory_account(rows, [{"method": "sparsegpt", "peak_mb": 1024.0}])
-    assert memory["weights_gb"] == pytest.approx(costbench.FLUX_DEV["params"] * 2 / 2**30)
-    assert memory["largest_layer_workspace_gb"] == pytest.approx(1.0)
+    assert memory["largest_layer_workspace_gb"] == pytest.approx(1.0)  # MiB -> GiB
     text = render([], rows, extrapolate(rows), memory, "test")
     assert "double" in text and "total on the GPU" in text

@@ -119,15 +119,28 @@ def test_exports_load_back_into_their_pipeline(tiny_pipeline_dir, tmp_path, vari
     torch.testing.assert_close(images, reference)
 
 
-def test_accelerate_explains_itself_without_a_gpu():
+def test_accelerate_explains_itself_and_keeps_the_outputs():
+    """Without a GPU nothing changes and the report says why. With one (bf16, on the device),
+    every 2:4 Linear is either converted, with outputs equal to the dense computation, or kept
+    dense with its reason."""
     from ditprune.kernels import is_n_m
 
-    model, _ = _pruned(pattern="2:4")
-    report = ditprune.accelerate(model)
-    if not torch.cuda.is_available():
-        assert report["converted"] == [] and "no CUDA GPU" in report["why"]
-    w = model.get_submodule(ditprune.resolve_targets(model).popitem()[0]).weight
+    model, names = _pruned(pattern="2:4")
+    w = model.get_submodule(names[0]).weight
     assert is_n_m(w) and not is_n_m(torch.ones(4, 8))
+    if not torch.cuda.is_available():
+        report = ditprune.accelerate(model)
+        assert report["converted"] == [] and "no CUDA GPU" in report["why"]
+        return
+    model = model.to("cuda", torch.bfloat16)
+    x = torch.randn(4096, w.shape[1], device="cuda", dtype=torch.bfloat16)
+    layer = model.get_submodule(names[0])
+    before = layer(x)
+    report = ditprune.accelerate(model, min_speedup=0.0)  # convert wherever the kernels run
+    for name in names:
+        assert name in report["converted"] or name in report["dense"], name
+    if names[0] in report["converted"]:
+        torch.testing.assert_close(layer(x), before, rtol=2e-2, atol=2e-2)
 
 
 def test_whole_flux_size_counts_each_block_19_or_38_times(tmp_path):

@@ -9,7 +9,6 @@ from torch import nn
 
 import ditprune
 from ditprune import granularity as G
-from ditprune.refine import refine_mask
 from ditprune.models.tiny import tiny_batches, tiny_model
 from ditprune.sparsegpt import obs_prune
 from ditprune.stats import NonFiniteActivationError
@@ -129,10 +128,15 @@ def test_fixed_alpha_mask_recomputed_independently(refine):
     ditprune.prune(model, batches, method="dit", sparsity=0.5, targets=["lin"], alpha=0.3, granularity="row",
                    refine=refine)
     scores = (w**2 / (w**2).mean()) ** 0.7 * (energy / energy.mean()) ** 0.3
-    expected = G.row_mask(scores, 0.5)
-    if refine:
-        expected, _ = refine_mask(w, expected, h, refine, shortlist=12)
-    assert torch.equal(model.lin.weight != 0, expected)
+    order = scores.argsort(dim=1, stable=True)[:, :16]  # the 16 lowest of each row, ties by position
+    expected = torch.ones_like(w, dtype=torch.bool).scatter_(1, order, False)
+    keep = model.lin.weight != 0
+    if not refine:
+        assert torch.equal(keep, expected)
+    else:  # the search keeps every row's count and only lowers each row's removed energy
+        assert torch.equal(keep.sum(1), expected.sum(1))
+        lost = lambda k: (((w * ~k) @ h) * (w * ~k)).sum(1)  # noqa: E731
+        assert (lost(keep) <= lost(expected) + 1e-6).all() and (lost(keep) < lost(expected)).any()
 
 
 def test_reconstruct_updates_only_kept_weights_and_lowers_the_error():
@@ -183,27 +187,30 @@ def test_two_linear_smoke_every_method_reports_actual_zeros():
             assert r.sparsity == (w == 0).float().mean().item()
 
 
-def test_polish_reaches_the_damped_least_squares_solution_and_only_lowers_it():
+def test_polish_only_lowers_the_objective_and_reaches_the_exact_solution():
+    """Low-rank inputs (rank 16 for 64 inputs, as a few-token layer): each iteration lowers the
+    damped least-squares objective, and with as many iterations as kept weights per row (32)
+    conjugate gradients reach the exact solution (finite termination, float64)."""
     from ditprune.sparsegpt import polish
 
     g = torch.Generator().manual_seed(0)
-    d = 24
-    x = torch.randn(200, d, generator=g) @ torch.randn(d, d, generator=g)
+    d = 64
+    x = torch.randn(200, 16, generator=g) @ torch.randn(16, d, generator=g)
     h = x.T @ x / 200
     w = torch.randn(10, d, generator=g)
     keep = G.row_mask(w.abs(), 0.5)
-    hd = h + 0.01 * torch.diagonal(h).mean() * torch.eye(d)
-    exact = torch.zeros_like(w)
+    hd = (h + 0.01 * torch.diagonal(h).mean() * torch.eye(d)).double()
+    exact = torch.zeros_like(w, dtype=torch.float64)
     for i in range(10):  # per row: solve the kept weights exactly
         k = keep[i]
-        exact[i, k] = torch.linalg.solve(hd[k][:, k], hd[k] @ w[i])
-    loss = lambda v: float((((w - v) @ hd) * (w - v)).sum())  # noqa: E731
+        exact[i, k] = torch.linalg.solve(hd[k][:, k], hd[k] @ w[i].double())
+    loss = lambda v: float((((w.double() - v.double()) @ hd) * (w.double() - v.double())).sum())  # noqa: E731
     previous = loss(w * keep)
     for iters in (1, 2, 4, 8):
         v = polish(w, w * keep, keep, h, iters)
-        assert loss(v) <= previous + 1e-4 and (v[~keep] == 0).all()
+        assert loss(v) <= previous * (1 + 1e-6) and (v[~keep] == 0).all()
         previous = loss(v)
-    assert loss(polish(w, w * keep, keep, h, 64)) == pytest.approx(loss(exact), rel=1e-4)
+    assert loss(polish(w, w * keep, keep, h, 32, tol=0.0)) == pytest.approx(loss(exact), rel=1e-5)
 
 
 @pytest.mark.parametrize("setting", [{"sparsity": 0.5}, {"pattern": "2:4"}])
@@ -223,5 +230,16 @@ def test_reconstruct_is_never_worse_than_sparsegpt_on_the_calibration_objective(
         if "pattern" in setting:
             assert (w != 0).reshape(32, -1, 4).sum(-1).le(2).all()
         assert report.layers[0].sparsity >= 0.5
-    assert lost[("dit", 0)] <= lost[("sparsegpt", None)] * (1 + 1e-5)  # SparseGPT's own result is a candidate
+    # with polish=0 the result is whichever candidate removes less, recomputed here from the two
+    # OBS solutions (the solver itself is checked against the reference in test_reference_recompute)
+    dense = OneLinear(d, 32).lin.weight.detach()
+    mask_only = OneLinear(d, 32)
+    ditprune.prune(mask_only, batches, method="dit", targets=["lin"], block_sequential=False, **setting)
+    dit_keep = mask_only.lin.weight != 0
+    nm = (2, 4) if "pattern" in setting else None
+    cands = [obs_prune(dense, h, prune_mask=~dit_keep, dtype=torch.float64)[0],
+             obs_prune(dense, h, 0.5, nm, dtype=torch.float64)[0]]
+    per_row = torch.stack([(((dense - c) @ h) * (dense - c)).sum(1) for c in cands])
+    best = float(per_row.min(0).values.sum()) if nm else float(per_row.sum(1).min())
+    assert lost[("dit", 0)] == pytest.approx(best, rel=1e-4)
     assert lost[("dit", 8)] < 0.9 * lost[("dit", 0)]  # the least-squares polish lowers it further
