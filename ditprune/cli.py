@@ -105,7 +105,22 @@ def _fabric(args: argparse.Namespace):
 
     fabric = Fabric(accelerator=args.accelerator, devices=args.devices, strategy="ddp")
     fabric.launch()
+    _CHILDREN[:] = getattr(fabric.strategy.launcher, "procs", []) or []  # rank 0 started them
     return fabric
+
+
+_CHILDREN: list = []  # the other ranks' processes, on rank 0
+
+
+def _end_other_ranks() -> None:
+    """A rank that fails ends the others: they would wait in a collective until its timeout.
+    Rank 0 kills the ranks it started; a failing child exits, and Lightning's observer on rank 0
+    then ends every rank."""
+    import signal
+
+    for proc in _CHILDREN:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
 
 
 BENCH_OUTPUTS = {"cost": ["cost.md", "cost.json"], "deploy": ["deploy.md", "deploy.json"],
@@ -235,10 +250,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as e:
+        _end_other_ranks()
         if args.verbose:
             raise
         print(f"ditprune: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except BaseException:
+        _end_other_ranks()
+        raise
 
 
 def _quiet_dependencies() -> None:

@@ -133,3 +133,50 @@ def test_two_processes_give_the_numbers_of_one(flux_dir, clip_dir, tmp_path, met
     assert ea["n_images"] == eb["n_images"] == 6
     for key in ("clip_score_dense", "clip_score_pruned", "psnr_vs_dense", "ssim_vs_dense", "fd_pruned_vs_dense"):
         assert eb[key]["value"] == pytest.approx(ea[key]["value"], rel=1e-4, abs=1e-4), key
+
+
+@pytest.mark.parametrize("n, identical", [(1, False), (3, True), (1, True)])
+def test_summaries_of_one_image_or_identical_images(n, identical):
+    from ditprune._io import strict_json
+    from ditprune.evaluation.pipeline import summarize
+
+    g = torch.Generator().manual_seed(0)
+    data = {"index": torch.arange(n).float(), "clip_dense": torch.rand(n, generator=g),
+            "clip_pruned": torch.rand(n, generator=g),
+            "psnr": torch.full((n,), float("inf")) if identical else torch.rand(n, generator=g) * 30,
+            "ssim": torch.ones(n), "feat_dense": torch.randn(n, 8, generator=g),
+            "feat_pruned": torch.randn(n, 8, generator=g), "reward_dense": torch.zeros(0),
+            "reward_pruned": torch.zeros(0)}
+    out = json.loads(strict_json(summarize(data, bootstrap_n=50)))
+    assert out["n_images"] == n
+    if identical:
+        assert out["psnr_vs_dense"]["value"] is None and out["psnr_vs_dense"]["n"] == 0
+    assert ("fd_pruned_vs_dense" in out) == (n > 1)  # one image has no covariance
+
+
+FAIL_ON_RANK = """
+import os, sys
+import ditprune.runner as runner
+from ditprune.errors import InputError
+real = runner.PrunePlan
+def failing(*a, **k):
+    if os.environ.get("LOCAL_RANK", "0") == sys.argv[1]:
+        raise InputError(f"injected failure on rank {sys.argv[1]}")
+    return real(*a, **k)
+runner.PrunePlan = failing
+from ditprune.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_one_failing_rank_ends_the_others(flux_dir, tmp_path, rank):
+    """A rank that fails must not leave the other waiting in a collective (gloo's timeout is 30
+    minutes): the run ends promptly with that rank's error."""
+    script = tmp_path / "fail.py"
+    script.write_text(FAIL_ON_RANK)
+    cmd = [sys.executable, str(script), rank, "-q", "prune", *_flux_args(flux_dir, tmp_path / "out"),
+           "--devices", "2", "--accelerator", "cpu"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert done.returncode != 0
+    assert f"injected failure on rank {rank}" in done.stderr

@@ -306,8 +306,12 @@ def summarize(data: dict[str, torch.Tensor], feature_name: str = "FD-CLIP", boot
         x = data.get(key)
         if x is not None and len(x):
             finite = x[torch.isfinite(x)]
-            v, lo, hi = bootstrap(mean, finite, n=bootstrap_n)
-            out[label] = {"value": v, "ci95": [lo, hi], "n": int(len(finite))}
+            if len(finite):
+                v, lo, hi = bootstrap(mean, finite, n=bootstrap_n)
+                out[label] = {"value": v, "ci95": [lo, hi], "n": int(len(finite))}
+            else:  # every pair identical (PSNR infinite): null in strict JSON, and said
+                out[label] = {"value": float(x.mean()), "ci95": [float(x.min()), float(x.max())], "n": 0,
+                              "note": "every image identical to the dense one"}
     if len(data["clip_pruned"]):
         v, lo, hi = bootstrap(lambda a, b: (a - b).mean(), data["clip_pruned"], data["clip_dense"], n=bootstrap_n)
         out["clip_score_delta"] = {"value": v, "ci95": [lo, hi], "n": int(len(data["clip_pruned"]))}
