@@ -169,7 +169,7 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-@pytest.mark.parametrize("rank", ["0", "1"])
+@pytest.mark.parametrize("rank", ["0", pytest.param("1", marks=pytest.mark.slow)])  # 1: Lightning's own observer
 def test_one_failing_rank_ends_the_others(flux_dir, tmp_path, rank):
     """A rank that fails must not leave the other waiting in a collective (gloo's timeout is 30
     minutes): the run ends promptly with that rank's error."""

@@ -13,7 +13,7 @@ from ditprune.quantize import CONFIGS
 QUANT = [None, *sorted(CONFIGS)]
 FORMATS = ["diffusers", "compressed"]
 FAST_REFERENCE = ["pruning.method=wanda", "calibration.num_prompts=1", "calibration.steps=1", "evaluation.n_samples=2",
-                  "evaluation.steps=1", "evaluation.compare=[]", "recovery.batch_size=4"]
+                  "evaluation.steps=1", "evaluation.compare=[]"]
 
 
 def _cuda_only(q):
@@ -37,13 +37,16 @@ def _check(code, err, out, q):
     assert pruned and all(z >= 0.5 for z in pruned)  # the pruned zeros survive quantization, export and load
 
 
+DEFAULT_WITH_RECOVERY = {(None, "diffusers"), ("float8_weight_only", "compressed")}
+
+
 def _reference_matrix():
-    """Every combination; with recovery steps each config runs in the default suite in one format
-    (alternating) and in the other under ``-m slow`` (a recovery run costs about 12 s)."""
-    for q_i, q in enumerate(QUANT):
-        for f_i, fmt in enumerate(FORMATS):
+    """Every combination. Without recovery all run in the default suite; with recovery steps (about
+    12 s each) two do (and ``tests/test_demo.py`` runs recovery + int8), the rest under ``-m slow``."""
+    for q in QUANT:
+        for fmt in FORMATS:
             yield pytest.param(0, q, fmt, id=f"0-{q}-{fmt}")
-            marks = [pytest.mark.slow] if (q_i + f_i) % 2 else []
+            marks = [] if (q, fmt) in DEFAULT_WITH_RECOVERY else [pytest.mark.slow]
             yield pytest.param(2, q, fmt, id=f"2-{q}-{fmt}", marks=marks)
 
 
@@ -51,6 +54,8 @@ def _reference_matrix():
 def test_reference_recipes(tmp_path, capsys, steps, q, fmt):
     out = tmp_path / "out"
     keys = [*FAST_REFERENCE, f"recovery.steps={steps}", f"export.format={fmt}", f"export.output_dir={out}"]
+    if steps:
+        keys.append("recovery.batch_size=4")  # refused without recovery steps
     if q:
         keys.append(f"quantization.config={q}")
     code = main(["-q", "prune", *keys])
