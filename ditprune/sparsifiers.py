@@ -363,10 +363,10 @@ class DiTPruningSparsifier(SaliencySparsifier):
             choice = [{"cluster": c, "alpha": alpha, "grouping": next(iter(groups))} for c in labels.unique().tolist()]
         fitted = None
         if held is not None:  # the search, fitted without the held-out tokens, must beat Wanda's mask on them
+            wanda_fit = plain_fit(w_s)
             fitted = search(fit, refine)(w_s, D.build(w_s, fit_energy, lab_s, choice, groups, plain_fit))
-            D.fall_back(w_s, fitted, plain_fit(w_s), lab_s, choice, judge)
-            fitted = torch.where(_rows_of(lab_s, choice, fallback=True).to(weight.device).unsqueeze(1),
-                                 plain_fit(w_s), fitted)
+            D.fall_back(w_s, fitted, wanda_fit, lab_s, choice, judge)
+            fitted = torch.where(_rows_of(lab_s, choice, fallback=True).to(weight.device).unsqueeze(1), wanda_fit, fitted)
         swaps.clear()  # count the swaps of the mask that is kept
         keep = D.build(weight, energy, labels, choice, groups, plain)
         searched = _rows_of(labels, choice, fallback=False).to(weight.device)
