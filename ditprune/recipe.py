@@ -260,15 +260,15 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
 
 # -- value checks (no file system, no model) ----------------------------------------------------
 def _regexes(key: str, patterns) -> None:
+    """The same check as the API's (:func:`ditprune.pruning.compile_regexes`), as a recipe error."""
+    from .pruning import compile_regexes
+
     if patterns is None:
         return
-    if isinstance(patterns, str):
-        raise RecipeError(f"{key} is a list of regexes, e.g. [\"attn\"], not a single string")
-    for p in patterns:
-        try:
-            re.compile(p)
-        except re.error as e:
-            raise RecipeError(f"{key}: regex {p!r} does not compile ({e})") from None
+    try:
+        compile_regexes(list(patterns) if isinstance(patterns, ListConfig) else patterns, key)
+    except (TypeError, ValueError) as e:
+        raise RecipeError(str(e)) from None
 
 
 def _positive(key: str, value, minimum: int = 1, maximum: int | None = None) -> None:

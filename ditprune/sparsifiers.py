@@ -310,10 +310,11 @@ class DiTPruningSparsifier(SaliencySparsifier):
         grid = tuple(sorted({float(a) for a in alphas} | {0.5}))  # Wanda's ranking is always a candidate
         if any(not 0.0 <= a <= 1.0 for a in grid):
             raise InputError(f"alphas must lie in [0, 1], got {list(alphas)}")
-        for name, value, low in (("refine", refine, 0), ("shortlist", shortlist, 1), ("sample_rows", sample_rows, 1),
-                                 ("max_clusters", max_clusters, 1), ("polish", polish, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
+        for name, value, low, high in (("refine", refine, 0, 1000), ("shortlist", shortlist, 1, 4096),
+                                       ("sample_rows", sample_rows, 1, 1 << 20), ("max_clusters", max_clusters, 1, 64),
+                                       ("polish", polish, 0, 10_000)):
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise InputError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
         super().__init__(
             sparsity, pattern, granularity, alpha=alpha, alphas=grid, max_clusters=max_clusters, refine=refine,
             shortlist=shortlist, sample_rows=sample_rows, damp=float(damp), reconstruct=bool(reconstruct),

@@ -125,3 +125,10 @@ def test_a_weight_shared_by_two_linears_is_pruned_once():
         report = ditprune.prune(model, linear_batches(n=2), method=method, sparsity=0.5)
         assert [r.name for r in report.layers] == ["a"]
         assert (model.a.weight == 0).float().mean().item() == 0.5 and model.b.weight is model.a.weight
+
+
+@pytest.mark.parametrize("option", [{"refine": 10**9}, {"max_clusters": 10**6}, {"shortlist": 0}, {"polish": -1},
+                                    {"sample_rows": True}])
+def test_dit_options_out_of_bounds_are_refused(option):
+    with pytest.raises(ValueError, match="must be an integer in"):
+        ditprune.prune(TwoLinear(), linear_batches(), method="dit", **option)
