@@ -70,6 +70,11 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def _write_manifest(path: Path, files: set[str]) -> None:
+    with atomic_file(path / MANIFEST) as tmp:
+        tmp.write_text(json.dumps({"files": sorted(files), "written": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
+
+
 def _read_manifest(path: Path) -> dict:
     try:
         data = json.loads((path / MANIFEST).read_text())
@@ -191,10 +196,7 @@ def _roll_forward(path: Path, staging: Path) -> list[str]:
     for name in names:
         if (staging / name).exists() or (staging / name).is_symlink():
             _put(staging / name, path / name, aside)
-    mine = set(_read_manifest(path)["files"])
-    with atomic_file(path / MANIFEST) as tmp:
-        tmp.write_text(json.dumps({"files": sorted(mine | set(names)), "written": time.strftime("%Y-%m-%dT%H:%M:%S")},
-                                  indent=1))
+    _write_manifest(path, set(_read_manifest(path)["files"]) | set(names))
     return names
 
 
@@ -252,7 +254,7 @@ class OutputDir:
             for name in self.persistent_names:
                 (self.path / name).mkdir(exist_ok=True)
             self._created = False
-            self._write_manifest(set(_read_manifest(self.path)["files"]) | set(self.persistent_names))
+            _write_manifest(self.path, set(_read_manifest(self.path)["files"]) | set(self.persistent_names))
         self.staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.path))
         (self.staging / _PID).write_text(f"{os.getpid()} {socket.gethostname()}\n")
         return self
@@ -262,10 +264,6 @@ class OutputDir:
         if name not in self.persistent_names:
             raise ValueError(f"{name!r} is not one of this run's persistent outputs {self.persistent_names}")
         return self.path / name
-
-    def _write_manifest(self, files: set[str]) -> None:
-        with atomic_file(self.path / MANIFEST) as tmp:
-            tmp.write_text(json.dumps({"files": sorted(files), "written": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
 
     def __truediv__(self, name: str) -> Path:
         """Where to write entry ``name`` now (inside the staging directory)."""
@@ -305,7 +303,7 @@ class OutputDir:
         (self.staging / _JOURNAL).write_text(json.dumps({"names": staged}))  # from here on, finished if killed
         for name in staged:
             _put(self.staging / name, self.path / name, aside)
-        self._write_manifest((mine | set(staged) | set(self.persistent_names)) & {p.name for p in self.path.iterdir()})
+        _write_manifest(self.path, (mine | set(staged) | set(self.persistent_names)) & {p.name for p in self.path.iterdir()})
 
 
 def strict_json(obj: Any, indent: int = 1, default=None) -> str:

@@ -463,14 +463,20 @@ def _check_device(device: str) -> None:
 MAX_PROMPT_BYTES = 64 << 20  # MJHQ-30K's meta_data.json is about 10 MB
 
 
+def check_prompt_file(p: Path, key: str) -> None:
+    """A prompt file must be a regular file of at most ``MAX_PROMPT_BYTES`` (a FIFO or a device
+    would hang or never end); a missing one is left to the reader's own error."""
+    if p.exists() and not p.is_file():
+        raise RecipeError(f"{key}: {p} is not a regular file")
+    if p.is_file() and p.stat().st_size > MAX_PROMPT_BYTES:
+        raise RecipeError(f"{key}: {p} is {p.stat().st_size} bytes; a prompt file is at most "
+                          f"{MAX_PROMPT_BYTES >> 20} MiB")
+
+
 def read_prompt_file(path: str, key: str = "calibration.prompts") -> list[str]:
     p = Path(path).expanduser()
     try:
-        if p.exists() and not p.is_file():  # a FIFO or a device would hang or never end
-            raise RecipeError(f"{key}: {path} is not a regular file")
-        if p.is_file() and p.stat().st_size > MAX_PROMPT_BYTES:
-            raise RecipeError(f"{key}: {path} is {p.stat().st_size} bytes; a prompt file is at most "
-                              f"{MAX_PROMPT_BYTES >> 20} MiB")
+        check_prompt_file(p, key)
         prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
     except OSError as e:
         raise RecipeError(f"{key}: cannot read {path} ({e.strerror or e})") from None

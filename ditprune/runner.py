@@ -57,6 +57,14 @@ def recipe_prune_kwargs(pruning: DictConfig, method: str) -> dict[str, Any]:
     return kw
 
 
+def _recipe_plan(model, pruning: DictConfig) -> PrunePlan:
+    """The recipe's prune of ``model`` in steps; building it checks targets and N:M against the
+    model without touching it (``offload`` is an argument of ``calibrate``, read from the recipe)."""
+    kw = recipe_prune_kwargs(pruning, pruning.method)
+    kw.pop("offload")
+    return PrunePlan(model, pruning.method, **pruning_setting(pruning), **kw)
+
+
 class _Scratch:
     """The outputs of a rank other than 0: written to a temporary directory and dropped (rank 0
     writes the real ones); persistent entries (the image cache) are shared."""
@@ -126,9 +134,7 @@ def _run_pipeline(recipe: DictConfig, out, progress: bool, fabric=None) -> dict:
     m, c, p = recipe.model, recipe.calibration, recipe.pruning
     rank, world = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
     pipe = load_pipeline(m.source, m.dtype, _device(recipe, fabric), m.transformer_class)
-    kw = recipe_prune_kwargs(p, p.method)
-    offload = kw.pop("offload")
-    plan = PrunePlan(pipe.transformer, p.method, **pruning_setting(p), **kw)  # checks the layers before calibrating
+    plan = _recipe_plan(pipe.transformer, p)  # checks the layers before calibrating
     job = _eval_job(recipe) if evaluates_pipeline(recipe) else None
     if job is not None:  # the dense images first: no second copy of the transformer is needed
         generate(pipe, ImageStore(out.persistent("images"), "dense"), job, list(range(rank, len(job.prompts), world)),
@@ -141,7 +147,7 @@ def _run_pipeline(recipe: DictConfig, out, progress: bool, fabric=None) -> dict:
                                        progress=progress, indices=mine)  # kept on the CPU, a batch at a time
     text_modules = _park_components(pipe)  # text encoders and VAE off the accelerator while pruning
     plan.attach()
-    plan.calibrate(calibration, offload=offload, progress=progress)  # statistics summed over ranks
+    plan.calibrate(calibration, offload=p.offload, progress=progress)  # statistics summed over ranks
     report = plan.report()
     plan.squash()
     if recipe.quantization.config:
@@ -224,9 +230,7 @@ def _run_reference(recipe: DictConfig, out: OutputDir, progress: bool) -> dict:
 
     kind = recipe.model.source.split(":", 1)[1]  # flux-layout / dit-xl-layout (or their short names)
     p, ev = recipe.pruning, evaluation_settings(recipe)
-    kw = recipe_prune_kwargs(p, p.method)
-    kw.pop("offload")
-    PrunePlan(load(kind), p.method, **pruning_setting(p), **kw)  # targets and N:M checked before calibrating
+    _recipe_plan(load(kind), p)  # targets and N:M checked before calibrating
     main_label = f"{p.method} (recipe)"
     candidates = [Candidate("dense", None), Candidate(main_label, p.method)]
     candidates += [Candidate(m, m) for m in ev["compare"] if m != p.method]

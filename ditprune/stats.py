@@ -20,6 +20,7 @@ methods that need it (SparseGPT, the ``dit`` method's error-guided search).
 from __future__ import annotations
 
 import contextvars
+import functools
 import inspect
 import weakref
 from contextlib import contextmanager
@@ -38,7 +39,10 @@ HOLDOUT_EVERY = 4  # about one token in 4 is held out
 _PRIME = 2147483647  # 2^31 - 1
 
 
-def _coefficients(n: int, device) -> torch.Tensor:
+@functools.lru_cache(maxsize=64)
+def _coefficients(n: int, device: torch.device) -> torch.Tensor:
+    """The hash's fixed coefficients for ``n`` inputs (made once per width and device: the hash
+    runs on every calibration batch)."""
     g = torch.Generator().manual_seed(0x5EED)
     return torch.randint(1, _PRIME, (n,), generator=g, dtype=torch.int64).to(device)
 

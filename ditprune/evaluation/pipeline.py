@@ -49,13 +49,10 @@ def read_eval_prompts(path: str | Path, n: int | None = None) -> list[str]:
     """Prompts from MJHQ-30K's ``meta_data.json`` ({id: {"prompt": ...}}, in id order) or a text
     file (one a line); the first ``n``."""
     path = Path(path)
-    from ..recipe import MAX_PROMPT_BYTES
+    from ..recipe import check_prompt_file
 
     try:
-        if path.exists() and not path.is_file():  # a FIFO or a device would hang or never end
-            raise InputError(f"evaluation.prompts: {path} is not a regular file")
-        if path.is_file() and path.stat().st_size > MAX_PROMPT_BYTES:
-            raise InputError(f"evaluation.prompts: {path} is larger than {MAX_PROMPT_BYTES >> 20} MiB")
+        check_prompt_file(path, "evaluation.prompts")
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise InputError(f"evaluation.prompts: {path} is not UTF-8 text") from None
