@@ -31,7 +31,7 @@ class DiTPruning(Callback):
     of the DiT as ``module.teacher`` (not a submodule: never trained nor saved) for its loss.
 
     Lifecycle:
-      - ``setup``: the dense teacher is copied and all-ones ``FakeSparsity`` masks are attached,
+      - ``setup``: the dense teacher is copied and all-ones masks (one bit per weight) are attached,
         before the strategy wraps the model (DDP sees the final parameters: no
         ``find_unused_parameters``);
       - ``on_train_start``: calibration on the first ``calibration_batches`` training batches of
@@ -48,7 +48,7 @@ class DiTPruning(Callback):
         so a checkpoint written after ``fit`` still resumes masked.
 
     Args:
-        method, sparsity, pattern, targets, ignore, overrides, block_sequential, offload,
+        method, sparsity, pattern, targets, ignore, overrides, block_sequential, offload, backup,
             **method_options: as :func:`ditprune.prune`.
         model_attr: attribute of the LightningModule holding the DiT (None: the module itself).
         calibration: calibration batches (dicts for ``model(**batch)``) to use instead of the
@@ -79,6 +79,7 @@ class DiTPruning(Callback):
         quantize: str | None = None,
         block_sequential: bool | None = None,
         offload: str | torch.device | None = None,
+        backup: bool = True,
         **method_options: Any,
     ) -> None:
         if isinstance(method, type) or not isinstance(method, str):
@@ -95,7 +96,10 @@ class DiTPruning(Callback):
                 compile_regexes(patterns, what)
         self.method, self.sparsity, self.pattern = method, sparsity, pattern
         self.targets, self.ignore, self.overrides = targets, ignore, overrides
+        if not isinstance(backup, bool):
+            raise InputTypeError(f"backup is True or False, got {backup!r}")
         self.block_sequential, self.offload, self.method_options = block_sequential, offload, method_options
+        self.backup = backup
         self.model_attr, self.calibration_batches = model_attr, calibration_batches
         self.calibration = list(calibration) if calibration is not None else None
         self.distill, self.quantize = distill, quantize
@@ -155,7 +159,7 @@ class DiTPruning(Callback):
             object.__setattr__(pl_module, "teacher", self._teacher)  # not a submodule: never trained nor saved
         self.plan = PrunePlan(model, self.method, self.sparsity, self.pattern, self.targets, ignore=self.ignore,
                               overrides=self.overrides, block_sequential=self.block_sequential,
-                              **self.method_options)
+                              backup=self.backup, **self.method_options)
         self.plan.attach()
         self._prefix = f"{self.model_attr}." if self.model_attr else ""
         for g in self.plan.sparsifier.groups:
@@ -209,14 +213,14 @@ class DiTPruning(Callback):
                              f"{len(missing)} targets without a mask (e.g. {missing[:2]}), "
                              f"{len(extra)} masks without a target (e.g. {extra[:2]})")
         for fqn, mask in masks.items():
-            buf = groups[fqn]["module"].parametrizations[groups[fqn]["tensor_name"]][0].mask
-            if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(buf.shape):
+            shape = groups[fqn]["module"].parametrizations[groups[fqn]["tensor_name"]][0].shape
+            if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != shape:
                 raise InputError(f"the checkpoint's mask for '{fqn}' has shape {tuple(getattr(mask, 'shape', ()))}, "
-                                 f"the model's weight {tuple(buf.shape)}")
+                                 f"the model's weight {shape}")
             _check_mask(fqn, mask.to(torch.bool), self.plan.settings[groups[fqn]["module_fqn"]])
         for fqn, mask in masks.items():
             g = groups[fqn]
-            g["module"].parametrizations[g["tensor_name"]][0].mask.copy_(mask.to(torch.bool))
+            g["module"].parametrizations[g["tensor_name"]][0].mask = mask.to(torch.bool)
         self._restored = True
         self._check_teacher(masks)
         rank_zero_info(f"ditprune: {len(masks)} masks restored from the checkpoint ({self.method}, "
@@ -321,14 +325,12 @@ def _check_mask(fqn: str, keep: torch.Tensor, setting: dict) -> None:
 
 def _plain_keys_loader(tensor_name: str):
     """A load_state_dict pre-hook for a parametrized module: checkpoints hold ``prefix.weight``
-    (masked); the module expects ``prefix.parametrizations.weight.original`` and the mask buffer."""
+    (masked); the module expects ``prefix.parametrizations.weight.original`` (the packed mask
+    buffer is not persistent: the masks travel in the callback's state)."""
 
     def hook(module, state_dict, prefix, *args):
         plain = prefix + tensor_name
         if plain in state_dict:
             state_dict[f"{prefix}parametrizations.{tensor_name}.original"] = state_dict.pop(plain)
-        mask_key = f"{prefix}parametrizations.{tensor_name}.0.mask"
-        if mask_key not in state_dict and hasattr(module, "parametrizations"):
-            state_dict[mask_key] = module.parametrizations[tensor_name][0].mask.clone()
 
     return hook

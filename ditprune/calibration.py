@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from . import memory
 from .errors import InputError, InputTypeError
 from .stats import HookOwner, token_weight
 
@@ -83,6 +84,7 @@ def capture_inputs(model: nn.Module, block: nn.Module, calibration: Iterable[dic
 
     def grab(_module, args, kwargs):
         captured.append((to_device(args, offload), to_device(kwargs, offload)))
+        memory.mark(captured[-1], "captured inputs")
         raise _Captured
 
     device = _device_of(model)
@@ -151,6 +153,7 @@ def run_block_sequential(
             for i, (args, kwargs) in enumerate(inputs):  # in place: one set of captured inputs at a time
                 out = block(*to_device(args, device), **to_device(kwargs, device))
                 inputs[i] = tuple(to_device(x, offload) for x in next_inputs(args, kwargs, out))
+                memory.mark(inputs[i], "captured inputs")
                 del out
 
 

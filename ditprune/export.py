@@ -29,12 +29,12 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import InputError
+from .masks import pack, unpack
 
 __all__ = ["FORMATS", "save_transformer", "load_transformer", "is_quantized", "encode", "decode"]
 
@@ -46,14 +46,6 @@ VERSION = 1
 def is_quantized(model: nn.Module) -> bool:
     """Some parameter is a torchao tensor subclass."""
     return any(type(p) not in (torch.Tensor, nn.Parameter) for p in model.parameters())
-
-
-def _pack(mask: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(np.packbits(mask.reshape(-1).cpu().numpy(), bitorder="little"))
-
-
-def _unpack(bits: torch.Tensor, numel: int) -> torch.Tensor:
-    return torch.from_numpy(np.unpackbits(bits.numpy(), bitorder="little", count=numel).view(bool))  # 0/1 bytes
 
 
 def encode(tensors: dict[str, torch.Tensor], compress: bool) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
@@ -68,7 +60,7 @@ def encode(tensors: dict[str, torch.Tensor], compress: bool) -> tuple[dict[str, 
             nnz = int(nonzero.sum())
             if nnz * t.element_size() + math.ceil(t.numel() / 8) < t.numel() * t.element_size():
                 out[f"{name}.values"] = raw[nonzero].view(t.dtype)
-                out[f"{name}.mask"] = _pack(nonzero)
+                out[f"{name}.mask"] = pack(nonzero.cpu())
                 entries[name] = {"encoding": "bitmask", "shape": list(t.shape), "dtype": str(t.dtype).split(".")[-1]}
                 continue
         out[name] = t
@@ -114,7 +106,7 @@ def decode(stored: dict[str, torch.Tensor], entries: dict[str, dict]) -> dict[st
         elif e.get("encoding") == "bitmask":
             numel = math.prod(shape)
             bits = _expect(stored.get(f"{name}.mask"), f"{name}.mask", (math.ceil(numel / 8),), torch.uint8)
-            nonzero = _unpack(bits, numel).reshape(shape)
+            nonzero = unpack(bits, shape)
             values = _expect(stored.get(f"{name}.values"), f"{name}.values", (int(nonzero.sum()),), dtype)
             used.update((f"{name}.mask", f"{name}.values"))
             # scattered as raw bits (every dtype has an integer of its size; float8 has no masked_scatter)

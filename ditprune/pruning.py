@@ -3,7 +3,7 @@
 :class:`PrunePlan` is the same thing in steps, for callers that must attach the masks before
 they can calibrate (the Lightning callback attaches them before DDP wraps the model):
 ``plan = PrunePlan(model, ...)`` validates and resolves without touching the model;
-``plan.attach()`` adds all-ones ``FakeSparsity`` masks; ``plan.calibrate(batches)`` gathers
+``plan.attach()`` adds all-ones masks (:class:`~ditprune.masks.PackedSparsity`, one bit per weight); ``plan.calibrate(batches)`` gathers
 statistics and writes the masks in place; ``plan.report()``; ``plan.squash()`` or
 ``plan.restore()``.
 """
@@ -220,10 +220,14 @@ class PrunePlan:
         ignore: Sequence[str] | None = None,
         overrides: Sequence[dict] | None = None,
         block_sequential: bool | None = None,
+        backup: bool = True,
         **method_options: Any,
     ) -> None:
         self.model, self.method, self.pattern = model, method, pattern
         self.sparsifier = make_sparsifier(method, sparsity, pattern, **method_options)
+        if not isinstance(backup, bool):
+            raise InputTypeError(f"backup is True or False, got {backup!r}")
+        self.sparsifier.backup = backup
         self.settings = _layer_settings(model, targets, ignore, overrides, sparsity, pattern)
         layers = {n: model.get_submodule(n) for n in self.settings}
         _validate_layers(layers, self.settings)
@@ -244,7 +248,7 @@ class PrunePlan:
         return self.sparsifier.defaults["sparsity"]
 
     def attach(self) -> None:
-        """All-ones ``FakeSparsity`` masks on every target: the model computes as before."""
+        """All-ones masks on every target (one bit per weight): the model computes as before."""
         config = [{"tensor_fqn": f"{n}.weight", "sparsity": s["sparsity"], "nm": s["nm"]}
                   for n, s in self.settings.items()]
         self.sparsifier.prepare(self.model, config)
@@ -254,7 +258,9 @@ class PrunePlan:
         """Gather statistics over ``calibration`` and write every mask. Under torch.distributed
         (``sync=None``: whenever a process group of several ranks is up) each rank passes its own
         shard: statistics are summed over ranks and rank 0's masks and weights are broadcast.
-        On any error the model is put back as it was before :meth:`attach`, and it re-raises."""
+        On any error the model is put back as it was before :meth:`attach`, and it re-raises;
+        with ``backup=False`` a layer whose weights a method already updated keeps them, pruned
+        (the error says how many)."""
         start = time.perf_counter()
         sp = self.sparsifier
         sync = distributed.active() if sync is None else sync
@@ -286,8 +292,12 @@ class PrunePlan:
             else:
                 self._observe(None, lambda: run_whole_model(self.model, calibration, progress, weights), sync)
                 self._step(None, sync)
-        except BaseException:
+        except BaseException as e:
+            kept = self.sparsifier.updated_without_backup()
             self.restore()
+            if kept:
+                e.add_note(f"ditprune: backup=False, so {len(kept)} layers that were already pruned and updated "
+                           f"keep their new weights (e.g. '{kept[0]}'); the other layers are as before")
             raise
         finally:
             self.model.train(was_training)
@@ -303,7 +313,7 @@ class PrunePlan:
         self.sparsifier.step(tensor_fqns=fqns)
         if sync:
             groups = self.sparsifier._groups(fqns)
-            distributed.broadcast_(g["module"].parametrizations[g["tensor_name"]][0].mask for g in groups)
+            distributed.broadcast_(g["module"].parametrizations[g["tensor_name"]][0].bits for g in groups)
             distributed.broadcast_(g["module"].parametrizations[g["tensor_name"]].original for g in groups)
 
     def report(self) -> PruneReport:
@@ -350,6 +360,7 @@ def prune(
     block_sequential: bool | None = None,
     offload: str | torch.device | None = None,
     squash: bool = True,
+    backup: bool = True,
     progress: bool = False,
     sync: bool | None = None,
     timestep_weighting: str | None = None,
@@ -374,8 +385,12 @@ def prune(
             already-pruned blocks before it; False: all statistics from the dense model in one
             pass. None (default): block by block when every target sits in a transformer block.
         offload: device where captured block inputs wait between blocks (e.g. ``"cpu"``).
-        squash: bake masks into the weights (False: leave the ``FakeSparsity`` parametrizations,
-            e.g. for a masked fine-tune; then ``report`` has the sparsifier as ``.sparsifier``).
+        squash: bake masks into the weights (False: leave the mask parametrizations, one bit per
+            weight, e.g. for a masked fine-tune; then ``report`` has the sparsifier as ``.sparsifier``).
+        backup: keep a CPU copy of every weight a method updates (``"sparsegpt"``, ``"dit"`` with
+            ``reconstruct=True``) until the prune succeeds, so a failure puts the model back
+            exactly. False saves that memory (the weights' bytes in host RAM); a failure then
+            leaves the layers already updated pruned, and says so.
         sync: all-reduce statistics over torch.distributed ranks (None: when a process group
             with several ranks is initialized; every rank then passes its own calibration shard).
         timestep_weighting: ``"log_decrease"`` weighs each batch's tokens by its timestep, the
@@ -383,11 +398,12 @@ def prune(
             every token alike.
         **method_options: the method's own options (e.g. ``alpha=0.4`` for ``"dit"``).
 
-    A failed prune (bad input, NaN activations, ...) raises and leaves the model as it was.
+    A failed prune (bad input, NaN activations, ...) raises and leaves the model as it was
+    (with ``backup=False``: except the layers already updated, see ``backup``).
     """
     start = time.perf_counter()
     plan = PrunePlan(model, method, sparsity, pattern, targets, ignore=ignore, overrides=overrides,
-                     block_sequential=block_sequential, **method_options)
+                     block_sequential=block_sequential, backup=backup, **method_options)
     plan.attach()
     plan.calibrate(calibration, offload=offload, progress=progress, sync=sync, timestep_weighting=timestep_weighting)
     plan.seconds = time.perf_counter() - start

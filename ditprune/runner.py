@@ -48,10 +48,11 @@ def check_run(recipe: DictConfig, names: list[str] | None = None) -> OutputDir:
 
 def recipe_prune_kwargs(pruning: DictConfig, method: str) -> dict[str, Any]:
     """``prune`` keyword arguments from a recipe's pruning section, for ``method`` (the recipe's
-    own method gets its options; baselines keep their defaults but prune the same layers)."""
+    own method gets its options; baselines keep their defaults but prune the same layers). A
+    recipe's model comes from disk, where its source stays: no in-memory backup is kept."""
     p = OmegaConf.to_container(pruning, resolve=True)
     kw = dict(targets=p["targets"], ignore=p["ignore"], overrides=p["overrides"] or None,
-              block_sequential=p["block_sequential"], offload=p["offload"])
+              block_sequential=p["block_sequential"], offload=p["offload"], backup=False)
     if method == p["method"]:
         kw.update(p["options"])
     return kw

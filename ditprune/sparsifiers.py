@@ -3,7 +3,7 @@
 Lifecycle (the torch.optim shape of ``BaseSparsifier``)::
 
     sparsifier = WandaSparsifier(sparsity=0.5)
-    sparsifier.prepare(model, [{"tensor_fqn": "blocks.0.ff.weight"}])  # FakeSparsity masks
+    sparsifier.prepare(model, [{"tensor_fqn": "blocks.0.ff.weight"}])  # packed FakeSparsity masks
     with sparsifier.observe():            # input-statistics hooks on every prepared layer
         model(**batch)                    # ... over the calibration batches
     sparsifier.step()                     # update_mask per layer; statistics freed right after
@@ -25,9 +25,11 @@ from torch.ao.pruning import BaseSparsifier
 from torch.nn.utils import parametrize
 
 from . import ditmask as D
+from . import memory
 from . import granularity as G
 from . import saliency
 from .errors import InputError
+from .masks import PackedSparsity
 from .refine import refine_mask
 from .sparsegpt import obs_prune
 from .stats import InputStats, observe
@@ -106,11 +108,15 @@ class SaliencySparsifier(BaseSparsifier):
             raise RuntimeError(f"no calibration statistics for '{tensor_fqn}': call step() after observe()")
         param = module.parametrizations[tensor_name]
         weight = param.original
-        keep, new_weight, info = self.compute_mask(weight.detach(), stats, **group)
+        with memory.region("workspace"):
+            keep, new_weight, info = self.compute_mask(weight.detach(), stats, **group)
         if new_weight is not None:
-            state.setdefault("dense_backup", weight.detach().to("cpu", copy=True))
+            if self.backup:
+                with memory.region("backup"):
+                    state.setdefault("dense_backup", weight.detach().to("cpu", copy=True))
+            state["updated"] = True
             weight.data.copy_(new_weight)
-        param[0].mask.copy_(keep.to(param[0].mask.dtype))
+        param[0].mask = keep
         state["info"] = {**info, "seconds": time.perf_counter() - start}
 
     def compute_mask(
@@ -124,11 +130,25 @@ class SaliencySparsifier(BaseSparsifier):
         raise NotImplementedError
 
     # -- undo / finish ------------------------------------------------------------------------
+    backup = True  # keep a CPU copy of each weight a method updates, so restore() can undo it
+
     def _prepare(self, *args, **kwargs) -> None:
+        """An all-ones :class:`~ditprune.masks.PackedSparsity` (one bit per weight, on the weight's
+        device) on every group; ``state[fqn]["mask"]`` is its packed buffer."""
         # Remember each module's parameter order: removing a parametrization re-registers the
         # weight last, which would reorder model.parameters() (and optimizer state built on it).
         self._param_order = {g["tensor_fqn"]: list(g["module"]._parameters) for g in self.groups}
-        super()._prepare(*args, **kwargs)
+        for g in self.groups:
+            module, name = g["module"], g["tensor_name"]
+            weight = getattr(module, name)
+            with memory.region("masks"):
+                p = PackedSparsity(weight.shape, weight.device)
+            self.state[g["tensor_fqn"]]["mask"] = p.bits
+            parametrize.register_parametrization(module, name, p)
+
+    def updated_without_backup(self) -> list[str]:
+        """Layers whose weights a method changed and that :meth:`restore` cannot put back."""
+        return [f for f, st in self.state.items() if st.get("updated") and "dense_backup" not in st]
 
     def _reorder(self) -> None:
         for g in self.groups:
@@ -138,14 +158,21 @@ class SaliencySparsifier(BaseSparsifier):
             params.update(items)
 
     def restore(self) -> None:
-        """Take every mask off and put back the dense weights, as before ``prepare``."""
+        """Take every mask off and put back the dense weights, as before ``prepare``. A layer whose
+        weights were updated without a backup (``backup = False``) cannot go back: it keeps its
+        mask baked in (pruned and updated, a consistent layer rather than an updated dense one)."""
         for g in self.groups:
             module, name = g["module"], g["tensor_name"]
-            backup = self.state[g["tensor_fqn"]].pop("dense_backup", None)
+            state = self.state[g["tensor_fqn"]]
+            backup = state.pop("dense_backup", None)
             if backup is not None:
                 module.parametrizations[name].original.data.copy_(backup)
             if parametrize.is_parametrized(module, name):
-                parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+                bake = backup is None and bool(state.get("updated"))
+                parametrize.remove_parametrizations(module, name, leave_parametrized=bake)
+                if bake:
+                    w = getattr(module, name)
+                    w.data.masked_fill_(w.data == 0, 0.0)
         self._reorder()
         self.groups.clear()
         self.state.clear()

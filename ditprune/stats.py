@@ -29,6 +29,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
+from . import memory
 from .errors import InputError
 
 __all__ = ["InputStats", "NonFiniteActivationError", "HookOwner", "observe", "token_weight", "HOLDOUT_BELOW",
@@ -87,6 +88,10 @@ class InputStats:
     """
 
     def __init__(self, name: str, in_features: int, need_gram: bool, device=None):
+        with memory.region("statistics"):
+            self._allocate(name, in_features, need_gram, device)
+
+    def _allocate(self, name: str, in_features: int, need_gram: bool, device) -> None:
         self.name = name
         self.count = 0
         self.sq_sum = torch.zeros(in_features, dtype=torch.float32, device=device)
@@ -101,6 +106,10 @@ class InputStats:
     @torch.no_grad()
     def update(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> None:
         """Add tokens ``x`` (..., in); ``valid`` (x.shape[:-1], bool) drops the others."""
+        with memory.region("statistics"):
+            self._update(x, valid)
+
+    def _update(self, x: torch.Tensor, valid: torch.Tensor | None) -> None:
         if valid is not None:
             x = x[valid.to(x.device)]
         x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)

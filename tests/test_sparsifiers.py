@@ -5,6 +5,7 @@ from torch.ao.pruning import BaseSparsifier, FakeSparsity
 from torch.nn.utils import parametrize
 
 from ditprune import METHODS, WandaSparsifier
+from ditprune.masks import unpack
 
 from conftest import TwoLinear, linear_batches
 
@@ -25,11 +26,13 @@ def test_lifecycle_masks_live_in_fake_sparsity_until_squash():
     assert "stats" in sp.state["fc1.weight"]
     sp.step()
     assert "stats" not in sp.state["fc1.weight"]  # freed once the mask is made
-    mask = sp.state["fc1.weight"]["mask"]
-    assert mask.sum().item() == 32 * 4  # 16 inputs, 4 kept per row
+    mask = model.fc1.parametrizations.weight[0].mask
+    assert mask.dtype == torch.bool and mask.sum().item() == 32 * 4  # 16 inputs, 4 kept per row
     assert torch.equal(model.fc1.weight, dense * mask)  # masked through the parametrization
     assert torch.equal(model.fc1.parametrizations.weight.original, dense)  # dense weight untouched
-    assert torch.equal(sp.state_dict()["state"]["fc1.weight"]["mask"], mask)
+    packed = sp.state_dict()["state"]["fc1.weight"]["mask"]  # the packed buffer itself, one bit per weight
+    assert packed.dtype == torch.uint8 and packed.numel() == 32 * 16 // 8
+    assert torch.equal(unpack(packed, (32, 16)), mask)
     sp.squash_mask()
     assert not parametrize.is_parametrized(model.fc1)
     assert torch.equal(model.fc1.weight, dense * mask)
