@@ -54,14 +54,29 @@ def prune_count(size: int, sparsity: float) -> int:
     return int(size * sparsity)
 
 
+CHUNK = 1 << 20  # entries whose temporaries exist at once when rows are masked independently
+
+
 def _prune_lowest(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
     """Keep mask over the last dim of ``scores``: the ``n_prune`` lowest of each row are pruned,
     ties broken by position (what a stable sort gives), in linear time: the n-th lowest value is
-    found by ``kthvalue``, then the first tied entries fill the count."""
+    found by ``kthvalue``, then the first tied entries fill the count. Rows (the first dim) are
+    independent and go by chunks of about :data:`CHUNK` entries, so the temporaries stay small
+    beside a FLUX-sized layer."""
     if n_prune <= 0:
         return torch.ones_like(scores, dtype=torch.bool)
     if n_prune >= scores.shape[-1]:
         return torch.zeros_like(scores, dtype=torch.bool)
+    step = max(1, CHUNK // max(1, scores[0].numel()))
+    if scores.shape[0] > step:
+        keep = torch.empty_like(scores, dtype=torch.bool)
+        for i in range(0, scores.shape[0], step):
+            keep[i : i + step] = _lowest(scores[i : i + step], n_prune)
+        return keep
+    return _lowest(scores, n_prune)
+
+
+def _lowest(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
     s = scores.float()
     thr = s.kthvalue(n_prune, dim=-1, keepdim=True).values
     below = s < thr

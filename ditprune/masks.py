@@ -4,7 +4,8 @@
 that is 22 GiB of masks beside 22 GiB of weights. :class:`PackedSparsity` is a ``FakeSparsity``
 (``torch.ao`` tools recognise it) whose mask lives packed, eight entries per byte, on the
 weight's device: 1/16 of a bf16 weight's bytes. ``forward`` unpacks it for the product (a
-transient bool of the weight's shape, one layer at a time). Read the mask as ``p.mask`` (a
+transient bool of the weight's shape, one layer at a time; an all-ones mask, as before a layer
+is pruned, passes the weight through untouched). Read the mask as ``p.mask`` (a
 new bool tensor) and write it with ``p.mask = keep`` (packed in place: the buffer keeps its
 identity, as ``torch.ao`` asks).
 """
@@ -29,7 +30,8 @@ def _shifts(device: torch.device) -> torch.Tensor:
 def pack(mask: torch.Tensor) -> torch.Tensor:
     """(ceil(numel / 8),) uint8 of a bool tensor, row-major; bit i of byte k is entry 8k + i
     (numpy's ``packbits(bitorder="little")``), on ``mask``'s device."""
-    flat = mask.reshape(-1).to(torch.uint8)
+    flat = mask.reshape(-1)
+    flat = flat.view(torch.uint8) if flat.dtype == torch.bool else (flat != 0).view(torch.uint8)
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
@@ -59,6 +61,7 @@ class PackedSparsity(FakeSparsity):
             numel *= s
         self.register_buffer("bits", torch.full(((numel + 7) // 8,), 255, dtype=torch.uint8, device=device),
                              persistent=False)
+        self.all_kept = True  # an all-ones mask multiplies by nothing: the weight passes through
 
     @property
     def mask(self) -> torch.Tensor:
@@ -68,12 +71,19 @@ class PackedSparsity(FakeSparsity):
     def mask(self, keep: torch.Tensor) -> None:
         if tuple(keep.shape) != self.shape:
             raise ValueError(f"mask of shape {tuple(keep.shape)} for a weight of shape {self.shape}")
-        self.bits.copy_(pack(keep.to(self.bits.device) != 0))
+        keep = keep.to(self.bits.device)
+        keep = keep if keep.dtype == torch.bool else keep != 0
+        self.bits.copy_(pack(keep))
+        self.all_kept = bool(keep.all())
+
+    def refresh(self) -> None:
+        """After ``bits`` was written directly (e.g. a broadcast from another rank)."""
+        self.all_kept = bool(self.mask.all())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape) != self.shape:
             raise AssertionError(f"mask shape {self.shape} must match x shape {tuple(x.shape)}")
-        return x * self.mask
+        return x if self.all_kept else x * self.mask
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, bits={self.bits.numel()} bytes"

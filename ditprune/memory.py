@@ -15,6 +15,8 @@ and a storage created under ``torch._C._DisableTorchDispatch`` is not counted.
 from __future__ import annotations
 
 import contextvars
+import ctypes
+import functools
 from contextlib import contextmanager
 from typing import Iterable, Iterator
 
@@ -23,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary, weakref
 
-__all__ = ["LiveBytes", "region", "mark", "KINDS"]
+__all__ = ["LiveBytes", "region", "mark", "release", "KINDS"]
 
 KINDS = ("weights", "masks", "statistics", "workspace", "captured inputs", "backup", "forward")
 _KIND: contextvars.ContextVar[str] = contextvars.ContextVar("ditprune_memory_kind", default="forward")
@@ -38,6 +40,25 @@ def region(kind: str) -> Iterator[None]:
         yield
     finally:
         _KIND.reset(token)
+
+
+@functools.cache
+def _libc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def release() -> None:
+    """Give freed host memory back to the system (glibc's ``malloc_trim``; elsewhere nothing).
+    glibc raises its mmap threshold after a large free, so the next layer-sized temporaries come
+    from the heap and stay resident after they are freed: on a 1 GB bf16 transformer that doubled
+    the resident set a prune adds. Called once per layer, on the CPU."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def mark(obj, kind: str) -> None:

@@ -20,7 +20,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from . import distributed, models
+from . import distributed, memory, models
 from .calibration import EmptyCalibrationError, run_block_sequential, run_whole_model, timestep_weights
 from .errors import InputError, InputTypeError
 from .granularity import check_sparsity, parse_pattern
@@ -254,13 +254,15 @@ class PrunePlan:
         self.sparsifier.prepare(self.model, config)
 
     def calibrate(self, calibration: Iterable[dict], *, offload=None, progress: bool = False,
-                  sync: bool | None = None, timestep_weighting: str | None = None) -> None:
+                  sync: bool | None = None, timestep_weighting: str | None = None, squash: bool = False) -> None:
         """Gather statistics over ``calibration`` and write every mask. Under torch.distributed
         (``sync=None``: whenever a process group of several ranks is up) each rank passes its own
         shard: statistics are summed over ranks and rank 0's masks and weights are broadcast.
         On any error the model is put back as it was before :meth:`attach`, and it re-raises;
         with ``backup=False`` a layer whose weights a method already updated keeps them, pruned
-        (the error says how many)."""
+        (the error says how many). ``squash=True`` with ``backup=False`` bakes each block's masks
+        in as soon as it is pruned (then a failure leaves those blocks pruned, and says so).
+        """
         start = time.perf_counter()
         sp = self.sparsifier
         sync = distributed.active() if sync is None else sync
@@ -286,6 +288,11 @@ class PrunePlan:
                     if fqns:
                         self._observe(fqns, replay, sync)
                         self._step(fqns, sync)
+                        if squash and not sp.backup:
+                            for f in fqns:
+                                sp.state[f]["updated"] = True  # baked in: restore() cannot undo it
+                            sp.squash_mask(fqns)
+                    memory.release()  # the block's temporaries go back to the system
 
                 run_block_sequential(self.model, models.blocks(self.model), calibration, calibrate_block, offload,
                                      progress, weights)
@@ -296,8 +303,8 @@ class PrunePlan:
             kept = self.sparsifier.updated_without_backup()
             self.restore()
             if kept:
-                e.add_note(f"ditprune: backup=False, so {len(kept)} layers that were already pruned and updated "
-                           f"keep their new weights (e.g. '{kept[0]}'); the other layers are as before")
+                e.add_note(f"ditprune: backup=False, so {len(kept)} layers already pruned keep their pruned "
+                           f"weights (e.g. '{kept[0]}'); the other layers are as before")
             raise
         finally:
             self.model.train(was_training)
@@ -313,7 +320,10 @@ class PrunePlan:
         self.sparsifier.step(tensor_fqns=fqns)
         if sync:
             groups = self.sparsifier._groups(fqns)
-            distributed.broadcast_(g["module"].parametrizations[g["tensor_name"]][0].bits for g in groups)
+            masks = [g["module"].parametrizations[g["tensor_name"]][0] for g in groups]
+            distributed.broadcast_(p.bits for p in masks)
+            for p in masks:
+                p.refresh()
             distributed.broadcast_(g["module"].parametrizations[g["tensor_name"]].original for g in groups)
 
     def report(self) -> PruneReport:
@@ -405,7 +415,8 @@ def prune(
     plan = PrunePlan(model, method, sparsity, pattern, targets, ignore=ignore, overrides=overrides,
                      block_sequential=block_sequential, backup=backup, **method_options)
     plan.attach()
-    plan.calibrate(calibration, offload=offload, progress=progress, sync=sync, timestep_weighting=timestep_weighting)
+    plan.calibrate(calibration, offload=offload, progress=progress, sync=sync, timestep_weighting=timestep_weighting,
+                   squash=squash)
     plan.seconds = time.perf_counter() - start
     report = plan.report()
     if squash:

@@ -148,7 +148,7 @@ def _run_pipeline(recipe: DictConfig, out, progress: bool, fabric=None) -> dict:
                                        progress=progress, indices=mine)  # kept on the CPU, a batch at a time
     text_modules = _park_components(pipe)  # text encoders and VAE off the accelerator while pruning
     plan.attach()
-    plan.calibrate(calibration, offload=p.offload, progress=progress)  # statistics summed over ranks
+    plan.calibrate(calibration, offload=p.offload, progress=progress, squash=True)  # statistics summed over ranks
     report = plan.report()
     plan.squash()
     if recipe.quantization.config:

@@ -15,13 +15,13 @@ _TINY = torch.finfo(torch.float32).tiny
 
 def magnitude(weight: torch.Tensor) -> torch.Tensor:
     """|W_ij|."""
-    return weight.float().abs()
+    return weight.float().abs_() if weight.dtype != torch.float32 else weight.abs()
 
 
 def wanda(weight: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
     """Wanda (Sun et al., 2023): |W_ij| * ||X_j||_2, here with the per-token mean sqrt(a_j)
     (a constant factor away from the reference's norm, so the same ranking)."""
-    return weight.float().abs() * energy.float().sqrt()
+    return magnitude(weight).mul_(energy.float().sqrt())  # one weight-sized float32 tensor
 
 
 def ria(weight: torch.Tensor, energy: torch.Tensor, power: float = 0.5) -> torch.Tensor:

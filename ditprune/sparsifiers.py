@@ -117,6 +117,9 @@ class SaliencySparsifier(BaseSparsifier):
             state["updated"] = True
             weight.data.copy_(new_weight)
         param[0].mask = keep
+        del keep, new_weight
+        if weight.device.type == "cpu":
+            memory.release()  # this layer's temporaries go back to the system before the next layer's
         state["info"] = {**info, "seconds": time.perf_counter() - start}
 
     def compute_mask(
@@ -144,7 +147,8 @@ class SaliencySparsifier(BaseSparsifier):
             with memory.region("masks"):
                 p = PackedSparsity(weight.shape, weight.device)
             self.state[g["tensor_fqn"]]["mask"] = p.bits
-            parametrize.register_parametrization(module, name, p)
+            # unsafe: skips a trial forward (a weight-sized product per layer); shapes and dtypes hold
+            parametrize.register_parametrization(module, name, p, unsafe=True)
 
     def updated_without_backup(self) -> list[str]:
         """Layers whose weights a method changed and that :meth:`restore` cannot put back."""
@@ -177,17 +181,20 @@ class SaliencySparsifier(BaseSparsifier):
         self.groups.clear()
         self.state.clear()
 
-    def squash_mask(self, *args, **kwargs) -> None:
-        """Bake the masks into the weights. Pruned entries become +0.0 (the mask product would
-        leave -0.0 where a weight was negative): one zero, whatever format stores it."""
-        for g in self.groups:
-            self.state[g["tensor_fqn"]].pop("dense_backup", None)
-        targets = [(g["module"], g["tensor_name"]) for g in self.groups]
-        super().squash_mask(*args, **kwargs)
+    def squash_mask(self, tensor_fqns: Iterable[str] | None = None) -> None:
+        """Bake the masks into the weights (all, or ``tensor_fqns``), in place: the weight keeps its
+        storage and no weight-sized tensor is made. Pruned entries become +0.0 (a mask product
+        would leave -0.0 where a weight was negative): one zero, whatever format stores it."""
         with torch.no_grad():
-            for module, name in targets:
-                w = getattr(module, name)
-                w.masked_fill_(w == 0, 0.0)
+            for g in self._groups(tensor_fqns):
+                module, name = g["module"], g["tensor_name"]
+                if not parametrize.is_parametrized(module, name):
+                    continue  # squashed already (block by block)
+                self.state[g["tensor_fqn"]].pop("dense_backup", None)
+                p = module.parametrizations[name]
+                w = p.original
+                w.masked_fill_(~p[0].mask | (w == 0), 0.0)
+                parametrize.remove_parametrizations(module, name, leave_parametrized=False)
         self._reorder()
 
     def _groups(self, tensor_fqns: Iterable[str] | None) -> list[dict]:
