@@ -24,6 +24,7 @@ from . import distributed, memory, models
 from .calibration import EmptyCalibrationError, run_block_sequential, run_whole_model, timestep_weights
 from .errors import InputError, InputTypeError
 from .granularity import check_sparsity, parse_pattern
+from .progress import BlockProgress
 from .sparsifiers import METHODS, SaliencySparsifier
 
 __all__ = ["prune", "PrunePlan", "make_sparsifier", "resolve_targets", "LayerReport", "PruneReport", "DEFAULT_IGNORE"]
@@ -254,7 +255,8 @@ class PrunePlan:
         self.sparsifier.prepare(self.model, config)
 
     def calibrate(self, calibration: Iterable[dict], *, offload=None, progress: bool = False,
-                  sync: bool | None = None, timestep_weighting: str | None = None, squash: bool = False) -> None:
+                  sync: bool | None = None, timestep_weighting: str | None = None, squash: bool = False,
+                  checkpoints: BlockProgress | None = None) -> None:
         """Gather statistics over ``calibration`` and write every mask. Under torch.distributed
         (``sync=None``: whenever a process group of several ranks is up) each rank passes its own
         shard: statistics are summed over ranks and rank 0's masks and weights are broadcast.
@@ -262,6 +264,8 @@ class PrunePlan:
         with ``backup=False`` a layer whose weights a method already updated keeps them, pruned
         (the error says how many). ``squash=True`` with ``backup=False`` bakes each block's masks
         in as soon as it is pruned (then a failure leaves those blocks pruned, and says so).
+        ``checkpoints`` (block by block only): each finished block is saved there, and blocks it
+        already holds are restored instead of pruned again (see :mod:`ditprune.progress`).
         """
         start = time.perf_counter()
         sp = self.sparsifier
@@ -279,6 +283,8 @@ class PrunePlan:
                 if distributed.min_over_ranks(len(calibration)) == 0:
                     raise EmptyCalibrationError("calibration is empty on at least one rank: give every rank "
                                                 "at least one batch")
+            if checkpoints is not None and self.by_block is None:
+                raise InputError("checkpoints need a block-by-block prune (every target inside a transformer block)")
             if not (sp.needs_energy or sp.needs_gram):
                 self._step(None, sync)  # data-free (magnitude): calibration is not read
             elif self.by_block is not None:
@@ -286,8 +292,13 @@ class PrunePlan:
                 def calibrate_block(name, block, replay):
                     fqns = self.by_block[name]
                     if fqns:
-                        self._observe(fqns, replay, sync)
-                        self._step(fqns, sync)
+                        if checkpoints is not None and name in checkpoints.done:
+                            checkpoints.restore(name, sp._groups(fqns), sp.state)
+                        else:
+                            self._observe(fqns, replay, sync)
+                            self._step(fqns, sync)
+                            if checkpoints is not None and distributed.rank() == 0:
+                                checkpoints.save(name, sp._groups(fqns), sp.state)
                         if squash and not sp.backup:
                             for f in fqns:
                                 sp.state[f]["updated"] = True  # baked in: restore() cannot undo it

@@ -4,6 +4,8 @@ moved into ``export.output_dir`` together at the end (:class:`ditprune._io.Outpu
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import shutil
 import tempfile
@@ -14,6 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ._io import OutputDir, strict_json
+from .progress import PROGRESS_DIR, BlockProgress
 from .errors import InputError
 from .export import load_transformer, save_transformer
 from .pruning import PrunePlan, PruneReport, prune
@@ -96,6 +99,7 @@ def run_recipe(recipe: DictConfig, out: OutputDir | None = None, progress: bool 
     out = out or check_run(recipe)
     rank = fabric.global_rank if fabric is not None else 0
     target = out if rank == 0 else _Scratch(out)
+    checkpoints = None
     with target:
         (target / "recipe.yaml").write_text(OmegaConf.to_yaml(recipe))
         if is_reference(recipe):
@@ -103,7 +107,10 @@ def run_recipe(recipe: DictConfig, out: OutputDir | None = None, progress: bool 
                 raise InputError("several devices apply to pipelines; the reference models run in one process")
             result = _run_reference(recipe, target, progress)
         else:
-            result = _run_pipeline(recipe, target, progress, fabric)
+            checkpoints = BlockProgress(out.final(PROGRESS_DIR), recipe_key(recipe))
+            result = _run_pipeline(recipe, target, progress, fabric, checkpoints)
+    if checkpoints is not None and rank == 0:
+        checkpoints.finish()  # committed: the per-block checkpoints are no longer needed
     result["outputs"] = {what: str(out.final(name)) if name in out.names else name
                          for what, name in result["outputs"].items()}
     return result
@@ -128,7 +135,16 @@ def _device(recipe: DictConfig, fabric) -> str:
     return str(fabric.device) if fabric is not None and fabric.world_size > 1 else recipe.model.device
 
 
-def _run_pipeline(recipe: DictConfig, out, progress: bool, fabric=None) -> dict:
+def recipe_key(recipe: DictConfig) -> str:
+    """What a resumed run must share with the one that saved the checkpoints: the model, the
+    calibration and the pruning sections, and this version of ditprune."""
+    from . import __version__
+
+    parts = {k: OmegaConf.to_container(recipe[k], resolve=True) for k in ("model", "calibration", "pruning")}
+    return hashlib.sha256(json.dumps({**parts, "ditprune": __version__}, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _run_pipeline(recipe: DictConfig, out, progress: bool, fabric=None, checkpoints: BlockProgress | None = None) -> dict:
     from .evaluation.pipeline import ImageStore, generate
     from .models.loading import BUILTIN_CLASSES, builtin_prompts, cycle_prompts, load_pipeline, pipeline_calibration
 
@@ -148,7 +164,12 @@ def _run_pipeline(recipe: DictConfig, out, progress: bool, fabric=None) -> dict:
                                        progress=progress, indices=mine)  # kept on the CPU, a batch at a time
     text_modules = _park_components(pipe)  # text encoders and VAE off the accelerator while pruning
     plan.attach()
-    plan.calibrate(calibration, offload=p.offload, progress=progress, squash=True)  # statistics summed over ranks
+    if plan.by_block is None:
+        checkpoints = None  # a whole-model prune has no blocks to resume from
+    elif checkpoints is not None and checkpoints.done:
+        log.warning("resuming: %d blocks restored from %s", len(checkpoints.done), checkpoints.directory)
+    plan.calibrate(calibration, offload=p.offload, progress=progress, squash=True,  # statistics summed over ranks
+                   checkpoints=checkpoints)
     report = plan.report()
     plan.squash()
     if recipe.quantization.config:
