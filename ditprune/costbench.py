@@ -8,11 +8,17 @@ time and memory do not depend on the values).
    shape is the exception: it gets real sampled tokens, as many as ``configs/flux_dev.yaml``
    gives it (64 prompts x 28 steps = 1792, fewer than its 3072 inputs), so it runs the few-token
    path it runs in practice. Each method is timed ``repeats`` times, interleaved, best kept.
-2. *One full-width double block and one single block*, pruned with :func:`ditprune.prune` on
-   calibration batches of ``images`` samples at 512x512 (1024 image + 512 text tokens each):
-   seconds, peak statistics (shared by q/k/v) and peak memory.
-3. An *extrapolation* to the whole transformer (19 double + 38 single blocks) and a *memory
-   account* of a ``configs/flux_dev.yaml`` run on one GPU, with their assumptions printed.
+2. *One full-width double block and one single block* in bf16, per method, on the code path of
+   a ``configs/flux_dev.yaml`` run (:func:`block_costs`): masks attached, real calibration calls
+   observed (timed per sample: the block's forward and the statistics), then every layer given
+   the statistics regime the real run gives it (adaLN: 64 x 28 = 1792 sampled tokens, the
+   few-token path; the others: plenty) and the masks computed (timed). Memory is measured while
+   it runs (:class:`ditprune.memory.LiveBytes` on the CPU, the allocator on a GPU), by kind.
+3. An *extrapolation* to the whole transformer (19 double + 38 single blocks: mask seconds and
+   calibration seconds per sample, times the blocks and the real run's samples; the Gram
+   accumulation also in FLOPs) and a *memory account* of a ``configs/flux_dev.yaml`` run composed
+   from the measured block runs (:func:`memory_account`; ``tests/test_costbench.py`` checks that a
+   real whole-model prune never holds more than the account says).
 """
 
 from __future__ import annotations
@@ -47,53 +53,25 @@ METHODS = [  # (label, method, options, pattern)
 
 
 # -- measuring ----------------------------------------------------------------------------------
-def _peak_reset(device: torch.device) -> None:
-    if device.type == "cuda":
+def measure(fn: Callable[[], object], device: torch.device) -> tuple[float, int]:
+    """(seconds, peak bytes of the tensors ``fn`` created and held at once): live tensor bytes
+    counted on the code path (:class:`ditprune.memory.LiveBytes`); on a GPU the allocator's own
+    peak, which also holds what the caching allocator rounds up."""
+    from .memory import LiveBytes
+
+    cuda = device.type == "cuda"
+    if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:
-        with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM, the peak resident set (Linux)
-            f.write("5")
-    except OSError:
-        pass
-
-
-def _peak_bytes(device: torch.device, baseline: int) -> int | None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - baseline
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024 - baseline
-    except OSError:
-        return None
-    return None
-
-
-def _current_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device)
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def measure(fn: Callable[[], object], device: torch.device) -> tuple[float, int | None]:
-    """(seconds, peak bytes above what was held before) of one call."""
-    base = _current_bytes(device)
-    _peak_reset(device)
+        base = torch.cuda.memory_allocated(device)
     start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    with LiveBytes(device) as mem:
+        fn()
+        if cuda:
+            torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    return seconds, _peak_bytes(device, base)
+    peak = torch.cuda.max_memory_allocated(device) - base if cuda else mem.peak
+    return seconds, peak
 
 
 # -- inputs -------------------------------------------------------------------------------------
@@ -158,12 +136,11 @@ def layer_costs(shapes=SHAPES, methods=METHODS, repeats: int = 2, device="cpu", 
                 sp = make_sparsifier(method, 0.5, pattern, **options)
                 seconds, peak = measure(lambda: sp.compute_mask(weight, stats, **sp.defaults), device)
                 old = best.get(label)
-                best[label] = (min(seconds, old[0]) if old else seconds,
-                               max(p for p in (peak, old[1] if old else None) if p is not None) if peak is not None else None)
+                best[label] = (min(seconds, old[0]) if old else seconds, max(peak, old[1] if old else 0))
                 bar.update()
         for label, (seconds, peak) in best.items():
             rows.append({"shape": name, "out": out_f, "in": in_f, "tokens": tokens or "1e6 (covariance)",
-                         "method": label, "seconds": seconds, "peak_mb": peak / 2**20 if peak is not None else None,
+                         "method": label, "seconds": seconds, "peak_mb": peak / 2**20,
                          "x_wanda": seconds / best["wanda"][0], "x_sparsegpt": seconds / best["sparsegpt"][0]})
         del stats, weight
     bar.close()
@@ -212,84 +189,160 @@ def block_batches(images: int, image_tokens: int = 1024, calls: int = 2, device=
             for _ in range(calls)]
 
 
+# dit with reconstruct=True in the block runs: its memory (every polish iteration reuses the same
+# tensors, so one iteration reaches the peak), not its time (see the single-layer table).
+MEMORY_ONLY = ("dit reconstruct (memory; polish=1)", "dit", {"reconstruct": True, "polish": 1}, None)
+
+# The real run this bench accounts for: configs/flux_dev.yaml (64 prompts x 28 steps, batch 4).
+REAL_RUN = {"prompts": 64, "steps": 28, "batch": 4, "image_tokens": 1024}
+
+
+def _is_adaln(name: str) -> bool:
+    return ".linear" in name and "norm" in name  # norm1.linear, norm1_context.linear, norm.linear
+
+
+def _real_regime(plan, adaln_tokens: int, device) -> None:
+    """Swap each layer's statistics for ones with the token count a real run gives it: adaLN
+    Linears see one token per sample and step (``adaln_tokens``, sampled: the few-token path with
+    its held-out tokens); every other layer sees millions (a synthetic covariance: the plenty
+    path). Layers that shared statistics keep sharing them."""
+    sp = plan.sparsifier
+    swapped: dict[int, object] = {}
+    for g in sp.groups:
+        st = sp.state[g["tensor_fqn"]].get("stats")
+        if st is None:
+            continue
+        if id(st) not in swapped:
+            d = st.sq_sum.numel()
+            tokens = adaln_tokens if _is_adaln(g["module_fqn"]) else None
+            swapped[id(st)] = synthetic_stats(d, tokens, seed=d, device=device, need_gram=st.gram_sum is not None)
+        sp.state[g["tensor_fqn"]]["stats"] = swapped[id(st)]
+
+
+def _tree_bytes(obj) -> int:
+    from torch.utils._pytree import tree_flatten
+
+    return sum(t.numel() * t.element_size() for t in tree_flatten(obj)[0] if isinstance(t, torch.Tensor))
+
+
 def block_costs(methods=METHODS[:3], images: int = 1, image_tokens: int = 1024, calls: int = 2, device="cpu",
-                progress: bool = True, dims: dict | None = None) -> list[dict]:
+                progress: bool = True, dims: dict | None = None, dtype=torch.bfloat16, real: dict | None = None) -> list[dict]:
+    """One shape-true double and single block per method, in ``dtype``, on the code path a
+    ``configs/flux_dev.yaml`` run takes: masks attached, ``calls`` real calibration calls of
+    ``images`` samples observed (timed: forward + statistics, per sample), then each layer's
+    statistics swapped for the real run's regime (see :func:`_real_regime`) and the masks
+    computed (timed). Memory: live tensor bytes by kind (:class:`ditprune.memory.LiveBytes`) and,
+    on a GPU, the allocator's peak."""
     from tqdm import tqdm
 
-    from . import prune
+    from .memory import LiveBytes
+    from .pruning import PrunePlan
 
     device = torch.device(device)
-    batches = block_batches(images, image_tokens, calls, device, dims=dims)
+    real = {**REAL_RUN, **(real or {})}
+    batches = block_batches(images, image_tokens, calls, device, dtype, dims=dims)
+    call_bytes = _tree_bytes(batches[0])
+    f = {**FLUX_DEV, **(dims or {})}
     rows = []
     for kind in tqdm(("double", "single"), desc="cost: blocks", disable=not progress):
         for label, method, options, pattern in methods:
-            block = flux_blocks(device, dims=dims)[0 if kind == "double" else 1]
-            holder = {}
-
-            def run():
-                holder["report"] = prune(block, batches, method=method, sparsity=0.5, pattern=pattern, targets=[""],
-                                         ignore=[], block_sequential=False, **options)
-
-            seconds, peak = measure(run, device)
-            report = holder["report"]
-            rows.append({"block": kind, "method": label, "layers": len(report.layers), "seconds": seconds,
-                         "mask_seconds": sum(r.seconds for r in report.layers),
-                         "stats_mb": report.peak_stats_bytes / 2**20,
-                         "stats_unshared_mb": _unshared_stats(block, batches, method, options, pattern) / 2**20,
-                         "peak_mb": peak / 2**20 if peak is not None else None,
-                         "calibration_tokens": calls * images * (image_tokens + {**FLUX_DEV, **(dims or {})}["text_tokens"])})
-            del block
+            block = flux_blocks(device, dtype, dims)[0 if kind == "double" else 1]
+            weights = sum(p.numel() * p.element_size() for p in block.parameters())
+            targets = sum(m.weight.numel() for m in block.modules() if isinstance(m, torch.nn.Linear))
+            plan = PrunePlan(block, method, 0.5, pattern, [""], ignore=[], block_sequential=False, backup=False,
+                             **options)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                cuda_base = torch.cuda.memory_allocated(device)
+            with LiveBytes(device) as mem, torch.no_grad():
+                mem.hold(block.parameters())
+                plan.attach()
+                start = time.perf_counter()
+                plan._observe(None, lambda: [block(**b) for b in batches], sync=False)
+                observe = time.perf_counter() - start
+                _real_regime(plan, real["prompts"] * real["steps"], device)
+                start = time.perf_counter()
+                plan._step(None, sync=False)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                masks = time.perf_counter() - start
+                plan.squash()
+            kinds = {k: v / 2**20 for k, v in mem.peak_by_kind.items()}
+            rows.append({"block": kind, "method": label, "layers": len(plan.sparsifier.groups),
+                         "weights_mb": weights / 2**20, "target_params": targets,
+                         "observe_seconds_per_sample": observe / (calls * images), "mask_seconds": masks,
+                         "peak_mb": mem.peak / 2**20, "extra_mb": (mem.peak - weights) / 2**20,
+                         "peak_by_kind_mb": kinds, "max_by_kind_mb": {k: v / 2**20 for k, v in mem.max_by_kind.items()},
+                         "cuda_peak_mb": ((torch.cuda.max_memory_allocated(device) - cuda_base) / 2**20
+                                          if device.type == "cuda" else None),
+                         "call_input_mb": call_bytes / images / 2**20,  # per sample
+                         "calibration_tokens": calls * images * (image_tokens + f["text_tokens"])})
+            del block, plan
     return rows
 
 
-def _unshared_stats(block, batches, method, options, pattern) -> int:
-    """Bytes the statistics of one observation pass would take if no layers shared them."""
-    from .pruning import PrunePlan
-
-    plan = PrunePlan(block, method, 0.5, pattern, [""], ignore=[], block_sequential=False, **options)
-    plan.attach()
-    plan.share_stats = False
-    try:
-        with plan.sparsifier.observe(None, plan.scopes, plan.text_layers, share=False):
-            with torch.no_grad():
-                for b in batches:
-                    block(**b)
-        return plan.sparsifier.peak_stats_bytes
-    finally:
-        plan.restore()
+def gram_flops(real: dict | None = None, dims: dict | None = None) -> float:
+    """FLOPs of accumulating the Gram matrices of one whole FLUX.1-dev calibration (2 x tokens x
+    in^2 per distinct input, shared inputs counted once): what a GPU spends beside the forward."""
+    r, f = {**REAL_RUN, **(real or {})}, {**FLUX_DEV, **(dims or {})}
+    d, samples = f["dim"], r["prompts"] * r["steps"]
+    img, txt = samples * r["image_tokens"], samples * f["text_tokens"]
+    double = (2 * 2 * d**2 * (img + txt)  # q/k/v input, to_out input (image stream) ... and text stream
+              + 2 * d**2 * (img + txt)  # ff.net.0 inputs (both streams)
+              + 2 * (4 * d) ** 2 * (img + txt)  # ff.net.2 inputs (both streams)
+              + 2 * d**2 * samples)  # adaLN (temb, shared by the two norms)
+    single = (2 * d**2 * (img + txt) + 2 * (5 * d) ** 2 * (img + txt) + 2 * d**2 * samples)
+    return f["double"] * double + f["single"] * single
 
 
-# -- 3. whole transformer -----------------------------------------------------------------------
-def extrapolate(block_rows: list[dict]) -> list[dict]:
-    """Mask time of the whole transformer: 19 x double + 38 x single block mask seconds."""
-    f = FLUX_DEV
+def extrapolate(block_rows: list[dict], real: dict | None = None) -> list[dict]:
+    """The whole transformer (19 double + 38 single blocks): mask seconds measured per block x
+    the block count; calibration seconds = the measured forward + statistics per sample x the
+    real run's samples (64 prompts x 28 steps) x the blocks; the Gram accumulation in FLOPs."""
+    f, r = FLUX_DEV, {**REAL_RUN, **(real or {})}
+    samples = r["prompts"] * r["steps"]
     out = []
-    for method in dict.fromkeys(r["method"] for r in block_rows):
-        t = {r["block"]: r["mask_seconds"] for r in block_rows if r["method"] == method}
-        if {"double", "single"} <= set(t):
-            out.append({"method": method, "transformer_mask_hours": (f["double"] * t["double"] + f["single"] * t["single"]) / 3600})
+    for method in dict.fromkeys(row["method"] for row in block_rows):
+        b = {row["block"]: row for row in block_rows if row["method"] == method}
+        if {"double", "single"} <= set(b):
+            masks = f["double"] * b["double"]["mask_seconds"] + f["single"] * b["single"]["mask_seconds"]
+            calib = samples * (f["double"] * b["double"]["observe_seconds_per_sample"]
+                               + f["single"] * b["single"]["observe_seconds_per_sample"])
+            out.append({"method": method, "mask_hours": masks / 3600, "calibration_hours": calib / 3600,
+                        "total_hours": (masks + calib) / 3600})
     return out
 
 
-def memory_account(block_rows: list[dict], layer_rows: list[dict], images: int = 4, image_tokens: int = 1024,
-                   calls: int = 64 // 4 * 28) -> dict:
-    """GPU memory of a ``configs/flux_dev.yaml`` run (bf16, block by block, captured inputs and
-    calibration on the CPU): the transformer's weights, one call's block inputs and activations,
-    one block's statistics (measured on the shape-true blocks), the largest layer's workspace
-    (measured on the single-layer runs)."""
-    f = FLUX_DEV
+def memory_account(block_rows: list[dict], layer_rows: list[dict] | None = None, method: str = "dit",
+                   spec: dict | None = None) -> dict:
+    """Device memory of a block-by-block run from measured parts (bytes, see below), for the
+    transformer ``spec`` (default FLUX.1-dev: 11.9B bf16 parameters, 19 + 38 blocks, the real
+    run's calls): the weights (parameters x bytes per parameter, as stored), the masks (one bit
+    per targeted weight, all attached at once), the most any measured block run of ``method``
+    held beyond its own weights (statistics, workspace of its largest layer, forward
+    activations, its masks: measured together by :class:`ditprune.memory.LiveBytes`), and one
+    call's block inputs on the device (the others wait on the CPU with ``offload``: counted
+    apart). ``backup`` (the API's default for a method that updates weights) is a CPU copy of the
+    weights: counted apart, zero for ``ditprune prune``."""
+    s = {"params": FLUX_DEV["params"], "bytes_per_param": 2, "target_params": None,
+         "calls": REAL_RUN["prompts"] * REAL_RUN["steps"] // REAL_RUN["batch"], "batch": REAL_RUN["batch"],
+         **(spec or {})}
     gb = 2**30
-    seq = image_tokens + f["text_tokens"]
-    weights = f["params"] * 2
-    call_inputs = images * seq * f["dim"] * 2 + images * f["dim"] * 2 + seq * f["head_dim"] * 4 * 2
-    activations = images * seq * f["dim"] * 2 * 12 + images * f["heads"] * seq * seq * 2  # hidden states, mlp, scores
-    stats = max((r["stats_mb"] for r in block_rows if r["method"] == "dit"), default=0.0) * 2**20
-    workspace = max((r["peak_mb"] or 0 for r in layer_rows if r["method"] in ("dit", "sparsegpt")), default=0.0) * 2**20
-    captured_cpu = calls * (call_inputs + images * f["text_tokens"] * 4096 * 2)
-    total = weights + call_inputs + activations + stats + workspace
-    return {"weights_gb": weights / gb, "one_call_inputs_gb": call_inputs / gb, "activations_gb": activations / gb,
-            "block_statistics_gb": stats / gb, "largest_layer_workspace_gb": workspace / gb, "total_gpu_gb": total / gb,
-            "captured_inputs_on_cpu_gb": captured_cpu / gb, "within_40_gb": total <= 40 * gb}
+    rows = [r for r in block_rows if r["method"] == method]
+    if not rows:
+        raise ValueError(f"no block rows for method {method!r}")
+    weights = s["params"] * s["bytes_per_param"]
+    target = s["target_params"] if s["target_params"] is not None else s["params"]
+    masks = math.ceil(target / 8)
+    block_extra = max(r["extra_mb"] for r in rows) * 2**20
+    call_inputs = max(r["call_input_mb"] for r in rows) * 2**20 * s["batch"]
+    total = weights + masks + block_extra + call_inputs
+    captured = s["calls"] * call_inputs
+    return {"method": method, "weights_gb": weights / gb, "masks_gb": masks / gb,
+            "block_extra_gb": block_extra / gb, "one_call_inputs_gb": call_inputs / gb, "total_gpu_gb": total / gb,
+            "captured_inputs_on_cpu_gb": captured / gb, "backup_on_cpu_gb_if_api_default": weights / gb,
+            "within_40_gb": total <= 40e9, "total_bytes": total}
 
 
 def run_cost(out: Path, quick: bool = False, repeats: int = 2, images: int = 1, device: str = "cpu",
@@ -299,12 +352,12 @@ def run_cost(out: Path, quick: bool = False, repeats: int = 2, images: int = 1, 
 
     from ._io import atomic_file
 
-    shapes = SHAPES[:1] + SHAPES[3:4] if quick else SHAPES
-    methods = METHODS[:3] if quick else METHODS
-    layer_rows = layer_costs(shapes, methods, 1 if quick else repeats, device, progress)
-    block_rows = [] if quick else block_costs(METHODS[:3], images, device=device, progress=progress)
-    whole = extrapolate(block_rows)
-    memory = memory_account(block_rows, layer_rows)
+    shapes = SHAPES[:1] if quick else SHAPES
+    layer_rows = layer_costs(shapes, METHODS, 1 if quick else repeats, device, progress)
+    block_rows = block_costs(METHODS[:3] + [MEMORY_ONLY], images, calls=1 if quick else 2, device=device,
+                             progress=progress)
+    whole = extrapolate([r for r in block_rows if r["method"] != MEMORY_ONLY[0]])
+    memory = [memory_account(block_rows, method=m) for m in dict.fromkeys(r["method"] for r in block_rows)]
     machine = (torch.cuda.get_device_name(device) if torch.device(device).type == "cuda"
                else f"CPU, {torch.get_num_threads()} threads")
     text = render(layer_rows, block_rows, whole, memory, machine)
@@ -313,39 +366,48 @@ def run_cost(out: Path, quick: bool = False, repeats: int = 2, images: int = 1, 
         tmp.write_text(text + "\n")
     with atomic_file(out / "cost.json") as tmp:
         tmp.write_text(json.dumps({"machine": machine, "layers": layer_rows, "blocks": block_rows, "transformer": whole,
-                                   "memory": memory}, indent=1, default=str) + "\n")
+                                   "memory": memory, "gram_flops": gram_flops()}, indent=1, default=str) + "\n")
     return {"table": text, "outputs": {"table": str(out / "cost.md"), "json": str(out / "cost.json")}}
 
 
 def render(layer_rows, block_rows, whole, memory, machine: str) -> str:
-    def fmt(v, spec):
-        return "-" if v is None else format(v, spec)
-
     lines = [f"Machine: {machine}. Random weights, real shapes; statistics as described in "
-             "`ditprune/costbench.py`.", "",
+             "`ditprune/costbench.py`. Peak: live tensor bytes the call created (CPU), the allocator's peak (GPU).", "",
              "| shape (out x in) | tokens | method | seconds | x Wanda | x SparseGPT | peak MB |", "|---|---|---|---|---|---|---|"]
     for r in layer_rows:
         lines.append(f"| {r['shape']} ({r['out']}x{r['in']}) | {r['tokens']} | {r['method']} | {r['seconds']:.2f} | "
-                     f"{r['x_wanda']:.1f} | {r['x_sparsegpt']:.2f} | {fmt(r['peak_mb'], '.0f')} |")
+                     f"{r['x_wanda']:.1f} | {r['x_sparsegpt']:.2f} | {r['peak_mb']:.0f} |")
     if block_rows:
-        lines += ["", "| FLUX.1-dev block | method | Linears | seconds (calibration + masks) | mask seconds | "
-                      "stats MB (shared) | stats MB if unshared | peak MB | calibration tokens |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "Shape-true FLUX.1-dev blocks in bf16, pruned on the code path of `configs/flux_dev.yaml`: "
+                      "adaLN layers with 64 x 28 = 1792 sampled tokens (the few-token path), the others with plenty "
+                      "(a covariance); calibration measured on real calls and scaled per sample. Memory measured "
+                      "while it runs: the peak above the block's weights, and each kind's own peak (MB):", "",
+                  "| block | method | Linears | weights MB | calibration s / sample | mask seconds | peak above weights "
+                  "| masks | statistics | workspace | forward |",
+                  
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in block_rows:
-            lines.append(f"| {r['block']} | {r['method']} | {r['layers']} | {r['seconds']:.1f} | {r['mask_seconds']:.1f} | "
-                         f"{r['stats_mb']:.0f} | {r['stats_unshared_mb']:.0f} | {fmt(r['peak_mb'], '.0f')} | "
-                         f"{r['calibration_tokens']} |")
-        lines += ["", "Whole transformer, masks only (19 double + 38 single blocks x the block mask seconds above; "
-                      "calibration forward passes not included; same machine):", ""]
-        lines += [f"- {w['method']}: {w['transformer_mask_hours']:.2f} h" for w in whole]
-    m = memory
-    lines += ["", "GPU memory of `configs/flux_dev.yaml` (bf16 weights, block by block, `offload: cpu`; text "
-                  "encoders and VAE moved off the GPU once calibration is recorded):", "",
-              f"- transformer weights: {m['weights_gb']:.1f} GiB (11.9B parameters x 2 bytes)",
-              f"- one call's block inputs: {m['one_call_inputs_gb']:.2f} GiB; activations of one block forward: "
-              f"{m['activations_gb']:.2f} GiB (batch of 4 at 512x512)",
-              f"- one block's statistics: {m['block_statistics_gb']:.2f} GiB (measured above, double block, dit)",
-              f"- largest layer's workspace: {m['largest_layer_workspace_gb']:.2f} GiB (peak of the single-layer runs)",
-              f"- total on the GPU: {m['total_gpu_gb']:.1f} GiB ({'within' if m['within_40_gb'] else 'over'} 40 GB); "
-              f"captured inputs waiting on the CPU: {m['captured_inputs_on_cpu_gb']:.1f} GiB"]
+            k = r["max_by_kind_mb"]
+            lines.append(f"| {r['block']} | {r['method']} | {r['layers']} | {r['weights_mb']:.0f} | "
+                         f"{r['observe_seconds_per_sample']:.2f} | {r['mask_seconds']:.1f} | {r['extra_mb']:.0f} | "
+                         f"{k['masks']:.0f} | {k['statistics']:.0f} | {k['workspace']:.0f} | {k['forward']:.0f} |")
+        lines += ["", "Whole transformer (19 double + 38 single blocks), extrapolated from the block runs above on the "
+                      "same machine: masks = measured block seconds x blocks; calibration = measured forward and "
+                      f"statistics per sample x 1792 samples x blocks. Gram accumulation alone: {gram_flops():.1e} FLOPs "
+                      "(about a minute at 1e15 FLOP/s). Left out: the text encoders, the sampler's own steps, "
+                      "loading and saving.", "",
+                  "| method | masks (h) | calibration (h) | total (h) |", "|---|---|---|---|"]
+        lines += [f"| {w['method']} | {w['mask_hours']:.2f} | {w['calibration_hours']:.2f} | {w['total_hours']:.2f} |"
+                  for w in whole]
+    if memory:
+        lines += ["", "Device memory of `configs/flux_dev.yaml` (bf16, block by block, `offload: cpu`), composed "
+                      "from the measured block runs (GiB): weights + masks (1 bit per weight) + the most a block run "
+                      "held beyond its weights + one call's inputs. CPU: the captured inputs of every call; "
+                      "`ditprune.prune(..., backup=True)` adds a CPU copy of the weights for updating methods.", "",
+                  "| method | weights | masks | block run | one call | total on the device | within 40 GB | "
+                  "CPU: captured inputs |", "|---|---|---|---|---|---|---|---|"]
+        for m in memory:
+            lines.append(f"| {m['method']} | {m['weights_gb']:.1f} | {m['masks_gb']:.2f} | {m['block_extra_gb']:.2f} | "
+                         f"{m['one_call_inputs_gb']:.2f} | {m['total_gpu_gb']:.1f} | "
+                         f"{'yes' if m['within_40_gb'] else 'no'} | {m['captured_inputs_on_cpu_gb']:.1f} |")
     return "\n".join(lines)

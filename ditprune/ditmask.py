@@ -153,6 +153,13 @@ def reconstruct(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor, sp
         options, used = _updates(weight, keep, gram, sparsity, nm, iters, which=(best,))
         names = [best]
         pick = torch.zeros(weight.shape[0], dtype=torch.long)
+    if held is None and iters and "sparsegpt" in names:  # its winning rows get the least-squares solve too
+        rows = (pick == names.index("sparsegpt")).nonzero().squeeze(1).to(weight.device)
+        if len(rows):
+            w_s, k_s = options["sparsegpt"]
+            w_s = w_s.clone()
+            w_s[rows] = polish(weight[rows], w_s[rows], k_s[rows], gram, iters)
+            options["sparsegpt"] = (w_s, k_s)
     sel = pick.to(weight.device).unsqueeze(1)
     new_w = torch.zeros_like(weight)
     new_keep = torch.zeros_like(keep)

@@ -73,8 +73,8 @@ def mark(obj, kind: str) -> None:
 
 
 class LiveBytes(TorchDispatchMode):
-    """``with LiveBytes() as mem: run()``; then ``mem.peak`` (bytes), ``mem.peak_by_kind``,
-    ``mem.live`` (bytes still held). Per device: ``device=None`` counts every device."""
+    """``with LiveBytes() as mem: run()``; then ``mem.peak`` (bytes), ``mem.peak_by_kind`` (the
+    kinds at that moment), ``mem.max_by_kind`` (each kind's own peak), ``mem.live`` (bytes still held). Per device: ``device=None`` counts every device."""
 
     def __init__(self, device: str | torch.device | None = None) -> None:
         super().__init__()
@@ -82,7 +82,8 @@ class LiveBytes(TorchDispatchMode):
         self._seen = WeakIdKeyDictionary()
         self.by_kind = dict.fromkeys(KINDS, 0)
         self.peak = 0
-        self.peak_by_kind = dict(self.by_kind)
+        self.peak_by_kind = dict(self.by_kind)  # the kinds at the moment of the peak
+        self.max_by_kind = dict(self.by_kind)  # each kind's own peak (at different moments)
 
     @property
     def live(self) -> int:
@@ -129,6 +130,9 @@ class LiveBytes(TorchDispatchMode):
         return super().__exit__(*exc)
 
     def _update_peak(self) -> None:
+        for k, v in self.by_kind.items():
+            if v > self.max_by_kind.get(k, 0):
+                self.max_by_kind[k] = v
         live = self.live
         if live > self.peak:
             self.peak = live

@@ -234,7 +234,7 @@ def test_reconstruct_is_never_worse_than_sparsegpt_on_the_calibration_objective(
     # OBS solutions (the solver itself is checked against the reference in test_reference_recompute)
     dense = OneLinear(d, 32).lin.weight.detach()
     mask_only = OneLinear(d, 32)
-    ditprune.prune(mask_only, batches, method="dit", targets=["lin"], block_sequential=False, refine=0, **setting)
+    ditprune.prune(mask_only, batches, method="dit", targets=["lin"], block_sequential=False, **setting)
     dit_keep = mask_only.lin.weight != 0
     nm = (2, 4) if "pattern" in setting else None
     cands = [obs_prune(dense, h, prune_mask=~dit_keep, dtype=torch.float64)[0],
