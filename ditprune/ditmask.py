@@ -102,22 +102,17 @@ def removed_rows(weight: torch.Tensor, new_weight: torch.Tensor, keep: torch.Ten
 
 
 def _updates(weight, keep, gram, sparsity, nm, iters, which=("dit", "sparsegpt")) -> tuple[dict, float]:
-    """The reconstruction candidates named in ``which``: the ``dit`` mask with its kept weights
-    solved by least squares (:func:`~ditprune.sparsegpt.polish`, ``iters`` iterations at most,
-    from the dense weights; ``iters=0``: the sequential OBS update instead), and SparseGPT's own
-    mask and update (``method="sparsegpt"``, in float64 so that it does not depend on the
-    summation order of the statistics). Returns ({name: (weight, keep)},
-    the largest percdamp used)."""
+    """The reconstruction candidates named in ``which``: the OBS update of the ``dit`` mask, and
+    SparseGPT's own mask and update, each then polished by ``iters`` conjugate-gradient steps on
+    the damped H, all in float64 (an update solves a linear system in a near-singular H: float32
+    turned 1e-7 of summation-order noise into 1e-2 changes of the weights). Returns
+    ({name: (weight, keep)}, the largest percdamp used)."""
     out, used = {}, 0.0
     for name in which:
-        if name == "sparsegpt":
-            w, k, damp = obs_prune(weight, gram, sparsity, nm, dtype=torch.float64)
-        elif iters:
-            w, k, damp = polish(weight, weight * keep, keep, gram, iters), keep, 0.01
-        else:
-            w, k, damp = obs_prune(weight, gram, prune_mask=~keep, dtype=torch.float64)
-            k = keep
-        out[name] = (w, k)
+        w, k, damp = (obs_prune(weight, gram, prune_mask=~keep, dtype=torch.float64) if name == "dit" else
+                      obs_prune(weight, gram, sparsity, nm, dtype=torch.float64))
+        k = keep if name == "dit" else k
+        out[name] = (polish(weight, w, k, gram, iters) if iters else w, k)
         used = max(used, damp)
     return out, used
 
@@ -125,8 +120,8 @@ def _updates(weight, keep, gram, sparsity, nm, iters, which=("dit", "sparsegpt")
 def reconstruct(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor, sparsity: float, nm, iters: int,
                 held: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
-    """(keep mask, updated weight or None, info). Candidates: the ``dit`` mask with its kept
-    weights solved by least squares, and SparseGPT's mask and update. With enough tokens the one that loses less
+    """(keep mask, updated weight or None, info). Candidates: the ``dit`` mask with its OBS update,
+    SparseGPT's mask and update (both polished). With enough tokens the one that loses less
     output energy on ``gram`` wins per layer (per row for N:M, where every row keeps the same
     count). With few tokens, ``held`` = (row indices, their ``dit`` mask fitted without the held-out
     tokens, H of the fit tokens, H of the held-out tokens): every candidate, and leaving the
@@ -153,13 +148,6 @@ def reconstruct(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor, sp
         options, used = _updates(weight, keep, gram, sparsity, nm, iters, which=(best,))
         names = [best]
         pick = torch.zeros(weight.shape[0], dtype=torch.long)
-    if held is None and iters and "sparsegpt" in names:  # its winning rows get the least-squares solve too
-        rows = (pick == names.index("sparsegpt")).nonzero().squeeze(1).to(weight.device)
-        if len(rows):
-            w_s, k_s = options["sparsegpt"]
-            w_s = w_s.clone()
-            w_s[rows] = polish(weight[rows], w_s[rows], k_s[rows], gram, iters)
-            options["sparsegpt"] = (w_s, k_s)
     sel = pick.to(weight.device).unsqueeze(1)
     new_w = torch.zeros_like(weight)
     new_keep = torch.zeros_like(keep)

@@ -292,29 +292,23 @@ class DiTPruningSparsifier(SaliencySparsifier):
        cluster takes its best candidate, built on all of its rows.
     3. The chosen mask gets ``refine`` rounds of the swap search
        (:func:`ditprune.refine.refine_mask`: in each row the ``shortlist`` cheapest revivals and
-       prunings, swapped pairwise with exact cross terms while the row's error falls). The search
-       lowers the error of the mask *without* a weight update; with ``reconstruct=True`` it still
-       paid on the reference model (denoiser error 0.0035 with it, 0.0044 without, at 50%), though
-       on the cost bench's synthetic statistics it raised the reconstructed error by 9-15%.
+       prunings, swapped pairwise with exact cross terms while the row's error falls).
     4. Few tokens (a layer that saw fewer than 16 tokens per input, e.g. adaLN): about one token
        in 4 is held out (by a hash of its content, so shards agree); the alpha/grouping choice
        and the search are fitted on the other tokens and judged on the held-out ones alone; a
        cluster whose searched mask does not beat Wanda's per-row mask there gets Wanda's per-row
        mask (exactly ``method="wanda"``'s rows). When no token is held out, or none is left to fit
        on: Wanda's mask for the whole layer.
-    5. ``reconstruct=True``: the kept weights of the ``dit`` mask are solved by least squares on
-       the damped H (:func:`~ditprune.sparsegpt.polish`: preconditioned conjugate gradients, at
-       most ``polish`` iterations, each row stopping once converged; ``polish=0``: SparseGPT's
-       sequential OBS update of that mask instead), against SparseGPT's own mask and update; the
-       one that loses less output energy wins per layer (per row for N:M), so the result never
-       removes more than ``method="sparsegpt"`` on the calibration data; where SparseGPT's wins,
-       its kept weights are then solved the same way (polish only lowers the error). With few tokens the candidates, and no update at all, are fitted on the
+    5. ``reconstruct=True``: the kept weights are updated (OBS for the ``dit`` mask, then a
+       conjugate-gradient ``polish`` of the least-squares fit), against SparseGPT's own mask and
+       update polished the same way; the one that loses less output energy wins per layer (per
+       row for N:M). With few tokens the candidates, and no update at all, are fitted on the
        sampled rows without the held-out tokens and judged per layer on those tokens alone.
        The choice logic lives in :mod:`ditprune.ditmask` (pure functions).
 
     ``method: dit``, ``sparsity: 0.5``, ``alpha: auto``, ``alphas: [0.3, 0.4, 0.5]``,
     ``granularity: clusters``, ``max_clusters: 6``, ``refine: 8``, ``shortlist: 12``,
-    ``sample_rows: 256``, ``reconstruct: false``, ``polish: 12``, ``holdout: true`` (false: trust the
+    ``sample_rows: 256``, ``reconstruct: false``, ``polish: 8``, ``holdout: true`` (false: trust the
     search on few tokens too, as the ablation does to measure what the safeguard costs).
 
     Lifecycle: as every :class:`SaliencySparsifier`; needs the Gram matrix unless
@@ -336,7 +330,7 @@ class DiTPruningSparsifier(SaliencySparsifier):
         sample_rows: int = 256,
         damp: float = 0.0,
         reconstruct: bool = False,
-        polish: int = 12,
+        polish: int = 8,
         holdout: bool = True,
         seed: int = 0,
     ):

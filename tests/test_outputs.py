@@ -4,6 +4,7 @@ outputs are staged and committed together, and a killed run's leftovers are clea
 import json
 import os
 import stat
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from ditprune._io import MANIFEST, STAGING_PREFIX, OutputDir
 from ditprune.cli import main
 from ditprune.errors import InputError
+from ditprune.progress import PROGRESS_DIR
 
 from conftest import tree_bytes
 
@@ -138,14 +140,20 @@ def test_a_killed_run_loses_nothing_and_the_next_run_cleans_up(tiny_pipeline_dir
     )
     killed = subprocess.run([sys.executable, "-c", killer], capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9
-    assert tree_bytes(out) == {**first, **{k: v for k, v in tree_bytes(out).items() if k.startswith(STAGING_PREFIX)}}
+    ours = (STAGING_PREFIX, PROGRESS_DIR)  # its staging directory, and the per-block checkpoints it finished
+    assert tree_bytes(out) == {**first, **{k: v for k, v in tree_bytes(out).items() if k.startswith(ours)}}
     [leftover] = out.glob(STAGING_PREFIX + "*")
     assert (leftover / "transformer" / "diffusion_pytorch_model.safetensors").exists()  # died after the save
     again = subprocess.run([sys.executable, "-m", "ditprune.cli", *_pipeline_args(tiny_pipeline_dir, out)],
                            capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr
+    # another recipe than the killed run's: refused, its checkpoints kept, the dead staging removed
+    assert again.returncode == 2 and "another recipe" in again.stderr, again.stderr
     assert "leftovers of an interrupted run" in again.stderr
-    assert not list(out.glob(STAGING_PREFIX + "*"))
+    assert not list(out.glob(STAGING_PREFIX + "*")) and (out / PROGRESS_DIR).is_dir()
+    assert {k: v for k, v in tree_bytes(out).items() if not k.startswith(PROGRESS_DIR)} == first
+    shutil.rmtree(out / PROGRESS_DIR)  # what the message says to do to start over
+    assert main(_pipeline_args(tiny_pipeline_dir, out)) == 0
+    assert tree_bytes(out).keys() == first.keys()
 
 
 KILL_MID_COMMIT = """
