@@ -60,7 +60,7 @@ def test_gram_flops_of_a_flux_dev_calibration():
     assert 6e16 < expected < 8e16
 
 
-@pytest.mark.parametrize("method", ["wanda", "dit"])
+@pytest.mark.parametrize("method", ["wanda", pytest.param("dit", marks=pytest.mark.slow)])  # dit: 95 s
 def test_measured_peak_of_a_whole_bf16_prune_stays_within_the_account(method):
     """The account composes measured block runs into a whole model; a real block-by-block prune
     of such a model (bf16, 2 double + 2 single blocks, plenty of tokens for every layer but
