@@ -57,21 +57,13 @@ def measure(fn: Callable[[], object], device: torch.device) -> tuple[float, int]
     """(seconds, peak bytes of the tensors ``fn`` created and held at once): live tensor bytes
     counted on the code path (:class:`ditprune.memory.LiveBytes`); on a GPU the allocator's own
     peak, which also holds what the caching allocator rounds up."""
-    from .memory import LiveBytes
+    from .memory import measuring
 
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
     start = time.perf_counter()
-    with LiveBytes(device) as mem:
+    with measuring(device) as mem:
         fn()
-        if cuda:
-            torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated(device) - base if cuda else mem.peak
-    return seconds, peak
+    return seconds, mem.cuda_peak if mem.cuda_peak is not None else mem.peak
 
 
 # -- inputs -------------------------------------------------------------------------------------
@@ -235,7 +227,7 @@ def block_costs(methods=METHODS[:3], images: int = 1, image_tokens: int = 1024, 
     on a GPU, the allocator's peak."""
     from tqdm import tqdm
 
-    from .memory import LiveBytes
+    from .memory import measuring
     from .pruning import PrunePlan
 
     device = torch.device(device)
@@ -251,12 +243,7 @@ def block_costs(methods=METHODS[:3], images: int = 1, image_tokens: int = 1024, 
             targets = sum(m.weight.numel() for m in block.modules() if isinstance(m, torch.nn.Linear))
             plan = PrunePlan(block, method, 0.5, pattern, [""], ignore=[], block_sequential=False, backup=False,
                              **options)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
-                cuda_base = torch.cuda.memory_allocated(device)
-            with LiveBytes(device) as mem, torch.no_grad():
-                mem.hold(block.parameters())
+            with measuring(device, block.parameters()) as mem, torch.no_grad():
                 plan.attach()
                 start = time.perf_counter()
                 plan._observe(None, lambda: [block(**b) for b in batches], sync=False)
@@ -274,8 +261,7 @@ def block_costs(methods=METHODS[:3], images: int = 1, image_tokens: int = 1024, 
                          "observe_seconds_per_sample": observe / (calls * images), "mask_seconds": masks,
                          "peak_mb": mem.peak / 2**20, "extra_mb": (mem.peak - weights) / 2**20,
                          "peak_by_kind_mb": kinds, "max_by_kind_mb": {k: v / 2**20 for k, v in mem.max_by_kind.items()},
-                         "cuda_peak_mb": ((torch.cuda.max_memory_allocated(device) - cuda_base) / 2**20
-                                          if device.type == "cuda" else None),
+                         "cuda_peak_mb": mem.cuda_peak / 2**20 if mem.cuda_peak is not None else None,
                          "call_input_mb": call_bytes / images / 2**20,  # per sample
                          "calibration_tokens": calls * images * (image_tokens + f["text_tokens"])})
             del block, plan

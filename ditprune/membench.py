@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .memory import KINDS, LiveBytes
+from .memory import KINDS, measuring
 
 __all__ = ["flux_shaped", "flux_shaped_batches", "measure_prune", "run_memory"]
 
@@ -83,26 +83,18 @@ def measure_prune(model: nn.Module, run: Callable[[], object]) -> dict:
     peak resident set it added (CPU; None where Linux's counters are missing) and, on a GPU, the
     allocator's peak."""
     params = list(model.parameters())
-    device = params[0].device
     weights = sum(p.numel() * p.element_size() for p in params)
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        cuda_base = torch.cuda.memory_allocated(device)
     base = _rss("VmRSS")
     reset = _reset_peak_rss()
     start = time.perf_counter()
-    with LiveBytes() as mem:
-        mem.hold(params)
+    with measuring(params[0].device, params) as mem:
         run()
     seconds = time.perf_counter() - start
     out = {"weights_bytes": weights, "seconds": seconds, "peak_bytes": mem.peak,
            "peak_by_kind": {k: mem.peak_by_kind.get(k, 0) for k in KINDS}, "left_bytes": mem.live - weights,
            "rss_added_bytes": (_rss("VmHWM") - base) if reset and base is not None else None}
-    if cuda:
-        torch.cuda.synchronize(device)
-        out["cuda_peak_added_bytes"] = torch.cuda.max_memory_allocated(device) - cuda_base
+    if mem.cuda_peak is not None:
+        out["cuda_peak_added_bytes"] = mem.cuda_peak
     return out
 
 

@@ -25,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary, weakref
 
-__all__ = ["LiveBytes", "region", "mark", "release", "KINDS"]
+__all__ = ["LiveBytes", "measuring", "region", "mark", "release", "KINDS"]
 
 KINDS = ("weights", "masks", "statistics", "workspace", "captured inputs", "backup", "forward")
 _KIND: contextvars.ContextVar[str] = contextvars.ContextVar("ditprune_memory_kind", default="forward")
@@ -146,3 +146,22 @@ class LiveBytes(TorchDispatchMode):
                 self._track(t, kind)
         self._update_peak()
         return out
+
+
+@contextmanager
+def measuring(device: str | torch.device, hold: Iterable[torch.Tensor] = ()) -> Iterator[LiveBytes]:
+    """``with measuring(device, model.parameters()) as mem: run()``: a :class:`LiveBytes` on
+    ``device`` holding ``hold``; on a GPU, ``mem.cuda_peak`` is then the allocator's peak above
+    what was allocated before (None elsewhere)."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    with LiveBytes(device) as mem:
+        mem.hold(hold)
+        yield mem
+        if cuda:
+            torch.cuda.synchronize(device)
+    mem.cuda_peak = torch.cuda.max_memory_allocated(device) - base if cuda else None
