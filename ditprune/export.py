@@ -4,8 +4,11 @@ tensors through safetensors; a model class must be one of diffusers' own.
 Layouts of a transformer directory:
 
 - ``diffusers``: what ``save_pretrained`` writes (dense weights, zeros in place): loads anywhere,
-  ``FluxTransformer2DModel.from_pretrained`` and ComfyUI included.
-- ``compressed`` and quantized models: ``config.json`` (the diffusers config), ``ditprune.json``
+  ``FluxTransformer2DModel.from_pretrained`` and ComfyUI included. A model quantized by
+  :func:`ditprune.quantize.quantize` is written as diffusers writes its own ``TorchAoConfig``
+  models (``quantization_config`` in ``config.json``, safetensors flattened by torchao), which
+  ``from_pretrained`` loads (with ``torch_dtype`` for the layers left unquantized).
+- ``compressed``: ``config.json`` (the diffusers config), ``ditprune.json``
   (the format, below) and ``weights.safetensors``. A 2-D tensor whose zeros make it smaller that
   way is stored as ``<name>.values`` (its non-zero values, row-major, in its own dtype) and
   ``<name>.mask`` (uint8: the non-zero pattern, one bit per entry, row-major, bit i of byte k is
@@ -30,9 +33,11 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
+from . import memory, provenance
 from .errors import InputError
 from .masks import pack, unpack
 
@@ -88,49 +93,78 @@ def _expect(t: torch.Tensor | None, name: str, shape: tuple, dtype: torch.dtype)
     return t
 
 
+_CHUNK = 1 << 20  # entries decoded at once (a multiple of 8: chunks start on a byte of the mask)
+
+
+def _decode_one(get, name: str, e: dict) -> torch.Tensor:
+    """One declared tensor from its stored parts (``get(key)``: the stored tensor or None),
+    checked against its declaration; a bitmask is scattered a chunk at a time on the stored
+    tensors' device, so the only full-size tensor made is the result."""
+    if not isinstance(e, dict) or e.get("dtype") not in _DTYPES:
+        raise InputError(f"'{name}': declared dtype {e.get('dtype') if isinstance(e, dict) else e!r} is not "
+                         f"one of {sorted(_DTYPES)}")
+    shape, dtype = _shape(e, name), _DTYPES[e["dtype"]]
+    if e.get("encoding") == "dense":
+        return _expect(get(name), name, shape, dtype)
+    if e.get("encoding") != "bitmask":
+        raise InputError(f"'{name}': unknown encoding {e.get('encoding')!r}")
+    numel = math.prod(shape)
+    bits = _expect(get(f"{name}.mask"), f"{name}.mask", (math.ceil(numel / 8),), torch.uint8)
+    values = get(f"{name}.values")
+    if values is None:
+        raise InputError(f"'{name}.values' is declared in ditprune.json but not stored")
+    if values.dim() != 1 or values.dtype != dtype:
+        raise InputError(f"'{name}.values': stored {tuple(values.shape)} {values.dtype}, declared a vector of {dtype}")
+    raw = _BITS[values.element_size()]  # scattered as raw bits: float8 has no masked_scatter
+    source, out, used = values.view(raw), torch.zeros(numel, dtype=raw, device=values.device), 0
+    for start in range(0, numel, _CHUNK):
+        stop = min(start + _CHUNK, numel)
+        keep = unpack(bits[start // 8: math.ceil(stop / 8)], (stop - start,))
+        n = int(keep.sum())
+        if used + n <= source.numel():
+            out[start:stop].masked_scatter_(keep, source[used:used + n])
+        used += n
+    if used != source.numel():
+        raise InputError(f"'{name}.values': stored {source.numel()} values, the mask marks {used}")
+    return out.view(dtype).reshape(shape)
+
+
 def decode(stored: dict[str, torch.Tensor], entries: dict[str, dict]) -> dict[str, torch.Tensor]:
     """The tensors :func:`encode` was given. Every declared shape, dtype and count is checked
     against what is stored (so nothing is allocated beyond the bytes present), and every stored
     tensor must be declared."""
     if not isinstance(entries, dict):
         raise InputError("ditprune.json: 'tensors' is not a mapping")
-    out, used = {}, set()
-    for name, e in entries.items():
-        if not isinstance(e, dict) or e.get("dtype") not in _DTYPES:
-            raise InputError(f"'{name}': declared dtype {e.get('dtype') if isinstance(e, dict) else e!r} is not "
-                             f"one of {sorted(_DTYPES)}")
-        shape, dtype = _shape(e, name), _DTYPES[e["dtype"]]
-        if e.get("encoding") == "dense":
-            out[name] = _expect(stored.get(name), name, shape, dtype)
-            used.add(name)
-        elif e.get("encoding") == "bitmask":
-            numel = math.prod(shape)
-            bits = _expect(stored.get(f"{name}.mask"), f"{name}.mask", (math.ceil(numel / 8),), torch.uint8)
-            nonzero = unpack(bits, shape)
-            values = _expect(stored.get(f"{name}.values"), f"{name}.values", (int(nonzero.sum()),), dtype)
-            used.update((f"{name}.mask", f"{name}.values"))
-            # scattered as raw bits (every dtype has an integer of its size; float8 has no masked_scatter)
-            raw = _BITS[values.element_size()]
-            out[name] = torch.zeros(shape, dtype=raw).masked_scatter_(nonzero, values.view(raw)).view(values.dtype)
-        else:
-            raise InputError(f"'{name}': unknown encoding {e.get('encoding')!r}")
-    extra = sorted(set(stored) - used)
+    _check_declared(stored.keys(), entries)
+    return {name: _decode_one(stored.get, name, e) for name, e in entries.items()}
+
+
+def _stored_names(name: str, e: dict) -> tuple[str, ...]:
+    return (f"{name}.mask", f"{name}.values") if isinstance(e, dict) and e.get("encoding") == "bitmask" else (name,)
+
+
+def _check_declared(stored, entries: dict[str, dict]) -> None:
+    declared = {k for name, e in entries.items() for k in _stored_names(name, e)}
+    extra = sorted(set(stored) - declared)
     if extra:
         raise InputError(f"weights.safetensors holds tensors ditprune.json does not declare: {extra[:3]}")
-    return out
 
 
 def save_transformer(model: nn.Module, path: str | Path, format: str = "diffusers") -> Path:
-    """Write ``model`` (a diffusers model) into the directory ``path``. ``"diffusers"``: dense
-    ``save_pretrained`` (a quantized model is written in ditprune's layout, uncompressed:
-    diffusers cannot load torchao tensors it did not quantize itself); ``"compressed"``: the
-    layout of the module docstring."""
+    """Write ``model`` (a diffusers model) into the directory ``path``, with its pruning record
+    (:mod:`ditprune.provenance`). ``"diffusers"``: ``save_pretrained``; a model quantized by
+    :func:`ditprune.quantize.quantize` is written as diffusers writes its own ``TorchAoConfig``
+    models, so ``from_pretrained`` loads it. ``"compressed"``: the layout of the module docstring."""
     if format not in FORMATS:
         raise InputError(f"export format must be one of {FORMATS}, got {format!r}")
     path = Path(path)
     quantized = is_quantized(model)
-    if format == "diffusers" and not quantized:
-        model.save_pretrained(path, safe_serialization=True)
+    if format == "diffusers":
+        if quantized and getattr(model, "hf_quantizer", None) is None:
+            _save_torchao_diffusers(model, path)
+        else:
+            model.save_pretrained(path, safe_serialization=True)
+        _chmod_files(path)
         return path
     path.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
@@ -146,9 +180,50 @@ def save_transformer(model: nn.Module, path: str | Path, format: str = "diffuser
     save_file(stored, str(path / "weights.safetensors"), metadata={"format": "ditprune"})
     model.save_config(path)
     info = {"format": "ditprune", "version": VERSION, "class": type(model).__name__, "tensors": entries,
-            "torchao": torchao_meta}
+            "torchao": torchao_meta, "pruning": provenance.recorded(model)}
     (path / "ditprune.json").write_text(json.dumps(info, indent=1) + "\n")
+    _chmod_files(path)
     return path
+
+
+def _chmod_files(path: Path) -> None:
+    """Files as ``open()`` would create them under the umask (safetensors writes 0600)."""
+    from ._io import _umask
+
+    mode = 0o666 & ~_umask()
+    for file in path.iterdir():
+        if file.is_file():
+            file.chmod(mode)
+
+
+def _save_torchao_diffusers(model: nn.Module, path: Path) -> None:
+    """What diffusers writes for a model it quantized itself (``TorchAoConfig``): the config
+    with its ``quantization_config``, and safetensors flattened by torchao. A diffusers
+    quantizer is attached for the write and removed after."""
+    name = provenance.recorded(model).get("quantization")
+    if name is None:
+        raise InputError("this model was quantized outside ditprune, so the torchao config diffusers would record "
+                         "is unknown; save it with format='compressed' or quantize with ditprune.quantize")
+    from ._quiet import diffusers as _diffusers
+
+    _diffusers()
+    from diffusers import TorchAoConfig
+    from diffusers.quantizers import DiffusersAutoQuantizer
+
+    from .quantize import torchao_config
+
+    dense = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and type(m.weight) is nn.Parameter]
+    config = TorchAoConfig(torchao_config(name), modules_to_not_convert=dense or None)
+    quantizer = DiffusersAutoQuantizer.from_config(config, pre_quantized=True)
+    quantizer.validate_environment(device_map=None)
+    before = dict(model.config)
+    model.hf_quantizer = quantizer
+    model.register_to_config(quantization_config=config)
+    try:
+        model.save_pretrained(path, safe_serialization=True)
+    finally:
+        del model.hf_quantizer
+        model._internal_dict = type(model._internal_dict)(before)
 
 
 def _model_class(name: str):
@@ -165,8 +240,6 @@ def _model_class(name: str):
 def _saved_dtype(path: Path) -> torch.dtype | None:
     """The dtype of the first floating tensor in a diffusers directory's safetensors (header only):
     diffusers would load float32 otherwise."""
-    from safetensors import safe_open
-
     for file in sorted(path.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
@@ -189,8 +262,6 @@ def _read_json(file: Path) -> dict:
 
 def _stored_numel(files: list[Path]) -> int:
     """How many numbers the safetensors files hold, from their headers alone."""
-    from safetensors import safe_open
-
     total = 0
     for file in files:
         with safe_open(str(file), framework="pt") as f:
@@ -209,17 +280,60 @@ def _check_config(config: dict, files: list[Path], where: Path) -> None:
                                  "the config does not describe these weights")
 
 
-def _check_dtypes(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+def _check_dtypes(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
     """A stored tensor may change a floating parameter's precision, nothing else: integer and
     bool tensors, and float64, stay where the model has them."""
     floats = (torch.float32, torch.float16, torch.bfloat16)
-    for name, want in model.state_dict().items():
-        got = state.get(name)
-        if got is None or type(got) is not torch.Tensor:  # torchao tensors: checked by torchao
+    for name, got in state.items():
+        want = expected.get(name)
+        if want is None or type(got) is not torch.Tensor:  # torchao tensors: checked by torchao
             continue
         ok = got.dtype in floats if want.is_floating_point() else got.dtype == want.dtype
         if not ok:
             raise InputError(f"'{name}' is stored as {got.dtype}; the model holds {want.dtype} there")
+
+
+def _module_of(name: str) -> str:
+    """``"a.b"`` for ``"a.b.weight"`` and for torchao's flattened ``"a.b._weight_qdata"``."""
+    return name.rsplit(".", 1)[0] if "." in name else ""
+
+
+def _stream(weights: Path, entries: dict, torchao: dict | None, device: torch.device, where: Path):
+    """(module name, its decoded state) one module at a time, read onto ``device``. The file is
+    opened (memory-mapped) per module and closed before decoding, so what the host holds at
+    once beyond the model is one module's stored bytes."""
+    groups: dict[str, list[str]] = {}
+    for name in entries:
+        groups.setdefault(_module_of(name), []).append(name)
+    names = json.loads(torchao["tensor_names"]) if torchao else []
+    by_module: dict[str, list[str]] = {}
+    for n in names:
+        by_module.setdefault(_module_of(n), []).append(n)
+    for prefix, members in groups.items():
+        try:
+            with safe_open(str(weights), framework="pt", device=str(device)) as f:
+                keys = set(f.keys())
+                stored = {k: f.get_tensor(k) for name in members for k in _stored_names(name, entries[name])
+                          if k in keys}
+        except Exception as e:  # safetensors' own checks: a truncated or malformed file
+            raise InputError(f"{weights}: not a valid safetensors file ({e})") from None
+        part = {name: _decode_one(stored.get, name, entries[name]) for name in members}
+        del stored  # safetensors' CPU tensors map the file: a dense one is copied out so the mapping goes
+        part = {n: t.clone() if t.device.type == "cpu" and entries[n].get("encoding") == "dense" else t
+                for n, t in part.items()}
+        memory.release()  # the decoding's temporaries back to the system (see ditprune.memory.release)
+        if torchao:
+            from ._quiet import torchao as _torchao
+
+            _torchao()
+            from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
+
+            mine = by_module.get(prefix, [])
+            meta = {n: torchao[n] for n in mine if n in torchao}
+            part, leftover = unflatten_tensor_state_dict(part, {**meta, "tensor_names": json.dumps(mine)})
+            if leftover:
+                raise InputError(f"{where}: tensors that torchao's metadata does not describe: {sorted(leftover)[:3]}")
+        yield prefix, part
 
 
 def load_transformer(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
@@ -238,8 +352,9 @@ def load_transformer(path: str | Path, device: str | torch.device = "cpu") -> nn
         from ._quiet import quiet_loading
 
         with quiet_loading():
-            return cls.from_pretrained(path, use_safetensors=True, dtype=_saved_dtype(path),
-                                       local_files_only=True).to(device).eval()
+            model = cls.from_pretrained(path, use_safetensors=True, dtype=_saved_dtype(path), local_files_only=True)
+        provenance.store(model, provenance.read(path))
+        return model.to(device).eval()
     info = _read_json(info_file)
     if info.get("format") != "ditprune" or info.get("version") != VERSION:
         raise InputError(f"{info_file}: not a ditprune layout of version {VERSION}")
@@ -248,31 +363,41 @@ def load_transformer(path: str | Path, device: str | torch.device = "cpu") -> nn
     if not weights.is_file():
         raise InputError(f"{path}: no weights.safetensors")
     _check_config(config, [weights], path / "config.json")
+    entries = info.get("tensors")
+    if not isinstance(entries, dict):
+        raise InputError(f"{info_file}: 'tensors' is not a mapping")
     try:
-        stored = load_file(str(weights))
+        with safe_open(str(weights), framework="pt") as f:  # the header only
+            _check_declared(f.keys(), entries)
+    except InputError:
+        raise
     except Exception as e:  # safetensors' own header checks: a truncated or malformed file
         raise InputError(f"{weights}: not a valid safetensors file ({e})") from None
-    state = decode(stored, info.get("tensors"))
-    if info.get("torchao"):
-        from ._quiet import torchao as _torchao
-
-        _torchao()
-        from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
-
-        state, leftover = unflatten_tensor_state_dict(state, info["torchao"])
-        if leftover:
-            raise InputError(f"{path}: tensors that torchao's metadata does not describe: {sorted(leftover)[:3]}")
     from accelerate import init_empty_weights
 
-    with init_empty_weights():  # parameters on "meta", buffers computed: the state dict fills the rest
+    with init_empty_weights():  # parameters on "meta", buffers computed: the stored tensors fill the rest
         try:
             model = cls.from_config(cls.load_config(path, local_files_only=True))
         except (TypeError, ValueError) as e:
             raise InputError(f"{path / 'config.json'}: {cls.__name__} cannot be built from it ({e})") from None
     model.requires_grad_(False)
-    _check_dtypes(model, state)
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as e:
-        raise InputError(f"{path}: the stored tensors do not fit {cls.__name__} ({str(e).splitlines()[0]})") from None
+    expected = model.state_dict()
+    for prefix, part in _stream(weights, entries, info.get("torchao"), torch.device(device), path):
+        _check_dtypes(expected, part)
+        try:
+            module = model.get_submodule(prefix) if prefix else model
+        except AttributeError:
+            raise InputError(f"{path}: {cls.__name__} has no module '{prefix}' for the stored tensors") from None
+        local = {k[len(prefix) + 1 if prefix else 0:]: v for k, v in part.items()}
+        try:
+            result = module.load_state_dict(local, strict=False, assign=True)
+        except RuntimeError as e:
+            raise InputError(f"{path}: the stored tensors do not fit {cls.__name__} ({str(e).splitlines()[0]})") from None
+        if result.unexpected_keys:
+            raise InputError(f"{path}: {cls.__name__} has no '{prefix}.{result.unexpected_keys[0]}'")
+        for k in part:
+            expected.pop(k, None)
+    if expected:
+        raise InputError(f"{path}: {cls.__name__} needs tensors that are not stored: {sorted(expected)[:3]}")
+    provenance.store(model, provenance.read(path))
     return model.to(device).eval()

@@ -20,7 +20,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from . import distributed, memory, models
+from . import distributed, memory, models, provenance
 from .calibration import EmptyCalibrationError, run_block_sequential, run_whole_model, timestep_weights
 from .errors import InputError, InputTypeError
 from .granularity import check_sparsity, parse_pattern
@@ -346,8 +346,11 @@ class PrunePlan:
             s = self.settings[g["module_fqn"]]
             layers.append(LayerReport(g["module_fqn"], tuple(w.shape), 1.0 - w.count_nonzero().item() / w.numel(),
                                       info.pop("seconds", 0.0), s["sparsity"], s["pattern"], info))
-        return PruneReport(self.method, self.target_sparsity, self.pattern, layers, self.seconds,
-                           getattr(sp, "peak_stats_bytes", 0))
+        report = PruneReport(self.method, self.target_sparsity, self.pattern, layers, self.seconds,
+                             getattr(sp, "peak_stats_bytes", 0))
+        provenance.record(self.model, method=self.method, sparsity=self.target_sparsity, pattern=self.pattern,
+                          allocation="uniform", measured_sparsity=round(report.sparsity, 6), layers=len(layers))
+        return report
 
     def squash(self) -> None:
         self.sparsifier.squash_mask()

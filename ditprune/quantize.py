@@ -19,7 +19,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["CONFIGS", "check_config", "quantize"]
+from . import provenance
+
+__all__ = ["CONFIGS", "check_config", "quantize", "torchao_config"]
 
 CONFIGS = {
     "int8_weight_only": ("Int8WeightOnlyConfig", True),
@@ -35,14 +37,20 @@ def check_config(name: str) -> None:
         raise ValueError(f"unknown quantization config {name!r}; choose one of {sorted(CONFIGS)}")
 
 
-def quantize(model: nn.Module, name: str, targets: Sequence[str] | None = None) -> list[str]:
-    """Quantize the Linears named in ``targets`` (None: every Linear) in place; returns their names."""
+def torchao_config(name: str):
+    """The torchao config object that ``name`` stands for."""
     check_config(name)
     from ._quiet import torchao as _torchao
 
     _torchao()
     import torchao.quantization as tq
 
+    return getattr(tq, CONFIGS[name][0])()
+
+
+def quantize(model: nn.Module, name: str, targets: Sequence[str] | None = None) -> list[str]:
+    """Quantize the Linears named in ``targets`` (None: every Linear) in place; returns their names."""
+    check_config(name)
     cls_name, on_cpu = CONFIGS[name]
     if not on_cpu and not torch.cuda.is_available():
         raise RuntimeError(f"quantization {name!r} needs a CUDA GPU; on CPU use one of "
@@ -52,10 +60,14 @@ def quantize(model: nn.Module, name: str, targets: Sequence[str] | None = None) 
              if isinstance(m, nn.Linear) and (wanted is None or n in wanted)}
     if not zeros:
         raise ValueError("no nn.Linear to quantize among the targets")
-    tq.quantize_(model, getattr(tq, cls_name)(), filter_fn=lambda m, fqn: fqn in zeros and isinstance(m, nn.Linear))
+    config = torchao_config(name)
+    import torchao.quantization as tq
+
+    tq.quantize_(model, config, filter_fn=lambda m, fqn: fqn in zeros and isinstance(m, nn.Linear))
     for n, was_zero in zeros.items():
         w = model.get_submodule(n).weight
         dense = w.dequantize() if hasattr(w, "dequantize") else w
         if (dense[was_zero] != 0).any():
             raise RuntimeError(f"quantization {name!r} turned pruned zeros of '{n}' into non-zeros")
+    provenance.record(model, quantization=name, quantized_layers=len(zeros))
     return list(zeros)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from . import provenance
 from ._io import OutputDir, strict_json
 from .progress import PROGRESS_DIR, BlockProgress
 from .errors import InputError
@@ -207,7 +209,24 @@ def _restore_components(pipe, devices: dict) -> None:
         pipe.components[name].to(device)
 
 
-def _evaluate(recipe, pipe, dense, pruned, job, out, progress, rank, world) -> str:
+def _recorded_label(recipe: DictConfig) -> str:
+    """``ditprune eval``: what the model in ``evaluation.pruned`` records it is; a recipe whose
+    pruning section says otherwise is refused (the report would be titled with the wrong model)."""
+    info = provenance.read(recipe.evaluation.pruned)
+    p = recipe.pruning
+    if not info.get("method"):
+        return f"{p.method} {p.pattern or p.sparsity} (as the recipe says: the model records no pruning)"
+    wrong = [k for k in ("method", "pattern") if info.get(k) != p[k]]
+    if not p.pattern and not math.isclose(float(info.get("sparsity") or -1), p.sparsity, abs_tol=1e-9):
+        wrong.append("sparsity")
+    if wrong:
+        fix = " ".join(f"pruning.{k}={'null' if info.get(k) is None else info[k]}" for k in wrong)
+        raise InputError(f"{recipe.evaluation.pruned} was pruned as {provenance.describe(info)} (its config.json says "
+                         f"so), the recipe says {p.method} {p.pattern or p.sparsity}: pass {fix}")
+    return provenance.describe(info)
+
+
+def _evaluate(recipe, pipe, dense, pruned, job, out, progress, rank, world, label: str | None = None) -> str:
     """Generate (or reuse) images, score them, and (rank 0) write the evaluation outputs."""
     from .evaluation.pipeline import ImageStore, Scorer, evaluate_pipeline, markdown_report, save_pairs
 
@@ -215,7 +234,8 @@ def _evaluate(recipe, pipe, dense, pruned, job, out, progress, rank, world) -> s
     scorer = Scorer(ev.clip_model, pruned.device, ev.inception, ev.image_reward)
     summary = evaluate_pipeline(pipe, dense, pruned, job, out.persistent("images"), scorer, ev.reference_images,
                                 rank, world, progress)
-    title = f"{recipe.model.source}: {recipe.pruning.method} {recipe.pruning.pattern or recipe.pruning.sparsity} vs dense"
+    label = label or provenance.describe(provenance.recorded(pruned))
+    title = f"{recipe.model.source}: {label} vs dense"
     text = markdown_report(summary, title)
     (out / "evaluation.json").write_text(strict_json(summary) + "\n")
     (out / "evaluation.md").write_text(text + "\n")
@@ -231,6 +251,7 @@ def run_eval(recipe: DictConfig, progress: bool = True, fabric=None) -> dict:
     if not evaluates_pipeline(recipe) or recipe.evaluation.pruned is None:
         raise InputError("ditprune eval needs a pipeline (model.source), evaluation.clip_model and "
                          "evaluation.pruned (the pruned transformer's directory)")
+    label = _recorded_label(recipe)
     out = check_run(recipe, ["eval_recipe.yaml"] + EVAL_OUTPUTS)  # never over a prune run's recipe.yaml
     rank, world = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
     target = out if rank == 0 else _Scratch(out)
@@ -239,7 +260,8 @@ def run_eval(recipe: DictConfig, progress: bool = True, fabric=None) -> dict:
         (target / "eval_recipe.yaml").write_text(OmegaConf.to_yaml(recipe))
         pipe = load_pipeline(m.source, m.dtype, _device(recipe, fabric), m.transformer_class)
         pruned = load_transformer(recipe.evaluation.pruned, pipe.transformer.device)
-        text = _evaluate(recipe, pipe, pipe.transformer, pruned, _eval_job(recipe), target, progress, rank, world)
+        text = _evaluate(recipe, pipe, pipe.transformer, pruned, _eval_job(recipe), target, progress, rank, world,
+                         label)
     return {"table": text, "outputs": {"evaluation": str(out.final("evaluation.md")), "json": str(out.final("evaluation.json")),
                                        "grid": str(out.final("grid.png")), "images": str(out.path / "images")}}
 

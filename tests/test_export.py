@@ -98,6 +98,42 @@ def test_loading_builds_only_diffusers_classes(tmp_path):
         load_transformer(tmp_path)
 
 
+@pytest.mark.parametrize("config", ["int8_weight_only", "int8_dynamic", "float8_weight_only"])
+def test_quantized_diffusers_export_loads_in_diffusers(tmp_path, config):
+    from diffusers import FluxTransformer2DModel
+
+    model, targets = _pruned()
+    zeros = {n: model.get_submodule(n).weight == 0 for n in targets}
+    quantize(model, config, targets=targets[:-1])  # one targeted Linear left unquantized
+    config_before = dict(model.config)
+    save_transformer(model, tmp_path / "q", "diffusers")
+    assert not hasattr(model, "hf_quantizer") and dict(model.config) == config_before  # the model is as it was
+    saved = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert saved["quantization_config"]["quant_method"] == "torchao"
+    assert saved["_ditprune"]["method"] == "wanda" and saved["_ditprune"]["quantization"] == config
+    loaded = FluxTransformer2DModel.from_pretrained(tmp_path / "q", torch_dtype=torch.float32)
+    for n in targets:
+        before, after = model.get_submodule(n).weight, loaded.get_submodule(n).weight
+        assert type(after) is type(before), n
+        dense = after.dequantize() if hasattr(after, "dequantize") else after
+        assert (dense[zeros[n]] == 0).all(), n
+        assert torch.equal(dense, before.dequantize() if hasattr(before, "dequantize") else before), n
+    batch = tiny_batches(model)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).sample, model(**batch).sample)
+
+
+def test_a_model_quantized_elsewhere_is_refused_for_the_diffusers_format(tmp_path):
+    import torchao.quantization as tq
+
+    model, _ = _pruned()
+    tq.quantize_(model, tq.Int8WeightOnlyConfig())
+    with pytest.raises(InputError, match="quantized outside ditprune"):
+        save_transformer(model, tmp_path / "q", "diffusers")
+    save_transformer(model, tmp_path / "c", "compressed")  # ditprune's layout needs no config name
+    assert (tmp_path / "c" / "weights.safetensors").is_file()
+
+
 @pytest.mark.parametrize("variant", ["dense", "compressed", "int8"])
 def test_exports_load_back_into_their_pipeline(tiny_pipeline_dir, tmp_path, variant):
     import diffusers
