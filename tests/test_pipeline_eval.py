@@ -87,7 +87,7 @@ def test_prune_then_evaluate_then_resume(flux_dir, clip_dir, tmp_path, capsys):
     model, processor = CLIPModel.from_pretrained(clip_dir), CLIPProcessor.from_pretrained(clip_dir)
     metric = CLIPScore(model_name_or_path=lambda: (_TensorFeatures(model), processor))
     for i in range(4):
-        img = torch.from_numpy(np.asarray(Image.open(out / "images" / "dense" / f"{i:06d}.png"))).permute(2, 0, 1)
+        img = torch.from_numpy(np.array(Image.open(out / "images" / "dense" / f"{i:06d}.png"))).permute(2, 0, 1)
         metric.update(img, builtin_prompts()[i])
     assert summary["clip_score_dense"]["value"] == pytest.approx(float(metric.compute()), abs=1e-4)
     # ditprune eval on the same output: every image is reused, the numbers are the same
@@ -97,6 +97,16 @@ def test_prune_then_evaluate_then_resume(flux_dir, clip_dir, tmp_path, capsys):
     resumed = _strict(out / "evaluation.json")
     assert resumed["generated"] == {"dense": 0, "pruned": 0}
     assert resumed["clip_score_pruned"]["value"] == pytest.approx(summary["clip_score_pruned"]["value"], abs=1e-6)
+    # the report is titled from what the saved model records, and a recipe that says otherwise is refused
+    assert f"{flux_dir}: wanda 0.5 vs dense" in (out / "evaluation.md").read_text()
+    assert json.loads((out / "transformer" / "config.json").read_text())["_ditprune"]["method"] == "wanda"
+    before = (out / "evaluation.json").read_bytes()
+    capsys.readouterr()
+    wrong = main(["-q", "eval", *_flux_args(flux_dir, out, *_eval_keys(clip_dir), f"evaluation.pruned={out / 'transformer'}",
+                                            "export.overwrite=true", "pruning.sparsity=0.7", method="magnitude")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert wrong == 2 and len(err) == 1 and "pass pruning.method=wanda pruning.sparsity=0.5" in err[0]
+    assert (out / "evaluation.json").read_bytes() == before
 
 
 @pytest.mark.parametrize("method,options", [("wanda", ()), ("dit", ("pruning.options.reconstruct=true",))],
