@@ -20,11 +20,8 @@ import os
 import sys
 from pathlib import Path
 
-# OpenMP threads that spin at barriers collapse when another process shares the cores: beside one
-# busy process on 2 cores, a 3072x3072 SparseGPT mask took 43 s instead of 4.4 s with passive
-# waiting (README, "CPU runs"). Set before torch loads (importing ditprune does not load it); a
-# user's own OMP_WAIT_POLICY wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Importing the ditprune package (before this module) set OMP_WAIT_POLICY=PASSIVE unless the
+# user set one: see ditprune/__init__.py.
 
 __all__ = ["main"]
 
@@ -203,14 +200,20 @@ def _parser() -> argparse.ArgumentParser:
     for sp in (p, e):
         sp.add_argument("--devices", type=int, default=1, help="processes, one per device (Lightning Fabric, DDP)")
         sp.add_argument("--accelerator", default="auto", help="with --devices: cpu, cuda or auto")
-    b = sub.add_parser("bench", parents=[common], help="every method x sparsity x reference model, one table and plot")
+    b = sub.add_parser("bench", parents=[common], help="every method x sparsity x reference model, one table and plot",
+                       epilog="durations on 2 CPU cores: the default comparison about 70 minutes; --ablation about 25; "
+                              "--deploy about 3; --cost more than an hour (--cost --quick, one 3072x3072 layer "
+                              "table and the blocks once: tens of minutes)")
     b.add_argument("--out", default="outputs/bench", help="where the table and plot go")
-    b.add_argument("--ablation", action="store_true", help="the ablation grid instead of the method comparison")
+    b.add_argument("--ablation", action="store_true",
+                   help="the ablation grid instead of the method comparison (about 25 minutes)")
     b.add_argument("--quick", action="store_true", help="fewer samples and settings (smoke run)")
     b.add_argument("--cost", action="store_true",
-                   help="time and memory of each method at FLUX.1-dev's real shapes (random weights)")
+                   help="time and memory of each method at FLUX.1-dev's real shapes (random weights; over an hour "
+                        "on a CPU)")
     b.add_argument("--deploy", action="store_true",
-                   help="bytes on disk, load and forward time of every export format (dense, compressed, int8, ...)")
+                   help="bytes on disk, load and forward time of every export format (dense, compressed, int8, "
+                        "...; about 3 minutes)")
     b.add_argument("--images", type=int, default=1, help="--cost: samples per calibration call of the block runs")
     b.add_argument("--device", default="cpu", help="--cost: where to run (cpu, cuda)")
     b.set_defaults(func=_cmd_bench)

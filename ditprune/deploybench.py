@@ -2,9 +2,11 @@
 
 For the shipped FLUX-layout reference model (pruned with Wanda on its calibration) and a
 FLUX.1-dev-shaped transformer (one double and one single block at full width, random weights,
-magnitude-pruned: a mask is a mask for size and speed), all in bf16: bytes on disk (and the
-ratio to the dense bf16 file), time to load with :func:`ditprune.load_transformer`, time of one
-forward on this machine, and the largest difference of that forward from the pruned dense one.
+magnitude-pruned: a mask is a mask for size and speed), all in bf16, each variant (dense, int8
+alone, 50%, 70% and 2:4 compressed, each with and without int8): bytes on disk, bytes of the
+loaded model's tensors, time to load with :func:`ditprune.load_transformer`, time of one forward
+on this machine, and the largest difference of that forward from the model before it was
+saved. The FLUX.1-dev-shaped rows are scaled to the whole FLUX.1-dev transformer by block count.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 
 from .costbench import FLUX_DEV
 
-__all__ = ["run_deploy", "flux_dev_shaped", "flux_dev_bytes"]
+__all__ = ["run_deploy", "render", "flux_dev_shaped", "flux_dev_bytes", "flux_dev_total", "resident_bytes"]
 
 
 def flux_dev_shaped(double: int = 1, single: int = 1):
@@ -68,12 +70,18 @@ def _tensor_bytes(path: Path) -> dict[str, int]:
 
 
 def flux_dev_bytes(path: Path, double: int = FLUX_DEV["double"], single: int = FLUX_DEV["single"]) -> int:
-    """The tensor bytes of a whole FLUX.1-dev transformer (``double`` + ``single`` blocks) from an
-    export with fewer blocks: the tensors outside the blocks once, and each kind of block at its
-    mean size per block (blocks of a kind have the same shapes, and masks of one sparsity the
-    same encoded size) times its count."""
+    """The tensor bytes on disk of a whole FLUX.1-dev transformer from an export with fewer
+    blocks (see :func:`flux_dev_total`)."""
+    return flux_dev_total(_tensor_bytes(path), double, single)
+
+
+def flux_dev_total(sizes: dict[str, int], double: int = FLUX_DEV["double"], single: int = FLUX_DEV["single"]) -> int:
+    """The bytes of a whole FLUX.1-dev transformer (``double`` + ``single`` blocks) from the
+    per-tensor bytes of one with fewer blocks: the tensors outside the blocks once, and each kind
+    of block at its mean size per block (blocks of a kind have the same shapes, and masks of one
+    sparsity the same encoded size) times its count."""
     rest, kinds = 0, {"transformer_blocks.": [0, set(), double], "single_transformer_blocks.": [0, set(), single]}
-    for name, n in _tensor_bytes(path).items():
+    for name, n in sizes.items():
         prefix = next((p for p in kinds if name.startswith(p)), None)
         if prefix is None:
             rest += n
@@ -81,6 +89,15 @@ def flux_dev_bytes(path: Path, double: int = FLUX_DEV["double"], single: int = F
             kinds[prefix][0] += n
             kinds[prefix][1].add(name[len(prefix):].split(".", 1)[0])  # the block index
     return rest + sum(round(total / len(blocks) * count) for total, blocks, count in kinds.values() if blocks)
+
+
+def resident_bytes(model) -> dict[str, int]:
+    """Bytes each state-dict tensor of ``model`` holds in memory (a torchao tensor: its parts)."""
+    sizes = {}
+    for name, t in model.state_dict().items():
+        parts = [getattr(t, a) for a in getattr(t, "tensor_data_names", ())] or [t]
+        sizes[name] = sum(p.numel() * p.element_size() for p in parts if isinstance(p, torch.Tensor))
+    return sizes
 
 
 def _bytes(path: Path) -> int:
@@ -97,25 +114,32 @@ def _forward_s(model, batch, repeats: int = 3) -> tuple[float, torch.Tensor]:
     return statistics.median(times), out
 
 
-def _variants(name: str, dense, prune_fn, targets_of) -> list[tuple[str, object, str]]:
-    """(label, model, export format) of every variant."""
+SETTINGS = (("50%", {"sparsity": 0.5}), ("70%", {"sparsity": 0.7}), ("2:4", {"pattern": "2:4"}))
+
+
+def _variants(dense, prune_fn, targets) -> list[tuple[str, object, str]]:
+    """(label, model, export format) of every variant: dense, int8 alone, and each sparsity
+    compressed, with and without int8."""
     from .quantize import quantize
 
-    half = copy.deepcopy(dense)
-    targets = targets_of(prune_fn(half, sparsity=0.5))
-    two_four = copy.deepcopy(dense)
-    prune_fn(two_four, pattern="2:4")
-    int8 = copy.deepcopy(half)
+    int8 = copy.deepcopy(dense)
     quantize(int8, "int8_weight_only", targets=targets)
-    return [("dense", dense, "diffusers"), ("pruned 50%, dense file", half, "diffusers"),
-            ("pruned 50%, compressed", half, "compressed"), ("2:4, compressed", two_four, "compressed"),
-            ("pruned 50% + int8", int8, "diffusers"), ("pruned 50% + int8, compressed", int8, "compressed")]
+    out = [("dense", dense, "diffusers"), ("int8 only", int8, "diffusers")]
+    for label, setting in SETTINGS:
+        pruned = copy.deepcopy(dense)
+        prune_fn(pruned, **setting)
+        both = copy.deepcopy(pruned)
+        quantize(both, "int8_weight_only", targets=targets)
+        if label == "50%":
+            out.append(("50%, dense file", pruned, "diffusers"))
+        out += [(f"{label}, compressed", pruned, "compressed"), (f"{label} + int8, compressed", both, "compressed")]
+    return out
 
 
 def run_deploy(out: Path, progress: bool = True, image_tokens: int = 256, text_tokens: int = 64) -> dict:
     from tqdm import tqdm
 
-    from . import prune
+    from . import prune, resolve_targets
     from ._io import atomic_file
     from .evaluation.harness import reference_calibration
     from .export import load_transformer, save_transformer
@@ -138,49 +162,63 @@ def run_deploy(out: Path, progress: bool = True, image_tokens: int = 256, text_t
     try:
         for model_name, (dense, prune_fn, batch) in models.items():
             batch = batch if batch is not None else _flux_inputs(dense, image_tokens, text_tokens)
-            variants = _variants(model_name, dense, prune_fn, lambda r: [layer.name for layer in r.layers])
-            reference_out = None
-            base_bytes = base_whole = None
+            variants = _variants(dense, prune_fn, resolve_targets(dense))
+            flux = model_name.startswith("FLUX.1-dev")
+            base = {}
             for label, model, fmt in tqdm(variants, desc=f"deploy: {model_name}", disable=not progress):
                 path = scratch / f"{len(rows)}"
                 save_transformer(model, path, fmt)
-                size = _bytes(path)
-                base_bytes = base_bytes or size
-                whole = flux_dev_bytes(path) if model_name.startswith("FLUX.1-dev") else None
-                base_whole = base_whole or whole
                 loads = []
                 for _ in range(2):
                     start = time.perf_counter()
                     loaded = load_transformer(path)
                     loads.append(time.perf_counter() - start)
                 seconds, output = _forward_s(loaded, batch)
-                if label == "pruned 50%, dense file":
-                    reference_out = output
-                diff = (output.float() - reference_out.float()).abs().max().item() if reference_out is not None and "50%" in label else None
-                rows.append({"model": model_name, "variant": label, "format": fmt, "bytes": size,
-                             "x_dense_bf16": size / base_bytes, "flux_dev_gb": whole / 1e9 if whole else None,
-                             "flux_dev_x_dense": whole / base_whole if whole else None, "load_s": min(loads), "forward_s": seconds,
-                             "max_abs_diff_vs_pruned_dense": diff})
+                with torch.no_grad():
+                    before = model(**batch).sample
+                row = {"model": model_name, "variant": label, "format": fmt, "bytes": _bytes(path),
+                       "memory_bytes": sum(resident_bytes(loaded).values()), "load_s": min(loads),
+                       "forward_s": seconds, "max_abs_diff_vs_saved": (output.float() - before.float()).abs().max().item()}
+                if flux:
+                    row["flux_dev_disk_bytes"] = flux_dev_bytes(path)
+                    row["flux_dev_memory_bytes"] = flux_dev_total(resident_bytes(loaded))
+                base = base or row
+                row["x_dense_disk"] = row["bytes"] / base["bytes"]
+                row["x_dense_memory"] = row["memory_bytes"] / base["memory_bytes"]
+                rows.append(row)
                 shutil.rmtree(path, ignore_errors=True)
                 del loaded
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    lines = [f"All in bf16 on {torch.get_num_threads()} CPU threads; forward: one call with {image_tokens} image and "
-             f"{text_tokens} text tokens (FLUX.1-dev-shaped) or one calibration batch (reference), median of 3. "
-             "Whole FLUX.1-dev: the tensors outside the blocks once, the double block x 19 and the single block x 38 "
-             "(`ditprune.deploybench.flux_dev_bytes`).", "",
-             "| model | variant | format | MB on disk | x dense bf16 | whole FLUX.1-dev GB (x dense) | load s | forward s "
-             "| max abs diff vs pruned dense |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        d = "-" if r["max_abs_diff_vs_pruned_dense"] is None else f"{r['max_abs_diff_vs_pruned_dense']:.3g}"
-        whole = "-" if r["flux_dev_gb"] is None else f"{r['flux_dev_gb']:.2f} ({r['flux_dev_x_dense']:.3f})"
-        lines.append(f"| {r['model']} | {r['variant']} | {r['format']} | {r['bytes'] / 2**20:.1f} | "
-                     f"{r['x_dense_bf16']:.3f} | {whole} | {r['load_s']:.2f} | {r['forward_s']:.3f} | {d} |")
-    text = "\n".join(lines)
+    text = render(rows, image_tokens, text_tokens)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_file(out / "deploy.md") as tmp:
         tmp.write_text(text + "\n")
     with atomic_file(out / "deploy.json") as tmp:
         tmp.write_text(json.dumps(rows, indent=1) + "\n")
     return {"table": text, "outputs": {"table": str(out / "deploy.md"), "json": str(out / "deploy.json")}}
+
+
+def render(rows: list[dict], image_tokens: int = 256, text_tokens: int = 64) -> str:
+    """Two tables: the whole FLUX.1-dev transformer (from the FLUX.1-dev-shaped rows), and every
+    measured row. Files in GB/MB (10^9, 10^6 bytes), memory in GiB/MiB."""
+    lines = [f"All in bf16 on {torch.get_num_threads()} CPU threads. Whole FLUX.1-dev: the tensors outside the "
+             "blocks once, the double block x 19 and the single block x 38 (`ditprune.deploybench.flux_dev_total`); "
+             "memory: the bytes of the loaded model's tensors (a compressed export is decoded to dense on load).", "",
+             "| whole FLUX.1-dev transformer | GB on disk | x dense | GiB in memory | x dense |", "|---|---|---|---|---|"]
+    flux = [r for r in rows if "flux_dev_disk_bytes" in r]
+    for r in flux:
+        lines.append(f"| {r['variant']} | {r['flux_dev_disk_bytes'] / 1e9:.2f} | "
+                     f"{r['flux_dev_disk_bytes'] / flux[0]['flux_dev_disk_bytes']:.3f} | "
+                     f"{r['flux_dev_memory_bytes'] / 2**30:.2f} | "
+                     f"{r['flux_dev_memory_bytes'] / flux[0]['flux_dev_memory_bytes']:.3f} |")
+    lines += ["", f"Measured (forward: one call with {image_tokens} image and {text_tokens} text tokens, FLUX.1-dev-shaped, "
+              "or one calibration batch, reference; median of 3; diff: the loaded model's output against the model "
+              "before it was saved):", "",
+              "| model | variant | format | MB on disk | x dense | MiB in memory | load s | forward s | diff |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['variant']} | {r['format']} | {r['bytes'] / 1e6:.1f} | "
+                     f"{r['x_dense_disk']:.3f} | {r['memory_bytes'] / 2**20:.1f} | {r['load_s']:.2f} | "
+                     f"{r['forward_s']:.3f} | {r['max_abs_diff_vs_saved']:.3g} |")
+    return "\n".join(lines)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -254,7 +255,7 @@ class PrunePlan:
                   for n, s in self.settings.items()]
         self.sparsifier.prepare(self.model, config)
 
-    def calibrate(self, calibration: Iterable[dict], *, offload=None, progress: bool = False,
+    def calibrate(self, calibration: Iterable[dict], *, offload=None, progress: bool | None = None,
                   sync: bool | None = None, timestep_weighting: str | None = None, squash: bool = False,
                   checkpoints: BlockProgress | None = None) -> None:
         """Gather statistics over ``calibration`` and write every mask. Under torch.distributed
@@ -270,6 +271,7 @@ class PrunePlan:
         start = time.perf_counter()
         sp = self.sparsifier
         sync = distributed.active() if sync is None else sync
+        progress = sys.stderr.isatty() if progress is None else progress
         was_training = self.model.training
         self.model.eval()
         try:
@@ -289,24 +291,30 @@ class PrunePlan:
                 self._step(None, sync)  # data-free (magnitude): calibration is not read
             elif self.by_block is not None:
 
+                blocks, done = models.blocks(self.model), []
+
                 def calibrate_block(name, block, replay):
-                    fqns = self.by_block[name]
+                    fqns, began = self.by_block[name], time.perf_counter()
+                    done.append(name)
                     if fqns:
                         if checkpoints is not None and name in checkpoints.done:
                             checkpoints.restore(name, sp._groups(fqns), sp.state)
+                            log.info("block %d/%d (%s): restored from %s", len(done), len(blocks), name,
+                                     checkpoints.directory)
                         else:
                             self._observe(fqns, replay, sync)
                             self._step(fqns, sync)
                             if checkpoints is not None and distributed.rank() == 0:
                                 checkpoints.save(name, sp._groups(fqns), sp.state)
+                            log.info("block %d/%d (%s): %d layers pruned in %.1f s", len(done), len(blocks), name,
+                                     len(fqns), time.perf_counter() - began)
                         if squash and not sp.backup:
                             for f in fqns:
                                 sp.state[f]["updated"] = True  # baked in: restore() cannot undo it
                             sp.squash_mask(fqns)
                     memory.release()  # the block's temporaries go back to the system
 
-                run_block_sequential(self.model, models.blocks(self.model), calibration, calibrate_block, offload,
-                                     progress, weights)
+                run_block_sequential(self.model, blocks, calibration, calibrate_block, offload, progress, weights)
             else:
                 self._observe(None, lambda: run_whole_model(self.model, calibration, progress, weights), sync)
                 self._step(None, sync)
@@ -385,7 +393,7 @@ def prune(
     offload: str | torch.device | None = None,
     squash: bool = True,
     backup: bool = True,
-    progress: bool = False,
+    progress: bool | None = None,
     sync: bool | None = None,
     timestep_weighting: str | None = None,
     **method_options: Any,
@@ -415,6 +423,9 @@ def prune(
             ``reconstruct=True``) until the prune succeeds, so a failure puts the model back
             exactly. False saves that memory (the weights' bytes in host RAM); a failure then
             leaves the layers already updated pruned, and says so.
+        progress: progress bars (None, the default: when stderr is a terminal). Either way each
+            finished block is one INFO line on the ``ditprune`` logger
+            (``logging.basicConfig(level=logging.INFO)`` shows them).
         sync: all-reduce statistics over torch.distributed ranks (None: when a process group
             with several ranks is initialized; every rank then passes its own calibration shard).
         timestep_weighting: ``"log_decrease"`` weighs each batch's tokens by its timestep, the

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -193,12 +194,22 @@ def _valid_keys(node, prefix=""):
             yield from _valid_keys(v, prefix + k + ".")
 
 
+def _is_list_type(t) -> bool:
+    """``List[str]`` or ``Optional[List[str]]``."""
+    return typing.get_origin(t) is list or any(_is_list_type(a) for a in typing.get_args(t))
+
+
 def _explain(err: OmegaConfBaseException, schema: DictConfig) -> str:
     key = getattr(err, "full_key", None) or ""
     if isinstance(err, ConfigKeyError) or "not in" in str(err):
         near = difflib.get_close_matches(key, list(_valid_keys(schema)), n=1, cutoff=0.5)
         hint = f"; did you mean '{near[0]}'?" if near else ""
         return f"unknown recipe key '{key}'{hint}"
+    given = getattr(err, "value", None)
+    owner, name = getattr(err, "object_type", None), getattr(err, "key", None)
+    hints = typing.get_type_hints(owner) if isinstance(owner, type) and is_dataclass(owner) else {}
+    if _is_list_type(hints.get(name)) and given is not None and not isinstance(given, (list, tuple)):
+        return f"recipe key '{key}' is a list; did you mean {key}=[{given}]?"
     return f"bad value for recipe key '{key}': {str(getattr(err, 'msg', err)).splitlines()[0]}"
 
 

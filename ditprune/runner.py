@@ -148,7 +148,8 @@ def recipe_key(recipe: DictConfig) -> str:
 
 def _run_pipeline(recipe: DictConfig, out, progress: bool, fabric=None, checkpoints: BlockProgress | None = None) -> dict:
     from .evaluation.pipeline import ImageStore, generate
-    from .models.loading import BUILTIN_CLASSES, builtin_prompts, cycle_prompts, load_pipeline, pipeline_calibration
+    from .models.loading import (BUILTIN_CLASSES, builtin_prompts, cycle_prompts, load_pipeline, pipeline_calibration,
+                                 release_components, restore_components)
 
     m, c, p = recipe.model, recipe.calibration, recipe.pruning
     rank, world = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
@@ -164,7 +165,7 @@ def _run_pipeline(recipe: DictConfig, out, progress: bool, fabric=None, checkpoi
     prompts = cycle_prompts(pool, c.num_prompts)
     calibration = pipeline_calibration(pipe, [prompts[i] for i in mine], c.steps, c.guidance, c.resolution, c.seed,
                                        progress=progress, indices=mine)  # kept on the CPU, a batch at a time
-    text_modules = _park_components(pipe)  # text encoders and VAE off the accelerator while pruning
+    text_modules = release_components(pipe)  # text encoders and VAE off the accelerator while pruning
     plan.attach()
     if plan.by_block is None:
         checkpoints = None  # a whole-model prune has no blocks to resume from
@@ -186,27 +187,11 @@ def _run_pipeline(recipe: DictConfig, out, progress: bool, fabric=None, checkpoi
     table = "| " + " | ".join(summary) + " |\n|" + "---|" * len(summary) + "\n| " + " | ".join(
         f"{v:.4f}" if isinstance(v, float) else str(v) for v in summary.values()) + " |"
     if job is not None:
-        _restore_components(pipe, text_modules)
+        restore_components(pipe, text_modules)
         evaluation = _evaluate(recipe, pipe, None, pipe.transformer, job, out, progress, rank, world)
         table += "\n\n" + evaluation
         outputs.update(evaluation="evaluation.md", grid="grid.png")
     return {"rows": [summary], "table": table, "report": report, "outputs": outputs}
-
-
-def _park_components(pipe) -> dict:
-    devices = {}
-    for name, component in pipe.components.items():
-        if name != "transformer" and isinstance(component, torch.nn.Module):
-            devices[name] = next(component.parameters(), torch.empty(0)).device
-            component.to("cpu")
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return devices
-
-
-def _restore_components(pipe, devices: dict) -> None:
-    for name, device in devices.items():
-        pipe.components[name].to(device)
 
 
 def _recorded_label(recipe: DictConfig) -> str:

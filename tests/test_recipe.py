@@ -4,7 +4,7 @@ import pytest
 
 from ditprune.models import family_of
 from ditprune.models.tiny import tiny_model
-from ditprune.recipe import RecipeError, load_recipe
+from ditprune.recipe import RecipeError, evaluation_settings, load_recipe
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 TINY = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3", "PixArtTransformer2DModel": "pixart",
@@ -26,6 +26,13 @@ def test_config_parses_and_its_model_class_builds_tiny(path):
     assert cls in TINY, f"{path.name}: model.transformer_class must name a supported diffusers class"
     model = tiny_model(TINY[cls])
     assert type(model).__name__ == cls and family_of(model).name == TINY[cls]
+
+
+def test_the_demo_file_is_the_embedded_demo():
+    embedded, shipped = load_recipe(None), load_recipe("demo")
+    assert evaluation_settings(embedded) == evaluation_settings(shipped)
+    for section in ("model", "calibration", "pruning", "recovery", "quantization", "export"):
+        assert embedded[section] == shipped[section], section
 
 
 def test_overrides_and_the_demo_default():

