@@ -225,7 +225,7 @@ def _evaluate(recipe, pipe, dense, pruned, job, out, progress, rank, world, labe
     (out / "evaluation.json").write_text(strict_json(summary) + "\n")
     (out / "evaluation.md").write_text(text + "\n")
     store_d, store_p = ImageStore(out.persistent("images"), "dense"), ImageStore(out.persistent("images"), "pruned")
-    save_pairs(store_d, store_p, job, out / "grid.png")
+    save_pairs(store_d, store_p, job, out / "grid.png", label=label)
     return text
 
 

@@ -74,24 +74,30 @@ def test_shipped_generators_draw_the_prompted_digit(kind, holdout):
     assert got["rel_err"] == 0.0 and got["psnr"] == float("inf")
 
 
-def test_pivot_table_puts_settings_in_columns_and_bolds_the_best():
+def test_pivot_table_puts_settings_in_columns_and_bolds_only_a_clear_best():
     from ditprune.evaluation.report import pivot_table
 
     rows = [
         {"model": "m", "method": "dense", "setting": "-", "rel_err": 0.0, "judge_acc": 0.9},
-        {"model": "m", "method": "a", "setting": 0.5, "rel_err": 0.2, "judge_acc": 0.8},
-        {"model": "m", "method": "b", "setting": 0.5, "rel_err": 0.1, "judge_acc": 0.7},
-        {"model": "m", "method": "a", "setting": "2:4", "rel_err": 0.3, "judge_acc": 0.6},
-        {"model": "m", "method": "b", "setting": "2:4", "rel_err": 0.4, "judge_acc": 0.5},
+        {"model": "m", "method": "a", "setting": 0.5, "rel_err": 0.2, "judge_acc": 0.8,
+         "ci": {"rel_err": [0.18, 0.22], "judge_acc": [0.75, 0.85]}},
+        {"model": "m", "method": "b", "setting": 0.5, "rel_err": 0.1, "judge_acc": 0.7,
+         "ci": {"rel_err": [0.09, 0.11], "judge_acc": [0.65, 0.80]}},  # acc intervals touch: no bold
+        {"model": "m", "method": "a", "setting": "2:4", "rel_err": 0.3, "judge_acc": 0.6,
+         "ci": {"rel_err": [0.25, 0.35], "judge_acc": [0.55, 0.65]}},
+        {"model": "m", "method": "b", "setting": "2:4", "rel_err": 0.4, "judge_acc": 0.5,
+         "ci": {"rel_err": [0.36, 0.44], "judge_acc": [0.45, 0.549]}},
+        {"model": "m", "method": "c", "setting": "2:4", "rel_err": 0.5},  # no interval: never clearly worse
     ]
     assert pivot_table(rows, "rel_err").splitlines() == [
         "| model | method | 0.5 | 2:4 |",
         "|---|---|---|---|",
         "| m | dense | 0.0000 | 0.0000 |",
-        "| m | a | 0.2000 | **0.3000** |",
+        "| m | a | 0.2000 | 0.3000 |",
         "| m | b | **0.1000** | 0.4000 |",
+        "| m | c |  | 0.5000 |",
     ]
     assert pivot_table(rows, "judge_acc", higher_is_better=True).splitlines()[3:] == [
-        "| m | a | **0.800** | **0.600** |",
+        "| m | a | 0.800 | **0.600** |",
         "| m | b | 0.700 | 0.500 |",
     ]

@@ -325,9 +325,13 @@ def summarize(data: dict[str, torch.Tensor], feature_name: str = "FD-CLIP", boot
     return out
 
 
-def save_pairs(dense: ImageStore, pruned: ImageStore, job: EvalJob, path: str | Path, n: int = 8) -> Path:
-    """A PNG grid: the first ``n`` prompts, dense above, pruned below (same prompt, same seed)."""
-    from PIL import Image
+def save_pairs(dense: ImageStore, pruned: ImageStore, job: EvalJob, path: str | Path, n: int = 8,
+               label: str = "pruned") -> Path:
+    """A PNG grid: the first ``n`` prompts, dense above, pruned (``label``) below, same prompt and
+    seed; rows named on the left, each column's prompt and seed below it."""
+    import textwrap
+
+    from PIL import Image, ImageDraw
 
     from .._io import atomic_file
 
@@ -336,10 +340,19 @@ def save_pairs(dense: ImageStore, pruned: ImageStore, job: EvalJob, path: str | 
         raise InputError("no image pairs to show")
     tiles = [[Image.open(store.path(i)).convert("RGB") for i in idx] for store in (dense, pruned)]
     w, h = tiles[0][0].size
-    canvas = Image.new("RGB", (len(idx) * (w + 4), 2 * (h + 4)), (255, 255, 255))
+    col = max(w, 96)  # room for a caption under small images
+    chars = max(col // 6, 8)  # PIL's default font: about 6 pixels a character, 15 a line of multiline text
+    captions = [textwrap.wrap(f"seed {job.seed + i}: {job.prompts[i]}", chars)[:4] for i in idx]
+    names = ["dense", *textwrap.wrap(label, 20)[:1]]
+    left, below = 6 * max(len(x) for x in names) + 12, 15 * max(len(c) for c in captions) + 8
+    canvas = Image.new("RGB", (left + len(idx) * (col + 4), 2 * (h + 4) + below), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
     for r, row in enumerate(tiles):
+        draw.text((4, r * (h + 4) + h // 2 - 5), names[r], fill=(0, 0, 0))
         for c, tile in enumerate(row):
-            canvas.paste(tile, (c * (w + 4), r * (h + 4)))
+            canvas.paste(tile, (left + c * (col + 4), r * (h + 4)))
+    for c, lines in enumerate(captions):
+        draw.multiline_text((left + c * (col + 4), 2 * (h + 4) + 2), "\n".join(lines), fill=(0, 0, 0))
     path = Path(path)
     with atomic_file(path) as tmp:
         canvas.save(tmp, format="PNG")
