@@ -48,15 +48,17 @@ def _ablation(kind: str, quick: bool, progress: bool) -> list[dict]:
     return rows
 
 
-def tables(rows: list[dict], ablation: bool = False) -> str:
+def tables(rows: list[dict], ablation: bool = False, every_row: bool = True) -> str:
     """The markdown of a bench: denoiser error, judge accuracy (and FD, for the method comparison)
-    at a glance, settings as columns, then every row with its intervals."""
+    at a glance, settings as columns, then (``every_row``) every row with its intervals."""
     parts = []
     for metric, higher in (("rel_err", False), ("judge_acc", True)) + (() if ablation else (("fd", False),)):
         better = "higher" if higher else "lower"
-        parts.append(f"{COLUMNS[metric][0].replace(' [95%]', '')} ({better} is better; best pruned in bold):\n\n"
-                     + pivot_table(rows, metric, higher))
-    return "\n\n".join(parts + ["Every row, with 95% intervals:\n\n" + markdown_table(rows)])
+        parts.append(f"{COLUMNS[metric][0].replace(' [95%]', '')} ({better} is better; bold: best, and its 95% "
+                     "interval overlaps no other method's):\n\n" + pivot_table(rows, metric, higher))
+    if every_row:
+        parts.append("Every row, with 95% intervals:\n\n" + markdown_table(rows))
+    return "\n\n".join(parts)
 
 
 def run_bench(out: Path, ablation: bool = False, quick: bool = False, progress: bool = True) -> dict:
@@ -82,4 +84,5 @@ def run_bench(out: Path, ablation: bool = False, quick: bool = False, progress: 
     outputs["json"] = str(out / f"{name}.json")
     if not ablation:
         outputs["plot"] = str(plot_quality(rows, out / f"{name}.png"))
-    return {"rows": rows, "table": table, "outputs": outputs}
+    console = tables(rows, ablation, every_row=False) + f"\n\nEvery row, with 95% intervals: {name}.md"
+    return {"rows": rows, "table": console, "outputs": outputs}

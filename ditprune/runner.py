@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 
 EVAL_OUTPUTS = ["evaluation.json", "evaluation.md", "grid.png"]
+CONSOLE_COLUMNS = ["method", "setting", "judge_acc", "fd", "rel_err", "psnr", "prune_s"]  # fits 100 columns
 
 
 def evaluates_pipeline(recipe: DictConfig) -> bool:
@@ -40,7 +42,7 @@ def outputs_of(recipe: DictConfig) -> list[str]:
     """The entries a run of ``recipe`` writes into its output directory."""
     names = ["recipe.yaml", "metrics.json", "report.txt", "transformer"]
     if is_reference(recipe):
-        names.append("samples.png")
+        names += ["samples.png", "results.md"]
     if evaluates_pipeline(recipe):
         names += EVAL_OUTPUTS
     return names
@@ -118,6 +120,12 @@ def run_recipe(recipe: DictConfig, out: OutputDir | None = None, progress: bool 
     return result
 
 
+def _stage(progress: bool, text: str) -> None:
+    """One console line per stage of a run (with progress shown: not -q, rank 0)."""
+    if progress:
+        print(f"ditprune: {text}", file=sys.stderr, flush=True)
+
+
 def _write(out: OutputDir, report: PruneReport, metrics: Any) -> None:
     (out / "report.txt").write_text(str(report) + "\n")
     (out / "metrics.json").write_text(strict_json(metrics, indent=2, default=str) + "\n")
@@ -153,6 +161,7 @@ def _run_pipeline(recipe: DictConfig, out, progress: bool, fabric=None, checkpoi
 
     m, c, p = recipe.model, recipe.calibration, recipe.pruning
     rank, world = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
+    _stage(progress, f"loading the pipeline {m.source} ({m.dtype})")
     pipe = load_pipeline(m.source, m.dtype, _device(recipe, fabric), m.transformer_class)
     plan = _recipe_plan(pipe.transformer, p)  # checks the layers before calibrating
     job = _eval_job(recipe) if evaluates_pipeline(recipe) else None
@@ -163,10 +172,12 @@ def _run_pipeline(recipe: DictConfig, out, progress: bool, fabric=None, checkpoi
     pool = read_prompt_file(c.prompts) if c.prompts else (BUILTIN_CLASSES if is_dit else list(builtin_prompts()))
     mine = list(range(rank, c.num_prompts, world))  # this rank's share of the calibration prompts
     prompts = cycle_prompts(pool, c.num_prompts)
+    _stage(progress, f"recording calibration: {c.num_prompts} prompts x {c.steps} sampler steps")
     calibration = pipeline_calibration(pipe, [prompts[i] for i in mine], c.steps, c.guidance, c.resolution, c.seed,
                                        progress=progress, indices=mine)  # kept on the CPU, a batch at a time
     text_modules = release_components(pipe)  # text encoders and VAE off the accelerator while pruning
     plan.attach()
+    _stage(progress, f"pruning {len(plan.settings)} layers with {p.method}")
     if plan.by_block is None:
         checkpoints = None  # a whole-model prune has no blocks to resume from
     elif checkpoints is not None and checkpoints.done:
@@ -178,10 +189,15 @@ def _run_pipeline(recipe: DictConfig, out, progress: bool, fabric=None, checkpoi
     if recipe.quantization.config:
         from .quantize import quantize
 
+        _stage(progress, f"quantizing {len(report.layers)} layers: {recipe.quantization.config}")
         quantize(pipe.transformer, recipe.quantization.config, targets=[r.name for r in report.layers])
+    _stage(progress, f"saving the transformer ({recipe.export.format})")
     save_transformer(pipe.transformer, out / "transformer", recipe.export.format)
+    removed = sorted(r.info["removed"] for r in report.layers if "removed" in r.info)
     summary = {"method": p.method, "sparsity": report.sparsity, "layers": len(report.layers),
                "calibration_batches": len(calibration), "ranks": world, "seconds": report.seconds}
+    if removed:  # a signal of quality without a CLIP: output energy lost per layer, on the calibration
+        summary.update(removed_median=removed[len(removed) // 2], removed_worst=removed[-1])
     _write(out, report, summary)
     outputs = {"model": "transformer", "layers": "report.txt", "metrics": "metrics.json"}
     table = "| " + " | ".join(summary) + " |\n|" + "---|" * len(summary) + "\n| " + " | ".join(
@@ -216,6 +232,7 @@ def _evaluate(recipe, pipe, dense, pruned, job, out, progress, rank, world, labe
     from .evaluation.pipeline import ImageStore, Scorer, evaluate_pipeline, markdown_report, save_pairs
 
     ev = recipe.evaluation
+    _stage(progress and rank == 0, f"evaluating {len(job.prompts)} prompts against the dense transformer")
     scorer = Scorer(ev.clip_model, pruned.device, ev.inception, ev.image_reward)
     summary = evaluate_pipeline(pipe, dense, pruned, job, out.persistent("images"), scorer, ev.reference_images,
                                 rank, world, progress)
@@ -267,8 +284,11 @@ def _run_reference(recipe: DictConfig, out: OutputDir, progress: bool) -> dict:
     def prune_fn(model, calibration, method, **kw):
         return prune(model, calibration, method, **kw, **recipe_prune_kwargs(p, method))
 
+    _stage(progress, f"loading {kind}, recording its calibration ({recipe.calibration.num_prompts} prompts x "
+                     f"{recipe.calibration.steps} steps) and its evaluation set ({ev['n_samples']} samples)")
     bench = Comparison(kind, recipe.calibration.num_prompts, recipe.calibration.steps, ev["n_samples"], ev["steps"],
                        calibration_seed=recipe.calibration.seed)
+    _stage(progress, f"pruning and evaluating: {', '.join(c.label for c in candidates)}")
     rows = bench.run(candidates, [pruning_setting(p)], progress=progress, keep_models=True, prune_fn=prune_fn)
     main = next(r for r in rows if r["method"] == main_label)
     model = main["pruned"]
@@ -276,18 +296,25 @@ def _run_reference(recipe: DictConfig, out: OutputDir, progress: bool) -> dict:
         from .recovery import recover_and_quantize
 
         r = recipe.recovery
+        stages = ([f"recovering ({r.steps} steps)"] if r.steps else []) + (
+            [f"quantizing ({recipe.quantization.config})"] if recipe.quantization.config else [])
+        _stage(progress, " then ".join(stages))
         model, extra = recover_and_quantize(bench.dense, bench.calibration, bench.evaluator, method=p.method,
                                             setting=pruning_setting(p), prune_kwargs=recipe_prune_kwargs(p, p.method),
                                             steps=r.steps, lr=r.lr, batch_size=r.batch_size, distill=r.distill,
                                             quantize=recipe.quantization.config, progress=progress)
         rows.extend(extra)
+    _stage(progress, f"saving the transformer ({recipe.export.format})")
     save_transformer(model, out / "transformer", recipe.export.format)
     outputs = {"model": "transformer"}
     save_grid({r["method"]: r["samples"] for r in rows}, out / "samples.png")
     outputs["samples"] = "samples.png"
     metrics = [{k: v for k, v in r.items() if k not in ("samples", "report", "pruned")} for r in rows]
     _write(out, main["report"], metrics)
-    outputs.update(metrics="metrics.json", layers="report.txt")
-    return {"rows": rows, "table": markdown_table(rows), "report": main["report"], "outputs": outputs}
+    (out / "results.md").write_text(f"# {rows[0]['model']}\n\n{markdown_table(rows)}\n")
+    outputs.update(metrics="metrics.json", layers="report.txt", results="results.md")
+    table = f"{rows[0]['model']} (every column, with intervals: results.md)\n\n" + markdown_table(
+        rows, CONSOLE_COLUMNS, intervals=("judge_acc", "rel_err"))
+    return {"rows": rows, "table": table, "report": main["report"], "outputs": outputs}
 
 

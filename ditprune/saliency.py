@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["magnitude", "wanda", "ria", "energy_balanced", "sample_rows"]
+__all__ = ["magnitude", "wanda", "ria", "energy_balanced", "sample_rows", "removed_energy"]
 
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -57,3 +57,31 @@ def sample_rows(labels: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor | N
         take = min(len(rows), max(8, round(n * len(rows) / out)))
         picked.append(rows[torch.randperm(len(rows), generator=g)[:take]])
     return torch.cat(picked).sort().values
+
+
+def removed_energy(weight: torch.Tensor, keep: torch.Tensor, new_weight: torch.Tensor | None,
+                   energy: torch.Tensor, gram: torch.Tensor | None = None, rows: int = 256,
+                   chunk: int = 1 << 20) -> float:
+    """The fraction of a layer's output energy on the calibration inputs that pruning removes,
+    ``tr(D G D^T) / tr(W G W^T)`` with ``D = W - W'`` (``W'``: the pruned, and where a method
+    updated it reconstructed, weight) and ``G`` the inputs' Gram matrix. Without ``gram`` its
+    diagonal ``energy`` stands in (exact for uncorrelated inputs; for a mask without update, the
+    sum of Wanda's scores removed), over every row. A reconstruction compensates through the
+    correlations, so it is given ``gram``, and then ``rows`` evenly spaced rows estimate the
+    ratio (a full pass would cost a layer's worth of matrix products)."""
+    if gram is not None:
+        pick = torch.linspace(0, weight.shape[0] - 1, min(rows, weight.shape[0]), device=weight.device).long()
+        w, g = weight[pick].float(), gram.float().to(weight.device)
+        after = new_weight[pick].float() if new_weight is not None else w
+        d = torch.where(keep[pick], w - after, w)
+        total = float(((w @ g) * w).sum())
+        return float(((d @ g) * d).sum()) / total if total > 0 else 0.0
+    e = energy.float().to(weight.device)
+    step = max(1, chunk // max(weight.shape[1], 1))
+    removed = total = 0.0
+    for r in range(0, weight.shape[0], step):
+        w = weight[r:r + step].float()
+        after = new_weight[r:r + step].float() if new_weight is not None else w
+        removed += float((torch.where(keep[r:r + step], w - after, w).pow(2) @ e).sum())
+        total += float((w.pow(2) @ e).sum())
+    return removed / total if total > 0 else 0.0

@@ -110,6 +110,10 @@ class SaliencySparsifier(BaseSparsifier):
         weight = param.original
         with memory.region("workspace"):
             keep, new_weight, info = self.compute_mask(weight.detach(), stats, **group)
+            if stats is not None:
+                gram = stats.gram if stats.gram_sum is not None else None
+                info = {**info, "removed": round(saliency.removed_energy(weight, keep, new_weight, _energy(stats),
+                                                                           gram), 6)}
         if new_weight is not None:
             if self.backup:
                 with memory.region("backup"):
@@ -212,6 +216,11 @@ def mask_from_scores(scores: torch.Tensor, sparsity: float, nm, granularity: str
     if granularity == "clusters":
         return G.pooled_mask(scores, G.cluster_rows(_features(scores)), sparsity)
     return G.row_mask(scores, sparsity)
+
+
+def _energy(stats: InputStats) -> torch.Tensor:
+    """Each input's mean square: gathered, or the Gram matrix's diagonal."""
+    return stats.energy if stats.sq_sum is not None else torch.diagonal(stats.gram)
 
 
 def _features(scores: torch.Tensor) -> torch.Tensor:

@@ -30,22 +30,25 @@ COLUMNS = {
 INTERVALS = ("judge_acc", "judge_acc_delta", "fd", "rel_err")  # shown with their 95% interval
 
 
-def _cell(row: dict, column: str) -> str:
+def _cell(row: dict, column: str, intervals=INTERVALS) -> str:
     if row.get(column) is None:  # absent, or a non-finite number as strict JSON stores it
         return ""
     spec = COLUMNS[column][1]
     text = spec.format(row[column])
     ci = row.get("ci", {}).get(column)
-    if column in INTERVALS and ci:
+    if column in intervals and ci:
         text += f" [{spec.format(ci[0])}, {spec.format(ci[1])}]"
     return text
 
 
-def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
-    columns = columns or [c for c in COLUMNS if any(c in r for r in rows)]
-    head = "| " + " | ".join(COLUMNS[c][0] for c in columns) + " |"
+def markdown_table(rows: list[dict], columns: list[str] | None = None, intervals=INTERVALS) -> str:
+    """``columns`` (default: every one some row has) of ``rows``; the ``intervals`` columns with
+    their 95% interval in brackets."""
+    columns = [c for c in (columns or COLUMNS) if any(c in r for r in rows)]
+    head = "| " + " | ".join(COLUMNS[c][0] if c in intervals else COLUMNS[c][0].replace(" [95%]", "")
+                             for c in columns) + " |"
     rule = "|" + "|".join("---" for _ in columns) + "|"
-    body = ["| " + " | ".join(_cell(r, c) for c in columns) + " |" for r in rows]
+    body = ["| " + " | ".join(_cell(r, c, intervals) for c in columns) + " |" for r in rows]
     return "\n".join([head, rule, *body])
 
 
