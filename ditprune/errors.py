@@ -7,7 +7,7 @@ catches the built-in kinds keeps working.
 
 from __future__ import annotations
 
-__all__ = ["UserError", "InputError", "InputTypeError"]
+__all__ = ["UserError", "InputError", "InputTypeError", "MissingExtraError"]
 
 
 class UserError(Exception):
@@ -20,3 +20,10 @@ class InputError(UserError, ValueError):
 
 class InputTypeError(UserError, TypeError):
     pass
+
+
+class MissingExtraError(UserError, ImportError):
+    """An optional dependency is missing: the message names the extra that installs it."""
+
+    def __init__(self, package: str, extra: str = "demo", needed_by: str = "the shipped reference models") -> None:
+        super().__init__(f"{package} is not installed, and {needed_by} need it: pip install 'ditprune[{extra}]'")

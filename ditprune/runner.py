@@ -9,7 +9,6 @@ import json
 import logging
 import math
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -121,9 +120,10 @@ def run_recipe(recipe: DictConfig, out: OutputDir | None = None, progress: bool 
 
 
 def _stage(progress: bool, text: str) -> None:
-    """One console line per stage of a run (with progress shown: not -q, rank 0)."""
+    """One console line per stage of a run, on stdout beside the recipe and the table (with
+    progress shown: not -q, rank 0); stderr keeps the bars, and an error's one line."""
     if progress:
-        print(f"ditprune: {text}", file=sys.stderr, flush=True)
+        print(f"ditprune: {text}", flush=True)
 
 
 def _write(out: OutputDir, report: PruneReport, metrics: Any) -> None:

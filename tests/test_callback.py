@@ -215,7 +215,7 @@ def test_a_failed_fit_leaves_a_plain_model_and_the_callback_fits_again(tmp_path)
     torch.manual_seed(0)
     module = FailsAt(load("dit"), lr=3e-4)
     pruning = DiTPruning("wanda", sparsity=0.5, calibration_batches=1)
-    with pytest.raises(RuntimeError, match="boom"):
+    with pytest.raises(RuntimeError, match="boom"), pytest.warns(UserWarning, match="the fit failed after pruning"):
         _trainer([pruning], steps=5).fit(module, reference_dataloader(16))
     model = module.model
     assert not any(parametrize.is_parametrized(m) for m in model.modules())

@@ -30,11 +30,15 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert rows["dense"]["rel_err"] == 0 and rows["dense"]["psnr"] is None  # infinite PSNR: null in strict JSON
     assert rows["dit (recipe)"]["sparsity"] == 0.5 and rows["wanda"]["sparsity"] == 0.5
     assert rows["dit (recipe)"]["rel_err"] < rows["wanda"]["rel_err"]  # same calibration, same evaluation seeds
-    for method, row in rows.items():  # the printed table is the JSON
-        line = next(x for x in text.splitlines() if x.startswith(f"| flux-layout | {method} |"))
+    full = (out / "results.md").read_text()
+    for method, row in rows.items():  # the printed table and results.md are the JSON
+        line = next(x for x in text.splitlines() if x.startswith(f"| {method} |"))
         assert f"{row['rel_err']:.4f}" in line and f"{row['judge_acc']:.3f}" in line
+        line = next(x for x in full.splitlines() if x.startswith(f"| flux-layout | {method} |"))
+        assert f"{row['rel_err']:.4f}" in line and f"{row['judge_prob']:.3f}" in line
+    assert max(len(x) for x in text.splitlines() if x.startswith("|")) <= 100  # fits a terminal; the rest: results.md
     assert sorted(p.name for p in out.iterdir()) == [".ditprune.json", "metrics.json", "recipe.yaml", "report.txt",
-                                                     "samples.png", "transformer"]
+                                                     "results.md", "samples.png", "transformer"]
     pruned = load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
     w = pruned["single_transformer_blocks.0.proj_out.weight"]
     assert (w == 0).float().mean().item() == 0.5

@@ -62,9 +62,9 @@ def test_shipped_generators_draw_the_prompted_digit(kind, holdout):
     from ditprune.reference.text import TEMPLATES
 
     model, judge = load(kind), load_judge()
-    got = Evaluator(model, n_samples=100, steps=20)(model)
-    digits_asked = torch.arange(100) % 10
-    cond = Conditioning.make(kind, digits_asked, torch.arange(100) % len(TEMPLATES))
+    got = Evaluator(model, n_samples=50, steps=20)(model)
+    digits_asked = torch.arange(50) % 10
+    cond = Conditioning.make(kind, digits_asked, torch.arange(50) % len(TEMPLATES))
     samples = sample(Denoiser(model), cond, steps=20, seed=EVAL_SEED, guidance=GUIDANCE[kind])
     with torch.no_grad():
         acc = (judge(samples).argmax(1) == digits_asked).float().mean().item()

@@ -48,7 +48,8 @@ def test_masks_after_attach_cost_at_most_an_eighth_of_bf16_weights():
     plan.restore()
 
 
-@pytest.mark.parametrize("options", [{"method": "wanda"}, {"method": "dit", "reconstruct": True}])
+@pytest.mark.parametrize("options", [{"method": "wanda"},
+                                     pytest.param({"method": "dit", "reconstruct": True}, marks=pytest.mark.slow)])
 def test_block_by_block_bf16_prune_holds_masks_of_at_most_an_eighth_of_the_weights(options):
     model = tiny_model("flux").to(torch.bfloat16)
     batches = [{k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in b.items()}

@@ -16,9 +16,22 @@ def _no_hooks_left(model):
     return all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
 
 
-@pytest.mark.parametrize("family", TINY_FAMILIES)
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("setting", [{"sparsity": 0.5}, {"pattern": "2:4"}], ids=["50%", "2:4"])
+SETTINGS = {"50%": {"sparsity": 0.5}, "2:4": {"pattern": "2:4"}}
+# `dit` at its defaults is the slow one: each family runs it in the default suite at one setting
+# (the cheaper of the two there), the other setting under -m slow
+DIT_DEFAULT = {"flux": "2:4", "sd3": "50%", "pixart": "50%", "dit": "2:4", "sana": "2:4"}
+
+
+def _cases():
+    for sid, setting in SETTINGS.items():
+        for method in METHODS:
+            for family in TINY_FAMILIES:
+                slow = method == "dit" and DIT_DEFAULT[family] != sid
+                yield pytest.param(family, method, setting, id=f"{sid}-{method}-{family}",
+                                   marks=[pytest.mark.slow] if slow else [])
+
+
+@pytest.mark.parametrize("family, method, setting", list(_cases()))
 def test_every_method_every_family(family, method, setting):
     model = tiny_model(family)
     batches = tiny_batches(model)

