@@ -37,14 +37,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     lines = [f"bf16 FLUX-shaped transformer (width 1536, 4 double + 4 single blocks), 50%, backup={args.backup}; "
              "x = times the weights' bytes", "",
-             "| method | weights GB | peak RSS added (x) | live tensor peak above weights (x) | masks | statistics | "
+             "| method | weights GiB | peak RSS added (x) | live tensor peak above weights (x) | masks | statistics | "
              "workspace | backup | seconds |", "|---|---|---|---|---|---|---|---|---|"]
     for label in args.methods.split(","):
         method, options = ("dit", {"reconstruct": True}) if label == "dit reconstruct" else (label, {})
         r = run(method, args.backup, options)
         w = r["weights_bytes"]
         k = {key: v / w for key, v in r["peak_by_kind"].items()}
-        lines.append(f"| {label} | {w / 1e9:.2f} | {r['rss_added_bytes'] / w:.3f} | {(r['peak_bytes'] - w) / w:.3f} | "
+        lines.append(f"| {label} | {w / 2**30:.2f} | {r['rss_added_bytes'] / w:.3f} | {(r['peak_bytes'] - w) / w:.3f} | "
                      f"{k['masks']:.3f} | {k['statistics']:.3f} | {k['workspace']:.3f} | {k['backup']:.3f} | "
                      f"{r['seconds']:.0f} |")
         print(lines[-1], flush=True)

@@ -359,7 +359,7 @@ def run_cost(out: Path, quick: bool = False, repeats: int = 2, images: int = 1, 
 def render(layer_rows, block_rows, whole, memory, machine: str) -> str:
     lines = [f"Machine: {machine}. Random weights, real shapes; statistics as described in "
              "`ditprune/costbench.py`. Peak: live tensor bytes the call created (CPU), the allocator's peak (GPU).", "",
-             "| shape (out x in) | tokens | method | seconds | x Wanda | x SparseGPT | peak MB |", "|---|---|---|---|---|---|---|"]
+             "| shape (out x in) | tokens | method | seconds | x Wanda | x SparseGPT | peak MiB |", "|---|---|---|---|---|---|---|"]
     for r in layer_rows:
         lines.append(f"| {r['shape']} ({r['out']}x{r['in']}) | {r['tokens']} | {r['method']} | {r['seconds']:.2f} | "
                      f"{r['x_wanda']:.1f} | {r['x_sparsegpt']:.2f} | {r['peak_mb']:.0f} |")
@@ -367,8 +367,8 @@ def render(layer_rows, block_rows, whole, memory, machine: str) -> str:
         lines += ["", "Shape-true FLUX.1-dev blocks in bf16, pruned on the code path of `configs/flux_dev.yaml`: "
                       "adaLN layers with 64 x 28 = 1792 sampled tokens (the few-token path), the others with plenty "
                       "(a covariance); calibration measured on real calls and scaled per sample. Memory measured "
-                      "while it runs: the peak above the block's weights, and each kind's own peak (MB):", "",
-                  "| block | method | Linears | weights MB | calibration s / sample | mask seconds | peak above weights "
+                      "while it runs: the peak above the block's weights, and each kind's own peak (MiB):", "",
+                  "| block | method | Linears | weights MiB | calibration s / sample | mask seconds | peak above weights "
                   "| masks | statistics | workspace | forward |",
                   
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
