@@ -90,7 +90,8 @@ def recover_and_quantize(dense: nn.Module, calibration: list[dict], evaluator, *
     model = copy.deepcopy(dense)
     module = ReferenceRecovery(model, lr=lr)
     rows: list[dict] = []
-    label = method + (f" + {steps} recovery steps" if steps else "")
+    label = method + (f" + recovered {steps}" if steps else "")
+    short = quantize.removesuffix("_weight_only") if quantize else None  # int8_weight_only: "int8" in labels
     report = None
 
     def row(label: str) -> dict:
@@ -104,7 +105,7 @@ def recover_and_quantize(dense: nn.Module, calibration: list[dict], evaluator, *
         report = prune(model, calibration, method, **setting, **prune_kwargs)
         if quantize:
             quantize_(model, quantize, targets=[r.name for r in report.layers])
-            rows.append(row(f"{label} + {quantize}"))
+            rows.append(row(f"{label} + {short}"))
         return model, rows
 
     class _Measure(Callback):  # listed before DiTPruning: runs before it squashes and quantizes
@@ -122,5 +123,5 @@ def recover_and_quantize(dense: nn.Module, calibration: list[dict], evaluator, *
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
         trainer.fit(module, reference_dataloader(batch_size))
     if quantize:
-        rows.append(row(f"{label} + {quantize}"))
+        rows.append(row(f"{label} + {short}"))
     return model, rows

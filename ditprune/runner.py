@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 EVAL_OUTPUTS = ["evaluation.json", "evaluation.md", "grid.png"]
-CONSOLE_COLUMNS = ["method", "setting", "judge_acc", "fd", "rel_err", "psnr", "prune_s"]  # fits 100 columns
+CONSOLE_COLUMNS = ["method", "setting", "judge_acc", "fd", "rel_err", "prune_s"]  # fits 100 columns
 
 
 def evaluates_pipeline(recipe: DictConfig) -> bool:

@@ -52,7 +52,8 @@ def test_recovery_recipe_runs_prune_recover_quantize(tmp_path, capsys):
                  "evaluation.steps=3", "calibration.num_prompts=4", "calibration.steps=2", f"export.output_dir={out}"])
     assert code == 0
     text = capsys.readouterr().out
-    assert "| dit + 3 recovery steps |" in text and "| dit + 3 recovery steps + int8_weight_only |" in text
+    assert "| dit + recovered 3 |" in text and "| dit + recovered 3 + int8 |" in text
+    assert max(len(x) for x in text.splitlines() if x.startswith("|")) <= 100
     rows = {r["method"]: r for r in _strict_json(out / "metrics.json")}
-    assert rows["dit + 3 recovery steps"]["sparsity"] == rows["dit (recipe)"]["sparsity"] == pytest.approx(0.7, abs=0.02)
-    assert rows["dit + 3 recovery steps + int8_weight_only"]["sparsity"] == rows["dit + 3 recovery steps"]["sparsity"]
+    assert rows["dit + recovered 3"]["sparsity"] == rows["dit (recipe)"]["sparsity"] == pytest.approx(0.7, abs=0.02)
+    assert rows["dit + recovered 3 + int8"]["sparsity"] == rows["dit + recovered 3"]["sparsity"]
