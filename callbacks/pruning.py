@@ -80,6 +80,9 @@ class DiTPruning(Callback):
         block_sequential: bool | None = None,
         offload: str | torch.device | None = None,
         backup: bool = True,
+        allocation: str = "uniform",
+        allocation_range: float = 0.2,
+        allocation_options: dict | None = None,
         **method_options: Any,
     ) -> None:
         if isinstance(method, type) or not isinstance(method, str):
@@ -91,6 +94,11 @@ class DiTPruning(Callback):
 
             check_config(quantize)
         make_sparsifier(method, sparsity, pattern, **method_options)  # validates early: errors at construction
+        from ditprune.pruning import _check_allocation
+
+        _check_allocation(allocation, allocation_range, allocation_options, pattern)
+        self.allocation = dict(allocation=allocation, allocation_range=allocation_range,
+                               allocation_options=allocation_options)
         for what, patterns in (("targets", targets), ("ignore", ignore)):
             if patterns is not None:
                 compile_regexes(patterns, what)
@@ -159,7 +167,7 @@ class DiTPruning(Callback):
             object.__setattr__(pl_module, "teacher", self._teacher)  # not a submodule: never trained nor saved
         self.plan = PrunePlan(model, self.method, self.sparsity, self.pattern, self.targets, ignore=self.ignore,
                               overrides=self.overrides, block_sequential=self.block_sequential,
-                              backup=self.backup, **self.method_options)
+                              backup=self.backup, **self.allocation, **self.method_options)
         self.plan.attach()
         self._prefix = f"{self.model_attr}." if self.model_attr else ""
         for g in self.plan.sparsifier.groups:

@@ -21,8 +21,12 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
+from . import allocation as A
+from . import granularity as G
+from . import saliency
 from . import distributed, memory, models, provenance
 from .calibration import EmptyCalibrationError, run_block_sequential, run_whole_model, timestep_weights
+from .stats import observe
 from .errors import InputError, InputTypeError
 from .granularity import check_sparsity, parse_pattern
 from .progress import BlockProgress
@@ -179,9 +183,52 @@ def _layer_settings(model, targets, ignore, overrides, sparsity, pattern) -> dic
                 raise InputError(f"overrides {j} ({list(overrides[j]['targets'])}) and {i} ({list(ov['targets'])}) "
                                  f"both match layer '{name}'; make their target regexes disjoint")
             owner[name] = i
-            settings[name] = {"sparsity": s_i, "nm": nm_i, "pattern": ov.get("pattern")}
+            settings[name] = {"sparsity": s_i, "nm": nm_i, "pattern": ov.get("pattern"), "override": True}
     order = [n for n, _ in model.named_modules()]
     return dict(sorted(settings.items(), key=lambda kv: order.index(kv[0])))
+
+
+@torch.no_grad()
+def _output_gains(model: nn.Module, names: list[str], energies, curves, sparsity: float, batches: list[dict]) -> list[float]:
+    """How much of each layer's relative output error reaches the model's output: the relative
+    change of the output when that layer alone is pruned (Wanda's mask at ``sparsity``), over
+    the fraction of the layer's output energy that the mask removes, on ``batches``."""
+
+    def output(batch):
+        out = model(**batch)
+        out = getattr(out, "sample", out[0] if isinstance(out, (tuple, list)) else out)
+        return out.float()
+
+    dense = [output(b) for b in batches]
+    norm = sum(float(d.pow(2).sum()) for d in dense)
+    gains = []
+    for name, energy, curve in zip(names, energies, curves):
+        weight = model.get_submodule(name).parametrizations.weight.original
+        keep = G.row_mask(saliency.wanda(weight, energy), sparsity)
+        saved = weight.detach().clone()
+        weight.data.masked_fill_(~keep, 0)
+        try:
+            change = sum(float((output(b) - d).pow(2).sum()) for b, d in zip(batches, dense)) / max(norm, 1e-30)
+        finally:
+            weight.data.copy_(saved)
+        removed = A._at(curve, sparsity)
+        gains.append(change / removed if removed > 0 else 0.0)
+    return gains
+
+
+def _check_allocation(allocation, spread, options, pattern) -> str:
+    if allocation not in A.ALLOCATIONS:
+        raise InputError(f"allocation must be one of {list(A.ALLOCATIONS)}, got {allocation!r}")
+    if isinstance(spread, bool) or not isinstance(spread, (int, float)) or not 0 <= spread <= 0.99:
+        raise InputError(f"allocation_range must be a number in [0, 0.99], got {spread!r}")
+    unknown = sorted(set(options or {}) - {"m", "lam", "gains", "gain_batches"})
+    if unknown:
+        raise InputError(f"allocation_options: unknown {unknown}; OWL takes 'm' (outlier threshold) and 'lam', "
+                         "auto 'gains' ('measured' or 'none') and 'gain_batches'")
+    if allocation != "uniform" and pattern is not None:
+        raise InputError(f"allocation '{allocation}' spreads an unstructured sparsity over the layers; with a "
+                         "pattern every layer keeps it: use allocation='uniform'")
+    return allocation
 
 
 def _validate_layers(layers: dict[str, nn.Linear], settings: dict[str, dict]) -> None:
@@ -223,9 +270,15 @@ class PrunePlan:
         overrides: Sequence[dict] | None = None,
         block_sequential: bool | None = None,
         backup: bool = True,
+        allocation: str = "uniform",
+        allocation_range: float = 0.2,
+        allocation_options: dict | None = None,
         **method_options: Any,
     ) -> None:
         self.model, self.method, self.pattern = model, method, pattern
+        self.allocation = _check_allocation(allocation, allocation_range, allocation_options, pattern)
+        self.allocation_range, self.allocation_options = float(allocation_range), dict(allocation_options or {})
+        self.allocated: dict[str, dict] = {}  # layer -> {"sparsity", "predicted"?}, once allocated
         self.sparsifier = make_sparsifier(method, sparsity, pattern, **method_options)
         if not isinstance(backup, bool):
             raise InputTypeError(f"backup is True or False, got {backup!r}")
@@ -285,6 +338,9 @@ class PrunePlan:
                 if distributed.min_over_ranks(len(calibration)) == 0:
                     raise EmptyCalibrationError("calibration is empty on at least one rank: give every rank "
                                                 "at least one batch")
+            if self.allocation != "uniform" and not self.allocated:
+                calibration = list(calibration)  # read twice: the allocation pass, then the prune
+                self._allocate(calibration, sync, weights, progress)
             if checkpoints is not None and self.by_block is None:
                 raise InputError("checkpoints need a block-by-block prune (every target inside a transformer block)")
             if not (sp.needs_energy or sp.needs_gram):
@@ -329,6 +385,38 @@ class PrunePlan:
             self.model.train(was_training)
         self.seconds += time.perf_counter() - start
 
+    def _allocate(self, calibration: list[dict], sync: bool, weights, progress: bool) -> None:
+        """One pass of the dense model gathers each allocated layer's input energy (summed over
+        ranks: every rank allocates alike); ``allocation`` then sets their sparsities."""
+        names = [n for n, s in self.settings.items() if not s.get("override")]
+        layers = {f"{n}.weight": self.model.get_submodule(n) for n in names}
+        with observe(layers, False, self.scopes, self.text_layers, self.share_stats) as stats:
+            run_whole_model(self.model, calibration, progress, weights)
+        if sync:
+            distributed.all_reduce_stats({id(st): st for st in stats.values()}.values())
+        weights_of = [self.model.get_submodule(n).weight.detach() for n in names]
+        energies = [stats[f"{n}.weight"].energy for n in names]
+        sizes = [w.numel() for w in weights_of]
+        s, r, opts = self.target_sparsity, self.allocation_range, self.allocation_options
+        predicted = None
+        if self.allocation == "owl":
+            ratios = [A.outlier_ratio(w, e, opts.get("m", 5.0)) for w, e in zip(weights_of, energies)]
+            alloc = A.owl(ratios, sizes, s, r, opts.get("lam", 0.08))
+        else:
+            curves = [A.removal_curve(w, e) for w, e in zip(weights_of, energies)]
+            gains = None
+            if opts.get("gains", "measured") == "measured":
+                gains = _output_gains(self.model, names, energies, curves, s, calibration[: opts.get("gain_batches", 4)])
+            alloc, predicted = A.auto(curves, sizes, s, r, gains)
+        alloc = A.whole_rows(alloc, [tuple(w.shape) for w in weights_of], s)
+        groups = {g["module_fqn"]: g for g in self.sparsifier.groups}
+        for i, (n, a) in enumerate(zip(names, alloc)):
+            self.settings[n]["sparsity"] = a
+            if n in groups:
+                groups[n]["sparsity"] = a
+            self.allocated[n] = {"sparsity": a} | ({"predicted": predicted[i]} if predicted else {})
+        log.info("allocation %s: layer sparsities %.3f-%.3f around %.3f", self.allocation, min(alloc), max(alloc), s)
+
     def _observe(self, fqns, run, sync: bool) -> None:
         with self.sparsifier.observe(fqns, self.scopes, self.text_layers, self.share_stats) as stats:
             run()
@@ -351,13 +439,15 @@ class PrunePlan:
         for g in sp.groups:
             w = g["module"].weight  # under the parametrization: original * mask
             info = dict(sp.state[g["tensor_fqn"]].get("info", {}))
+            if "predicted" in self.allocated.get(g["module_fqn"], {}):
+                info["predicted"] = round(self.allocated[g["module_fqn"]]["predicted"], 6)
             s = self.settings[g["module_fqn"]]
             layers.append(LayerReport(g["module_fqn"], tuple(w.shape), 1.0 - w.count_nonzero().item() / w.numel(),
                                       info.pop("seconds", 0.0), s["sparsity"], s["pattern"], info))
         report = PruneReport(self.method, self.target_sparsity, self.pattern, layers, self.seconds,
                              getattr(sp, "peak_stats_bytes", 0))
         provenance.record(self.model, method=self.method, sparsity=self.target_sparsity, pattern=self.pattern,
-                          allocation="uniform", measured_sparsity=round(report.sparsity, 6), layers=len(layers))
+                          allocation=self.allocation, measured_sparsity=round(report.sparsity, 6), layers=len(layers))
         return report
 
     def squash(self) -> None:
@@ -396,6 +486,9 @@ def prune(
     progress: bool | None = None,
     sync: bool | None = None,
     timestep_weighting: str | None = None,
+    allocation: str = "uniform",
+    allocation_range: float = 0.2,
+    allocation_options: dict | None = None,
     **method_options: Any,
 ) -> PruneReport:
     """Prune ``model`` in place, one shot, and return a per-layer report.
@@ -431,6 +524,12 @@ def prune(
         timestep_weighting: ``"log_decrease"`` weighs each batch's tokens by its timestep, the
             first sampler steps more (see :func:`ditprune.calibration.timestep_weights`); None:
             every token alike.
+        allocation: ``"uniform"`` (every layer at ``sparsity``), ``"owl"`` or ``"auto"``: each
+            targeted layer gets its own sparsity within ``sparsity +- allocation_range`` (clipped
+            to [0, 0.99]) so that the zeros over all targeted weights are still ``sparsity`` (see
+            :mod:`ditprune.allocation`); one extra pass of the dense model over ``calibration``
+            measures what it needs. Override layers keep their setting and stay out of the budget.
+        allocation_options: OWL's ``m`` (outlier threshold, default 5) and ``lam`` (default 0.08).
         **method_options: the method's own options (e.g. ``alpha=0.4`` for ``"dit"``).
 
     A failed prune (bad input, NaN activations, ...) raises and leaves the model as it was
@@ -438,7 +537,8 @@ def prune(
     """
     start = time.perf_counter()
     plan = PrunePlan(model, method, sparsity, pattern, targets, ignore=ignore, overrides=overrides,
-                     block_sequential=block_sequential, backup=backup, **method_options)
+                     block_sequential=block_sequential, backup=backup, allocation=allocation,
+                     allocation_range=allocation_range, allocation_options=allocation_options, **method_options)
     plan.attach()
     plan.calibrate(calibration, offload=offload, progress=progress, sync=sync, timestep_weighting=timestep_weighting,
                    squash=squash)

@@ -65,6 +65,8 @@ class PruningConfig:
     block_sequential: bool = True
     offload: Optional[str] = None  # where captured block inputs wait between blocks, e.g. cpu
     options: dict[str, Any] = field(default_factory=dict)  # the method's own options, e.g. {alpha: 0.4}
+    allocation: str = "uniform"  # uniform | owl | auto: one sparsity per layer under the same budget
+    allocation_range: float = 0.2  # each layer within sparsity +- this (clipped to [0, 0.99])
 
 
 @dataclass

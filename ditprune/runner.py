@@ -42,6 +42,8 @@ def outputs_of(recipe: DictConfig) -> list[str]:
     names = ["recipe.yaml", "metrics.json", "report.txt", "transformer"]
     if is_reference(recipe):
         names += ["samples.png", "results.md"]
+    if recipe.pruning.allocation != "uniform":
+        names.append("allocation.png")
     if evaluates_pipeline(recipe):
         names += EVAL_OUTPUTS
     return names
@@ -58,7 +60,8 @@ def recipe_prune_kwargs(pruning: DictConfig, method: str) -> dict[str, Any]:
     recipe's model comes from disk, where its source stays: no in-memory backup is kept."""
     p = OmegaConf.to_container(pruning, resolve=True)
     kw = dict(targets=p["targets"], ignore=p["ignore"], overrides=p["overrides"] or None,
-              block_sequential=p["block_sequential"], offload=p["offload"], backup=False)
+              block_sequential=p["block_sequential"], offload=p["offload"], backup=False,
+              allocation=p["allocation"], allocation_range=p["allocation_range"])
     if method == p["method"]:
         kw.update(p["options"])
     return kw
@@ -117,6 +120,18 @@ def run_recipe(recipe: DictConfig, out: OutputDir | None = None, progress: bool 
     result["outputs"] = {what: str(out.final(name)) if name in out.names else name
                          for what, name in result["outputs"].items()}
     return result
+
+
+def _plot_allocation(recipe: DictConfig, report: PruneReport, out, model: str) -> dict:
+    """``allocation.png`` when the recipe allocates sparsity per layer."""
+    p = recipe.pruning
+    if p.allocation == "uniform":
+        return {}
+    from .evaluation.report import plot_allocation
+
+    plot_allocation(report.layers, out / "allocation.png",
+                    f"{model}: {p.method}, allocation '{p.allocation}' at {p.sparsity} (range +-{p.allocation_range})")
+    return {"allocation": "allocation.png"}
 
 
 def _stage(progress: bool, text: str) -> None:
@@ -200,6 +215,7 @@ def _run_pipeline(recipe: DictConfig, out, progress: bool, fabric=None, checkpoi
         summary.update(removed_median=removed[len(removed) // 2], removed_worst=removed[-1])
     _write(out, report, summary)
     outputs = {"model": "transformer", "layers": "report.txt", "metrics": "metrics.json"}
+    outputs.update(_plot_allocation(recipe, report, out, m.source))
     table = "| " + " | ".join(summary) + " |\n|" + "---|" * len(summary) + "\n| " + " | ".join(
         f"{v:.4f}" if isinstance(v, float) else str(v) for v in summary.values()) + " |"
     if job is not None:
@@ -313,6 +329,7 @@ def _run_reference(recipe: DictConfig, out: OutputDir, progress: bool) -> dict:
     _write(out, main["report"], metrics)
     (out / "results.md").write_text(f"# {rows[0]['model']}\n\n{markdown_table(rows)}\n")
     outputs.update(metrics="metrics.json", layers="report.txt", results="results.md")
+    outputs.update(_plot_allocation(recipe, main["report"], out, rows[0]["model"]))
     table = f"{rows[0]['model']} (every column, with intervals: results.md)\n\n" + markdown_table(
         rows, CONSOLE_COLUMNS, intervals=("judge_acc", "rel_err"))
     return {"rows": rows, "table": table, "report": main["report"], "outputs": outputs}

@@ -8,7 +8,7 @@ import torch
 
 from .._io import atomic_file
 
-__all__ = ["COLUMNS", "markdown_table", "pivot_table", "save_grid", "plot_quality"]
+__all__ = ["COLUMNS", "markdown_table", "pivot_table", "save_grid", "plot_quality", "plot_allocation", "layer_kind"]
 
 COLUMNS = {
     "model": ("model", "{}"),
@@ -153,6 +153,50 @@ def plot_quality(rows: list[dict], path: str | Path, metrics=("rel_err", "judge_
             if metric == "rel_err":
                 ax.set_yscale("log")
             ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+def layer_kind(name: str) -> str:
+    """A targeted Linear's role, from its diffusers name: adaLN modulation, attention or MLP, of
+    the image or the text stream (FLUX and SD3 double blocks; cross-attention elsewhere)."""
+    leaf = name.split(".")[-1]
+    if ".norm" in name and leaf == "linear" or "adaLN" in name or "scale_shift" in name:
+        return "adaLN modulation"
+    text = any(t in name for t in ("context", "add_", "to_add_out", "attn2"))
+    if ".attn" in name:
+        return "attention (text)" if text else "attention"
+    if any(t in name for t in (".ff", "proj_mlp", "mlp")):
+        return "MLP (text)" if text else "MLP"
+    if leaf == "proj_out":
+        return "attention + MLP output"  # FLUX single blocks read both, concatenated
+    return "other"
+
+
+def plot_allocation(layers, path: str | Path, title: str) -> Path:
+    """Sparsity of each targeted layer along the depth (report order), one marker per layer
+    kind; ``layers``: a report's :class:`~ditprune.pruning.LayerReport` list."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 3.5))
+    kinds: dict[str, list[tuple[int, float]]] = {}
+    for i, layer in enumerate(layers):
+        kinds.setdefault(layer_kind(layer.name), []).append((i, layer.sparsity))
+    for kind, pts in kinds.items():
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=14, label=kind)
+    mean = sum(l.sparsity * l.shape[0] * l.shape[1] for l in layers) / sum(l.shape[0] * l.shape[1] for l in layers)
+    ax.axhline(mean, color="k", ls=":", label=f"over all targeted weights: {mean:.3f}")
+    ax.set_xlabel("targeted layer, input to output")
+    ax.set_ylabel("sparsity (measured)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=3)
     fig.tight_layout()
     path = Path(path)
     with atomic_file(path) as tmp:

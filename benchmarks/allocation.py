@@ -1,0 +1,53 @@
+"""Sparsity per layer: ``uniform`` vs ``owl`` vs ``auto`` on a shipped reference model, every
+method on the same dense model, calibration (16 prompts x 10 steps) and evaluation seeds.
+
+    python benchmarks/allocation.py --model flux --methods wanda,dit+rec --sparsities 0.7,0.8 \\
+        --variants uniform,owl,auto,auto:none [--samples 50] [--out benchmarks/results/allocation.md]
+
+A variant is an allocation, with ``:none`` for ``auto`` without the measured output gains
+(``allocation_options={"gains": "none"}``: every layer's relative error counts alike);
+``dit+rec`` is ``dit`` with ``reconstruct=True``. Prints one markdown row per run as it ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> None:
+    from ditprune.evaluation.harness import Candidate, Comparison
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="flux", help="flux (flux-layout) or dit (dit-xl-layout)")
+    p.add_argument("--methods", default="wanda,dit+rec")
+    p.add_argument("--sparsities", default="0.7,0.8")
+    p.add_argument("--variants", default="uniform,owl,auto")
+    p.add_argument("--samples", type=int, default=50, help="evaluation samples per row")
+    p.add_argument("--out", help="also write the table to this markdown file")
+    args = p.parse_args(argv)
+    bench = Comparison(args.model, 16, 10, args.samples, 20)
+    candidates = []
+    for m in args.methods.split(","):
+        method, options = ("dit", {"reconstruct": True}) if m == "dit+rec" else (m, {})
+        for v in args.variants.split(","):
+            allocation, _, gains = v.partition(":")
+            extra = {"allocation": allocation} | ({"allocation_options": {"gains": gains}} if gains else {})
+            candidates.append(Candidate(f"{m} {v}", method, {**options, **extra}))
+    lines = [f"{bench.name}, {args.samples} evaluation samples per row", "",
+             "| method, allocation | setting | sparsity | denoiser rel. err [95%] | judge acc [95%] | prune s |",
+             "|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    for s in args.sparsities.split(","):
+        for row in bench.run(candidates, [{"sparsity": float(s)}], progress=False):
+            ci = row["ci"]
+            lines.append(f"| {row['method']} | {row['setting']} | {row['sparsity']:.3f} | {row['rel_err']:.4f} "
+                         f"[{ci['rel_err'][0]:.4f}, {ci['rel_err'][1]:.4f}] | {row['judge_acc']:.2f} "
+                         f"[{ci['judge_acc'][0]:.2f}, {ci['judge_acc'][1]:.2f}] | {row['prune_s']:.1f} |")
+            print(lines[-1], flush=True)
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Sparsity per layer under one budget (pure functions): ``uniform``, ``owl`` and ``auto``.
+
+Every allocation gives each targeted layer l of n_l weights a sparsity s_l in
+``[s - r, s + r]`` (clipped to [0, 0.99]) with ``sum_l n_l s_l = s sum_l n_l``: the requested
+fraction of zeros over all targeted weights (:func:`fit_budget` makes it exact).
+
+- ``owl`` is OWL (Yin et al., ICML 2024, ``luuyin/OWL``): a layer's outlier ratio D_l is the
+  fraction of its Wanda scores |W_ij| sqrt(a_j) above ``m`` times their mean; layers with more
+  outliers keep more weights, ``s_l = s - (2 lam (D_l - min D) / (max D - min D) - mean)``. OWL
+  allocates per LLM block and averages with equal weights; here it is per layer (the layers of
+  a DiT block differ more than its blocks do), and the mean is weighed by layer size so that the
+  budget holds.
+- ``auto`` minimises the predicted loss of output energy, ``sum_l g_l e_l(s_l)``, under the
+  budget. e_l(s) is measured on the calibration inputs: the fraction of the layer's output
+  energy that per-row pruning removes at sparsity s, by the diagonal of the input statistics
+  (:func:`removal_curve`: sorted Wanda scores, squared, summed). It is convex in s, so the
+  optimum equalises the marginal costs g_l e_l'(s_l) / n_l across layers (a Lagrange multiplier
+  found by bisection). g_l, how much of layer l's relative output error reaches the model's
+  output, is an input: 1 (every layer's relative error counts alike) unless measured.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+__all__ = ["ALLOCATIONS", "bounds", "fit_budget", "whole_rows", "removal_curve", "outlier_ratio", "owl", "auto"]
+
+ALLOCATIONS = ("uniform", "owl", "auto")
+GRID = 100  # the removal curve's resolution: sparsity in steps of 0.01
+
+
+def bounds(sparsity: float, spread: float) -> tuple[float, float]:
+    """``[s - r, s + r]`` clipped to [0, 0.99]."""
+    return max(0.0, sparsity - spread), min(0.99, sparsity + spread)
+
+
+def fit_budget(wanted: Sequence[float], sizes: Sequence[int], sparsity: float, lo: float, hi: float) -> list[float]:
+    """``wanted`` shifted by one constant and clipped to [lo, hi] so that the size-weighted mean
+    is ``sparsity`` (bisection on the shift; exact to 1e-12 of the budget)."""
+    total = float(sum(sizes))
+    budget = sparsity * total
+
+    def zeros(c: float) -> float:
+        return sum(n * min(hi, max(lo, w + c)) for w, n in zip(wanted, sizes))
+
+    a, b = -1.0 - max(wanted), 1.0 - min(wanted)
+    for _ in range(200):
+        c = (a + b) / 2
+        if zeros(c) < budget:
+            a = c
+        else:
+            b = c
+    return [min(hi, max(lo, w + b)) for w in wanted]
+
+
+def whole_rows(alloc: Sequence[float], shapes: Sequence[tuple[int, int]], sparsity: float) -> list[float]:
+    """``alloc`` moved to sparsities k_l / in_l, which per-row pruning (``int(in * s)`` zeros in
+    every row) realises exactly, as close to the budget as whole rows allow: each layer rounded
+    down, then one more zero per row in the layers rounded down most, while that brings the
+    total nearer the budget (the total ends within half the widest layer's rows of it)."""
+    ks = [math.floor(a * n_in + 1e-9) for a, (_, n_in) in zip(alloc, shapes)]
+    missing = sparsity * sum(o * i for o, i in shapes) - sum(o * k for k, (o, _) in zip(ks, shapes))
+    order = sorted(range(len(ks)), key=lambda l: ks[l] - alloc[l] * shapes[l][1])  # most cut first
+    for l in order:
+        rows, n_in = shapes[l]
+        if missing >= rows / 2 and ks[l] < n_in:
+            ks[l] += 1
+            missing -= rows
+    return [k / n_in for k, (_, n_in) in zip(ks, shapes)]
+
+
+def removal_curve(weight: torch.Tensor, energy: torch.Tensor, grid: int = GRID, chunk: int = 1 << 20) -> torch.Tensor:
+    """(grid + 1,) float64: e(k / grid), the fraction of the layer's output energy that removing
+    the int(in * k / grid) smallest Wanda scores of every row takes away, by the diagonal of the
+    input statistics (``sum_ij a_j W_ij^2`` over the removed entries, over the same sum for all)."""
+    out_f, in_f = weight.shape
+    e = energy.float().to(weight.device)
+    ks = torch.tensor([int(in_f * k / grid) for k in range(grid + 1)], device=weight.device)
+    removed = torch.zeros(grid + 1, dtype=torch.float64, device=weight.device)
+    step = max(1, chunk // max(in_f, 1))
+    for r in range(0, out_f, step):
+        scores = (weight[r:r + step].float().pow(2) * e).sort(dim=1).values
+        cum = torch.nn.functional.pad(scores.cumsum(1, dtype=torch.float64), (1, 0))
+        removed += cum[:, ks].sum(0)
+    if removed[-1] <= 0:  # a zero layer or dead inputs: nothing to lose
+        return torch.zeros(grid + 1, dtype=torch.float64)
+    return (removed / removed[-1]).cpu()
+
+
+def outlier_ratio(weight: torch.Tensor, energy: torch.Tensor, m: float = 5.0) -> float:
+    """OWL's D: the fraction of Wanda scores |W_ij| sqrt(a_j) above ``m`` times their mean."""
+    scores = weight.float().abs() * energy.float().to(weight.device).sqrt()
+    return float((scores > m * scores.mean()).float().mean())
+
+
+def owl(ratios: Sequence[float], sizes: Sequence[int], sparsity: float, spread: float, lam: float = 0.08) -> list[float]:
+    """OWL's sparsities from the outlier ratios (see the module docstring), within
+    :func:`bounds` and on budget."""
+    lo, hi = bounds(sparsity, spread)
+    d_min, d_max = min(ratios), max(ratios)
+    if d_max - d_min <= 0:
+        return fit_budget([sparsity] * len(ratios), sizes, sparsity, lo, hi)
+    boost = [2 * lam * (d - d_min) / (d_max - d_min) for d in ratios]
+    mean = sum(b * n for b, n in zip(boost, sizes)) / sum(sizes)
+    return fit_budget([sparsity - (b - mean) for b in boost], sizes, sparsity, lo, hi)
+
+
+def _at(curve: torch.Tensor, s: float) -> float:
+    """The curve at sparsity ``s``, linear between its grid points."""
+    x = s * (len(curve) - 1)
+    i = min(int(math.floor(x)), len(curve) - 2)
+    return float(curve[i] + (x - i) * (curve[i + 1] - curve[i]))
+
+
+def auto(curves: Sequence[torch.Tensor], sizes: Sequence[int], sparsity: float, spread: float,
+         gains: Sequence[float] | None = None) -> tuple[list[float], list[float]]:
+    """(sparsities, predicted e_l(s_l)) minimising ``sum_l g_l e_l(s_l)`` on budget within
+    :func:`bounds`. Each layer takes the sparsity where its marginal cost per weight,
+    g_l e_l'(s) / n_l, reaches a common multiplier lambda; lambda is bisected until the budget
+    is met, and the last layers at the margin share the remainder (linear between the two
+    allocations that bracket the budget)."""
+    lo, hi = bounds(sparsity, spread)
+    gains = list(gains) if gains is not None else [1.0] * len(curves)
+    grid = len(curves[0]) - 1
+    levels = [k / grid for k in range(grid + 1) if lo - 1e-12 <= k / grid <= hi + 1e-12] or [lo]
+    # marginal cost of moving from one level to the next, per weight; convex curves: non-decreasing
+    slopes = []
+    for c, n, g in zip(curves, sizes, gains):
+        vals = [g * _at(c, s) for s in levels]
+        slopes.append([(vals[i + 1] - vals[i]) / ((levels[i + 1] - levels[i]) * n) for i in range(len(levels) - 1)])
+
+    def pick(lam: float) -> list[float]:
+        out = []
+        for sl in slopes:
+            j = 0
+            while j < len(sl) and sl[j] <= lam:  # take every step that costs at most lambda
+                j += 1
+            out.append(levels[j])
+        return out
+
+    def zeros(alloc):
+        return sum(a * n for a, n in zip(alloc, sizes))
+
+    budget = sparsity * sum(sizes)
+    low, high = 0.0, max((max(sl) for sl in slopes if sl), default=0.0) + 1.0
+    for _ in range(100):
+        mid = (low + high) / 2
+        if zeros(pick(mid)) < budget:
+            low = mid
+        else:
+            high = mid
+    under, over = pick(low), pick(high)
+    z_under, z_over = zeros(under), zeros(over)
+    t = 0.0 if z_over == z_under else (budget - z_under) / (z_over - z_under)
+    alloc = [u + t * (o - u) for u, o in zip(under, over)]
+    alloc = fit_budget(alloc, sizes, sparsity, lo, hi)  # rounding of the blend: exact budget
+    return alloc, [_at(c, s) for c, s in zip(curves, alloc)]

@@ -1,0 +1,134 @@
+"""Allocation of sparsity across layers: budgets, bounds, OWL and the measured optimum, by hand."""
+
+import math
+
+import pytest
+import torch
+
+from ditprune.allocation import auto, bounds, fit_budget, outlier_ratio, owl, removal_curve
+
+
+def _zeros(alloc, sizes):
+    return sum(a * n for a, n in zip(alloc, sizes))
+
+
+def test_fit_budget_is_exact_and_within_bounds():
+    sizes = [100, 300, 50, 1000]
+    alloc = fit_budget([0.9, 0.2, 0.5, 0.7], sizes, 0.6, 0.4, 0.8)
+    assert all(0.4 <= a <= 0.8 for a in alloc)
+    assert _zeros(alloc, sizes) == pytest.approx(0.6 * sum(sizes), abs=1e-9)
+    assert bounds(0.9, 0.2) == (0.7, 0.99) and bounds(0.1, 0.2) == (0.0, pytest.approx(0.3))
+
+
+def test_removal_curve_by_hand():
+    w = torch.tensor([[1.0, -2.0, 3.0, 4.0], [0.5, 0.0, 1.0, 2.0]])
+    a = torch.tensor([4.0, 1.0, 1.0, 0.25])
+    # scores w^2 a: row 0 [4, 4, 9, 4] -> sorted 4, 4, 4, 9; row 1 [1, 0, 1, 1] -> 0, 1, 1, 1; total 24
+    curve = removal_curve(w, a, grid=4)
+    assert curve.tolist() == pytest.approx([0, 4 / 24, 9 / 24, 14 / 24, 1.0])
+
+
+def test_owl_gives_more_weights_to_layers_with_more_outliers():
+    w = torch.ones(8, 100)
+    w[:, :5] = 50.0  # 5% of entries far above the mean
+    assert outlier_ratio(w, torch.ones(100), m=5) == pytest.approx(0.05)
+    sizes = [1000, 1000, 2000]
+    alloc = owl([0.0, 0.05, 0.10], sizes, 0.7, 0.2, lam=0.08)
+    assert alloc[0] > alloc[1] > alloc[2]
+    assert alloc[0] - alloc[2] == pytest.approx(0.16)  # 2 lam between the extremes, inside the bounds
+    assert _zeros(alloc, sizes) == pytest.approx(0.7 * sum(sizes))
+
+
+def test_auto_equalises_marginal_cost_and_beats_uniform_on_its_objective():
+    # e_l(s) = c_l s^2: the optimum under sum n_l s_l = B has c_l s_l / n_l equal (up to the bounds)
+    grid = torch.linspace(0, 1, 101, dtype=torch.float64)
+    cs, sizes = [1.0, 2.0, 4.0], [100, 100, 100]
+    curves = [c * grid**2 for c in cs]
+    alloc, predicted = auto(curves, sizes, 0.5, 0.45)
+    assert _zeros(alloc, sizes) == pytest.approx(0.5 * sum(sizes), abs=1e-6)
+    # closed form: s_l proportional to 1 / c_l
+    inv = [1 / c for c in cs]
+    expected = [0.5 * 3 * i / sum(inv) for i in inv]
+    assert alloc == pytest.approx(expected, abs=0.011)
+    assert sum(predicted) < sum(c * 0.25 for c in cs)  # lower than uniform 0.5 everywhere
+    assert predicted == pytest.approx([c * s**2 for c, s in zip(cs, alloc)], rel=0.02)
+
+
+def test_auto_respects_bounds_and_gains():
+    grid = torch.linspace(0, 1, 101, dtype=torch.float64)
+    curves = [grid**2, grid**2]
+    alloc, _ = auto(curves, [100, 100], 0.7, 0.1, gains=[1.0, 100.0])  # layer 1 matters far more
+    assert alloc == pytest.approx([0.8, 0.6], abs=1e-9)  # both at their bounds, on budget
+    alloc, _ = auto(curves, [100, 100], 0.7, 0.2)
+    assert alloc == pytest.approx([0.7, 0.7], abs=0.011)  # alike layers: uniform
+    assert math.isclose(sum(alloc), 1.4, abs_tol=1e-9)
+
+
+def test_whole_rows_are_exact_per_row_and_near_the_budget():
+    from ditprune.allocation import whole_rows
+
+    shapes = [(8, 10), (4, 7), (16, 3)]
+    alloc = [0.55, 0.62, 0.70]  # 5.5, 4.34, 2.1 zeros per row: not whole
+    got = whole_rows(alloc, shapes, 0.6)
+    per_row = [g * n_in for g, (_, n_in) in zip(got, shapes)]
+    assert all(abs(k - round(k)) < 1e-9 for k in per_row)
+    total = sum(o * i for o, i in shapes)
+    zeros = sum(o * k for k, (o, _) in zip(per_row, shapes))
+    assert abs(zeros - 0.6 * total) <= max(o for o, _ in shapes) / 2
+
+
+def _zeros_of(model, names):
+    ws = [model.get_submodule(n).weight for n in names]
+    return sum(int((w == 0).sum()) for w in ws), sum(w.numel() for w in ws)
+
+
+@pytest.mark.parametrize("allocation", ["owl", "auto"])
+def test_prune_allocates_on_budget_within_range(allocation):
+    import ditprune
+    from ditprune.models.tiny import tiny_batches, tiny_model
+
+    model = tiny_model("flux")
+    report = ditprune.prune(model, tiny_batches(model), method="wanda", sparsity=0.7, allocation=allocation,
+                            allocation_range=0.15)
+    zeros, total = _zeros_of(model, [r.name for r in report.layers])
+    widest = max(r.shape[0] for r in report.layers)
+    assert abs(zeros - 0.7 * total) <= widest / 2  # whole rows: within half a layer's rows of the budget
+    assert all(0.55 - 1e-9 <= r.sparsity <= 0.85 + 1e-9 for r in report.layers)
+    assert all(r.sparsity == pytest.approx(r.target, abs=1e-9) for r in report.layers)  # wanda: whole rows, exact
+    assert len({round(r.target, 6) for r in report.layers}) > 1  # not uniform
+    from ditprune import provenance
+
+    assert provenance.recorded(model)["allocation"] == allocation
+
+
+def test_override_layers_keep_their_setting_and_leave_the_budget():
+    import ditprune
+    from ditprune.models.tiny import tiny_batches, tiny_model
+
+    model = tiny_model("flux")
+    overrides = [{"targets": [r"single_transformer_blocks\.1\."], "sparsity": 0.3}]
+    report = ditprune.prune(model, tiny_batches(model), method="wanda", sparsity=0.7, allocation="auto",
+                            overrides=overrides)
+    pinned = [r for r in report.layers if r.name.startswith("single_transformer_blocks.1.")]
+    rest = [r for r in report.layers if not r.name.startswith("single_transformer_blocks.1.")]
+    assert pinned and all(r.target == 0.3 for r in pinned)
+    zeros, total = _zeros_of(model, [r.name for r in rest])
+    assert abs(zeros - 0.7 * total) <= max(r.shape[0] for r in rest) / 2
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"allocation": "best"}, "allocation must be one of"),
+    ({"allocation": "auto", "allocation_range": 1.5}, "allocation_range must be a number in"),
+    ({"allocation": "owl", "allocation_options": {"lamda": 1}}, "unknown \\['lamda'\\]"),
+    ({"allocation": "auto", "pattern": "2:4"}, "with a pattern every layer keeps it"),
+])
+def test_bad_allocations_are_one_clear_error(kwargs, message):
+    import ditprune
+    from ditprune.errors import InputError
+    from ditprune.models.tiny import tiny_batches, tiny_model
+
+    model = tiny_model("flux")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(InputError, match=message):
+        ditprune.prune(model, tiny_batches(model), method="wanda", **kwargs)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
