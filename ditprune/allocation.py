@@ -56,17 +56,21 @@ def fit_budget(wanted: Sequence[float], sizes: Sequence[int], sparsity: float, l
     return [min(hi, max(lo, w + b)) for w in wanted]
 
 
-def whole_rows(alloc: Sequence[float], shapes: Sequence[tuple[int, int]], sparsity: float) -> list[float]:
+def whole_rows(alloc: Sequence[float], shapes: Sequence[tuple[int, int]], sparsity: float, lo: float = 0.0,
+               hi: float = 0.99) -> list[float]:
     """``alloc`` moved to sparsities k_l / in_l, which per-row pruning (``int(in * s)`` zeros in
-    every row) realises exactly, as close to the budget as whole rows allow: each layer rounded
-    down, then one more zero per row in the layers rounded down most, while that brings the
-    total nearer the budget (the total ends within half the widest layer's rows of it)."""
-    ks = [math.floor(a * n_in + 1e-9) for a, (_, n_in) in zip(alloc, shapes)]
+    every row) realises exactly, inside [lo, hi] and as close to the budget as whole rows allow:
+    each layer rounded down (not below ``lo``), then one more zero per row in the layers rounded
+    down most while that brings the total nearer the budget and stays within ``hi``."""
+    def clamp(k: int, n_in: int) -> int:
+        return min(max(k, math.ceil(lo * n_in - 1e-9)), math.floor(hi * n_in + 1e-9))
+
+    ks = [clamp(math.floor(a * n_in + 1e-9), n_in) for a, (_, n_in) in zip(alloc, shapes)]
     missing = sparsity * sum(o * i for o, i in shapes) - sum(o * k for k, (o, _) in zip(ks, shapes))
     order = sorted(range(len(ks)), key=lambda l: ks[l] - alloc[l] * shapes[l][1])  # most cut first
     for l in order:
         rows, n_in = shapes[l]
-        if missing >= rows / 2 and ks[l] < n_in:
+        if missing >= rows / 2 and clamp(ks[l] + 1, n_in) == ks[l] + 1:
             ks[l] += 1
             missing -= rows
     return [k / n_in for k, (_, n_in) in zip(ks, shapes)]
@@ -74,17 +78,20 @@ def whole_rows(alloc: Sequence[float], shapes: Sequence[tuple[int, int]], sparsi
 
 def removal_curve(weight: torch.Tensor, energy: torch.Tensor, grid: int = GRID, chunk: int = 1 << 20) -> torch.Tensor:
     """(grid + 1,) float64: e(k / grid), the fraction of the layer's output energy that removing
-    the int(in * k / grid) smallest Wanda scores of every row takes away, by the diagonal of the
-    input statistics (``sum_ij a_j W_ij^2`` over the removed entries, over the same sum for all)."""
+    the in * k / grid smallest Wanda scores of every row takes away (linear between whole counts),
+    by the diagonal of the input statistics (``sum_ij a_j W_ij^2`` over the removed entries, over
+    the same sum for all)."""
     out_f, in_f = weight.shape
     e = energy.float().to(weight.device)
-    ks = torch.tensor([int(in_f * k / grid) for k in range(grid + 1)], device=weight.device)
+    x = torch.tensor([in_f * k / grid for k in range(grid + 1)], dtype=torch.float64, device=weight.device)
+    k0 = x.floor().long().clamp(max=in_f - 1)
+    frac = x - k0
     removed = torch.zeros(grid + 1, dtype=torch.float64, device=weight.device)
     step = max(1, chunk // max(in_f, 1))
     for r in range(0, out_f, step):
         scores = (weight[r:r + step].float().pow(2) * e).sort(dim=1).values
-        cum = torch.nn.functional.pad(scores.cumsum(1, dtype=torch.float64), (1, 0))
-        removed += cum[:, ks].sum(0)
+        cum = torch.nn.functional.pad(scores.cumsum(1, dtype=torch.float64), (1, 0)).sum(0)
+        removed += cum[k0] + frac * (cum[k0 + 1] - cum[k0])  # linear between whole counts: convex
     if removed[-1] <= 0:  # a zero layer or dead inputs: nothing to lose
         return torch.zeros(grid + 1, dtype=torch.float64)
     return (removed / removed[-1]).cpu()

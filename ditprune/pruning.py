@@ -408,7 +408,7 @@ class PrunePlan:
             if opts.get("gains", "measured") == "measured":
                 gains = _output_gains(self.model, names, energies, curves, s, calibration[: opts.get("gain_batches", 4)])
             alloc, predicted = A.auto(curves, sizes, s, r, gains)
-        alloc = A.whole_rows(alloc, [tuple(w.shape) for w in weights_of], s)
+        alloc = A.whole_rows(alloc, [tuple(w.shape) for w in weights_of], s, *A.bounds(s, r))
         groups = {g["module_fqn"]: g for g in self.sparsifier.groups}
         for i, (n, a) in enumerate(zip(names, alloc)):
             self.settings[n]["sparsity"] = a

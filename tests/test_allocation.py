@@ -26,6 +26,8 @@ def test_removal_curve_by_hand():
     # scores w^2 a: row 0 [4, 4, 9, 4] -> sorted 4, 4, 4, 9; row 1 [1, 0, 1, 1] -> 0, 1, 1, 1; total 24
     curve = removal_curve(w, a, grid=4)
     assert curve.tolist() == pytest.approx([0, 4 / 24, 9 / 24, 14 / 24, 1.0])
+    # between whole counts, linear: 1.5 of 4 per row removes 4 + 0.5 * 4 and 0 + 0.5 * 1
+    assert removal_curve(w, a, grid=8).tolist()[3] == pytest.approx((6 + 0.5) / 24)
 
 
 def test_owl_gives_more_weights_to_layers_with_more_outliers():
@@ -132,3 +134,32 @@ def test_bad_allocations_are_one_clear_error(kwargs, message):
     with pytest.raises(InputError, match=message):
         ditprune.prune(model, tiny_batches(model), method="wanda", **kwargs)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_auto_measures_what_reaches_the_output():
+    """A layer whose output the model multiplies by zero has gain 0: auto prunes it to the top of
+    the range and gives its budget to the layer that matters (hand-computed: 0.8 and 0.2)."""
+    import ditprune
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(16, 16, bias=False), torch.nn.Linear(16, 16, bias=False)
+
+        def forward(self, x):
+            return self.a(x) + 0.0 * self.b(x)
+
+    def toy():
+        torch.manual_seed(0)
+        model = Toy()
+        model.b.weight.data.copy_(model.a.weight)  # the same weights: only the gain tells them apart
+        return model
+
+    batches = [{"x": torch.randn(128, 16, generator=torch.Generator().manual_seed(i))} for i in range(2)]
+    report = ditprune.prune(toy(), batches, method="wanda", sparsity=0.5, targets=["^a$", "^b$"],
+                            allocation="auto", allocation_range=0.3)
+    # within [0.2, 0.8] whole rows of 16 allow 4/16 to 12/16: b takes the most, a the rest of the budget
+    assert {r.name: r.sparsity for r in report.layers} == {"a": 0.25, "b": 0.75}
+    report = ditprune.prune(toy(), batches, method="wanda", sparsity=0.5, targets=["^a$", "^b$"],
+                            allocation="auto", allocation_range=0.3, allocation_options={"gains": "none"})
+    assert {r.name: r.sparsity for r in report.layers} == {"a": 0.5, "b": 0.5}  # alike without the gains
