@@ -10,13 +10,18 @@ fraction of zeros over all targeted weights (:func:`fit_budget` makes it exact).
   allocates per LLM block and averages with equal weights; here it is per layer (the layers of
   a DiT block differ more than its blocks do), and the mean is weighed by layer size so that the
   budget holds.
-- ``auto`` minimises the predicted loss of output energy, ``sum_l g_l e_l(s_l)``, under the
-  budget. e_l(s) is measured on the calibration inputs: the fraction of the layer's output
-  energy that per-row pruning removes at sparsity s, by the diagonal of the input statistics
-  (:func:`removal_curve`: sorted Wanda scores, squared, summed). It is convex in s, so the
-  optimum equalises the marginal costs g_l e_l'(s_l) / n_l across layers (a Lagrange multiplier
-  found by bisection). g_l, how much of layer l's relative output error reaches the model's
-  output, is an input: 1 (every layer's relative error counts alike) unless measured.
+- ``auto`` minimises the predicted relative error of the model's output, ``sum_l g_l e_l(s_l)``,
+  under the budget. Measured on the calibration inputs: e_l(s), the fraction of layer l's output
+  energy that per-row pruning removes at sparsity s, by the diagonal of its input statistics
+  (:func:`removal_curve`: Wanda's scores, sorted, squared, summed), and g_l, how much of that
+  relative error reaches the model's output (``ditprune.pruning`` prunes each layer alone with
+  Wanda's mask at s on a few calibration batches and divides the relative change of the model's
+  output by e_l(s); ``gains="none"``: every g_l = 1). Assumed: the layers' errors add up at the
+  output (no interaction), e_l keeps its shape under the method actually used (it is Wanda's
+  curve: a method that reconstructs, such as SparseGPT or ``dit`` with ``reconstruct=True``,
+  loses less, and unequally across layers), and g_l measured at s holds over the range. e_l is
+  convex in s, so the optimum equalises the marginal costs g_l e_l'(s_l) / n_l across layers (a
+  Lagrange multiplier found by bisection).
 """
 
 from __future__ import annotations

@@ -73,3 +73,8 @@ def broadcast_(tensors: Iterable[torch.Tensor], src: int = 0) -> None:
 
 def min_over_ranks(value: int) -> int:
     return int(_reduce(torch.tensor([value], dtype=torch.float64), dist.ReduceOp.MIN).item())
+
+
+def sum_over_ranks(values: list[float]) -> list[float]:
+    """Each value summed over the ranks (float64), the same list on every rank."""
+    return _reduce(torch.tensor(values, dtype=torch.float64)).tolist()

@@ -189,10 +189,12 @@ def _layer_settings(model, targets, ignore, overrides, sparsity, pattern) -> dic
 
 
 @torch.no_grad()
-def _output_gains(model: nn.Module, names: list[str], energies, curves, sparsity: float, batches: list[dict]) -> list[float]:
+def _output_gains(model: nn.Module, names: list[str], energies, curves, sparsity: float, batches: list[dict],
+                  sync: bool = False) -> list[float]:
     """How much of each layer's relative output error reaches the model's output: the relative
     change of the output when that layer alone is pruned (Wanda's mask at ``sparsity``), over
-    the fraction of the layer's output energy that the mask removes, on ``batches``."""
+    the fraction of the layer's output energy that the mask removes, on ``batches`` (with
+    ``sync``: every rank's, summed, so every rank allocates alike)."""
 
     def output(batch):
         out = model(**batch)
@@ -200,20 +202,22 @@ def _output_gains(model: nn.Module, names: list[str], energies, curves, sparsity
         return out.float()
 
     dense = [output(b) for b in batches]
-    norm = sum(float(d.pow(2).sum()) for d in dense)
-    gains = []
-    for name, energy, curve in zip(names, energies, curves):
+    changes = []
+    for name, energy in zip(names, energies):
         weight = model.get_submodule(name).parametrizations.weight.original
         keep = G.row_mask(saliency.wanda(weight, energy), sparsity)
         saved = weight.detach().clone()
         weight.data.masked_fill_(~keep, 0)
         try:
-            change = sum(float((output(b) - d).pow(2).sum()) for b, d in zip(batches, dense)) / max(norm, 1e-30)
+            changes.append(sum(float((output(b) - d).pow(2).sum()) for b, d in zip(batches, dense)))
         finally:
             weight.data.copy_(saved)
-        removed = A._at(curve, sparsity)
-        gains.append(change / removed if removed > 0 else 0.0)
-    return gains
+    sums = changes + [sum(float(d.pow(2).sum()) for d in dense)]
+    if sync:
+        sums = distributed.sum_over_ranks(sums)
+    norm = max(sums[-1], 1e-30)
+    removed = [A._at(curve, sparsity) for curve in curves]
+    return [c / norm / r if r > 0 else 0.0 for c, r in zip(sums[:-1], removed)]
 
 
 def _check_allocation(allocation, spread, options, pattern) -> str:
@@ -406,7 +410,8 @@ class PrunePlan:
             curves = [A.removal_curve(w, e) for w, e in zip(weights_of, energies)]
             gains = None
             if opts.get("gains", "measured") == "measured":
-                gains = _output_gains(self.model, names, energies, curves, s, calibration[: opts.get("gain_batches", 4)])
+                gains = _output_gains(self.model, names, energies, curves, s, calibration[: opts.get("gain_batches", 4)],
+                                      sync)
             alloc, predicted = A.auto(curves, sizes, s, r, gains)
         alloc = A.whole_rows(alloc, [tuple(w.shape) for w in weights_of], s, *A.bounds(s, r))
         groups = {g["module_fqn"]: g for g in self.sparsifier.groups}

@@ -39,6 +39,8 @@ def main(out: Path, method: str, options: dict) -> None:
     tensors = {f"mask/{k}": v.to(torch.uint8) for k, v in callback.masks().items()}
     tensors |= {f"weight/{k}": v.detach().clone() for k, v in module.model.state_dict().items()}
     tensors |= {f"pruned/{k}": v for k, v in callback.pruned.items()}
+    # each rank's own allocation (computed before the masks are broadcast from rank 0)
+    tensors |= {f"alloc/{k}": torch.tensor([v["sparsity"]]) for k, v in callback.plan.allocated.items()}
     for i, batch in enumerate(callback.seen):
         tensors |= {f"batch{i}/{k}": v for k, v in batch.items() if isinstance(v, torch.Tensor)}
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / f"rank{trainer.global_rank}.safetensors"))

@@ -228,3 +228,17 @@ def test_a_failed_fit_leaves_a_plain_model_and_the_callback_fits_again(tmp_path)
     _trainer([pruning], steps=2).fit(module, reference_dataloader(16))
     assert pruning.report.sparsity == 0.5 and _zero_fraction(model) == 0.5
     assert not any(parametrize.is_parametrized(m) for m in model.modules())
+
+
+def test_the_callback_allocates_sparsity_per_layer():
+    torch.manual_seed(0)
+    module = ReferenceRecovery(load("dit"))
+    pruning = DiTPruning("wanda", sparsity=0.6, calibration_batches=2, distill=False, allocation="auto",
+                         allocation_range=0.2)
+    _trainer([pruning], steps=2).fit(module, reference_dataloader(32))
+    layers = pruning.report.layers
+    assert len({round(r.sparsity, 4) for r in layers}) > 1 and all(0.4 - 1e-9 <= r.sparsity <= 0.8 + 1e-9 for r in layers)
+    zeros = sum(r.sparsity * r.shape[0] * r.shape[1] for r in layers)
+    assert abs(zeros - 0.6 * sum(r.shape[0] * r.shape[1] for r in layers)) <= max(r.shape[0] for r in layers) / 2
+    with pytest.raises(InputError, match="allocation must be one of"):
+        DiTPruning("wanda", allocation="most")

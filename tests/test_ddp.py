@@ -82,3 +82,13 @@ def test_two_processes_prune_as_one_process_on_the_union(tmp_path, options):
     # they are for, the output energy they remove, may not
     e_one, e_two = removed_energy(dense, weights, b0 + b1), removed_energy(dense, _group(r0, "pruned/"), b0 + b1)
     assert e_two == pytest.approx(e_one, rel=1e-3)
+
+
+def test_every_rank_allocates_alike(tmp_path):
+    """Each rank computes the allocation itself from its shard (statistics and measured gains
+    summed over the ranks) before rank 0's masks are broadcast: the two must agree."""
+    r0, r1 = _run(tmp_path, "wanda", {"allocation": "auto", "allocation_range": 0.2})
+    a0, a1 = _group(r0, "alloc/"), _group(r1, "alloc/")
+    assert len(a0) == 28 and a0.keys() == a1.keys()
+    assert all(torch.equal(a0[k], a1[k]) for k in a0)
+    assert len({round(float(v), 6) for v in a0.values()}) > 1  # really allocated, not uniform
