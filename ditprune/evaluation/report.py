@@ -153,6 +153,13 @@ def plot_quality(rows: list[dict], path: str | Path, metrics=("rel_err", "judge_
             if metric == "rel_err":
                 ax.set_yscale("log")
             ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    """``fig`` as a PNG at ``path`` (atomically), then closed."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     with atomic_file(path) as tmp:
@@ -185,7 +192,7 @@ def plot_allocation(layers, path: str | Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(10, 3.5))
+    fig, ax = plt.subplots(figsize=(10, 4.2))
     kinds: dict[str, list[tuple[int, float]]] = {}
     for i, layer in enumerate(layers):
         kinds.setdefault(layer_kind(layer.name), []).append((i, layer.sparsity))
@@ -196,10 +203,5 @@ def plot_allocation(layers, path: str | Path, title: str) -> Path:
     ax.set_xlabel("targeted layer, input to output")
     ax.set_ylabel("sparsity (measured)")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, ncol=3)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.2))  # below: no point hidden
+    return _save(fig, path)
