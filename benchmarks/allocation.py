@@ -5,7 +5,8 @@ method on the same dense model, calibration (16 prompts x 10 steps) and evaluati
         --variants uniform,owl,auto,auto:none [--samples 50] [--out benchmarks/results/allocation.md]
 
 A variant is an allocation, with ``:none`` for ``auto`` without the measured output gains
-(``allocation_options={"gains": "none"}``: every layer's relative error counts alike);
+(``allocation_options={"gains": "none"}``: every layer's relative error counts alike) and
+``:obs`` for ``auto`` with Optimal Brain Surgeon removal curves (``{"curve": "obs"}``);
 ``dit+rec`` is ``dit`` with ``reconstruct=True``. Prints one markdown row per run as it ends.
 """
 
@@ -31,8 +32,9 @@ def main(argv: list[str] | None = None) -> None:
     for m in args.methods.split(","):
         method, options = ("dit", {"reconstruct": True}) if m == "dit+rec" else (m, {})
         for v in args.variants.split(","):
-            allocation, _, gains = v.partition(":")
-            extra = {"allocation": allocation} | ({"allocation_options": {"gains": gains}} if gains else {})
+            allocation, _, variant = v.partition(":")
+            options_of = {"": {}, "none": {"gains": "none"}, "obs": {"curve": "obs"}}
+            extra = {"allocation": allocation} | ({"allocation_options": options_of[variant]} if variant else {})
             candidates.append(Candidate(f"{m} {v}", method, {**options, **extra}))
     lines = [f"{bench.name}, {args.samples} evaluation samples per row", "",
              "| method, allocation | setting | sparsity | denoiser rel. err [95%] | judge acc [95%] | prune s |",

@@ -19,7 +19,8 @@ fraction of zeros over all targeted weights (:func:`fit_budget` makes it exact).
   output by e_l(s); ``gains="none"``: every g_l = 1). Assumed: the layers' errors add up at the
   output (no interaction), e_l keeps its shape under the method actually used (it is Wanda's
   curve: a method that reconstructs, such as SparseGPT or ``dit`` with ``reconstruct=True``,
-  loses less, and unequally across layers), and g_l measured at s holds over the range. e_l is
+  loses less, and unequally across layers; ``curve="obs"`` takes each entry's Optimal Brain
+  Surgeon cost instead, :func:`obs_curve`), and g_l measured at s holds over the range. e_l is
   convex in s, so the optimum equalises the marginal costs g_l e_l'(s_l) / n_l across layers (a
   Lagrange multiplier found by bisection).
 """
@@ -31,7 +32,8 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["ALLOCATIONS", "bounds", "fit_budget", "whole_rows", "removal_curve", "outlier_ratio", "owl", "auto"]
+__all__ = ["ALLOCATIONS", "bounds", "fit_budget", "whole_rows", "removal_curve", "obs_curve", "outlier_ratio", "owl",
+           "auto"]
 
 ALLOCATIONS = ("uniform", "owl", "auto")
 GRID = 100  # the removal curve's resolution: sparsity in steps of 0.01
@@ -100,6 +102,33 @@ def removal_curve(weight: torch.Tensor, energy: torch.Tensor, grid: int = GRID, 
     if removed[-1] <= 0:  # a zero layer or dead inputs: nothing to lose
         return torch.zeros(grid + 1, dtype=torch.float64)
     return (removed / removed[-1]).cpu()
+
+
+def obs_curve(weight: torch.Tensor, gram: torch.Tensor, grid: int = GRID, percdamp: float = 0.01,
+              chunk: int = 1 << 20) -> torch.Tensor:
+    """(grid + 1,) float64: like :func:`removal_curve`, for a method that updates the kept weights
+    (SparseGPT, ``dit`` with ``reconstruct=True``): each entry's Optimal Brain Surgeon cost
+    ``W_ij^2 / [H^-1]_jj`` (the output energy lost when it is pruned and the rest of its row is
+    updated optimally, one entry at a time) replaces Wanda's ``a_j W_ij^2``; the smallest are
+    removed first in every row, over ``tr(W H W^T)``, capped at 1."""
+    h = gram.double().to(weight.device)
+    h = h + percdamp * h.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    inv_diag = torch.cholesky_inverse(torch.linalg.cholesky(h)).diagonal()
+    out_f, in_f = weight.shape
+    x = torch.tensor([in_f * k / grid for k in range(grid + 1)], dtype=torch.float64, device=weight.device)
+    k0 = x.floor().long().clamp(max=in_f - 1)
+    frac = x - k0
+    removed = torch.zeros(grid + 1, dtype=torch.float64, device=weight.device)
+    total = 0.0
+    step = max(1, chunk // max(in_f, 1))
+    for r in range(0, out_f, step):
+        w = weight[r:r + step].double()
+        total += float(((w @ h) * w).sum())
+        cum = torch.nn.functional.pad((w.pow(2) / inv_diag).sort(dim=1).values.cumsum(1), (1, 0)).sum(0)
+        removed += cum[k0] + frac * (cum[k0 + 1] - cum[k0])
+    if total <= 0:
+        return torch.zeros(grid + 1, dtype=torch.float64)
+    return (removed / total).clamp(max=1.0).cpu()
 
 
 def outlier_ratio(weight: torch.Tensor, energy: torch.Tensor, m: float = 5.0) -> float:

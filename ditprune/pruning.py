@@ -225,10 +225,10 @@ def _check_allocation(allocation, spread, options, pattern) -> str:
         raise InputError(f"allocation must be one of {list(A.ALLOCATIONS)}, got {allocation!r}")
     if isinstance(spread, bool) or not isinstance(spread, (int, float)) or not 0 <= spread <= 0.99:
         raise InputError(f"allocation_range must be a number in [0, 0.99], got {spread!r}")
-    unknown = sorted(set(options or {}) - {"m", "lam", "gains", "gain_batches"})
+    unknown = sorted(set(options or {}) - {"m", "lam", "gains", "gain_batches", "curve"})
     if unknown:
         raise InputError(f"allocation_options: unknown {unknown}; OWL takes 'm' (outlier threshold) and 'lam', "
-                         "auto 'gains' ('measured' or 'none') and 'gain_batches'")
+                         "auto 'gains' ('measured' or 'none'), 'gain_batches' and 'curve' ('wanda' or 'obs')")
     if allocation != "uniform" and pattern is not None:
         raise InputError(f"allocation '{allocation}' spreads an unstructured sparsity over the layers; with a "
                          "pattern every layer keeps it: use allocation='uniform'")
@@ -394,23 +394,27 @@ class PrunePlan:
         ranks: every rank allocates alike); ``allocation`` then sets their sparsities."""
         names = [n for n, s in self.settings.items() if not s.get("override")]
         layers = {f"{n}.weight": self.model.get_submodule(n) for n in names}
-        with observe(layers, False, self.scopes, self.text_layers, self.share_stats) as stats:
+        opts = self.allocation_options
+        obs = self.allocation == "auto" and opts.get("curve", "wanda") == "obs"  # measured worse at 80%: opt-in
+        with observe(layers, obs, self.scopes, self.text_layers, self.share_stats) as stats:
             run_whole_model(self.model, calibration, progress, weights)
         if sync:
             distributed.all_reduce_stats({id(st): st for st in stats.values()}.values())
         weights_of = [self.model.get_submodule(n).weight.detach() for n in names]
         energies = [stats[f"{n}.weight"].energy for n in names]
         sizes = [w.numel() for w in weights_of]
-        s, r, opts = self.target_sparsity, self.allocation_range, self.allocation_options
+        s, r = self.target_sparsity, self.allocation_range
         predicted = None
         if self.allocation == "owl":
             ratios = [A.outlier_ratio(w, e, opts.get("m", 5.0)) for w, e in zip(weights_of, energies)]
             alloc = A.owl(ratios, sizes, s, r, opts.get("lam", 0.08))
         else:
-            curves = [A.removal_curve(w, e) for w, e in zip(weights_of, energies)]
+            curves = [A.obs_curve(w, stats[f"{n}.weight"].gram) if obs else A.removal_curve(w, e)
+                      for n, w, e in zip(names, weights_of, energies)]
             gains = None
             if opts.get("gains", "measured") == "measured":
-                gains = _output_gains(self.model, names, energies, curves, s, calibration[: opts.get("gain_batches", 4)],
+                wanda = curves if not obs else [A.removal_curve(w, e) for w, e in zip(weights_of, energies)]
+                gains = _output_gains(self.model, names, energies, wanda, s, calibration[: opts.get("gain_batches", 4)],
                                       sync)
             alloc, predicted = A.auto(curves, sizes, s, r, gains)
         alloc = A.whole_rows(alloc, [tuple(w.shape) for w in weights_of], s, *A.bounds(s, r))

@@ -163,3 +163,19 @@ def test_auto_measures_what_reaches_the_output():
     report = ditprune.prune(toy(), batches, method="wanda", sparsity=0.5, targets=["^a$", "^b$"],
                             allocation="auto", allocation_range=0.3, allocation_options={"gains": "none"})
     assert {r.name: r.sparsity for r in report.layers} == {"a": 0.5, "b": 0.5}  # alike without the gains
+
+
+def test_obs_curve_is_wandas_for_uncorrelated_inputs_and_lower_for_correlated_ones():
+    from ditprune.allocation import obs_curve
+
+    torch.manual_seed(0)
+    w, a = torch.randn(6, 8), torch.rand(8) + 0.5
+    # H diagonal: [H^-1]_jj = 1 / a_j, so the OBS cost W^2 / [H^-1]_jj is Wanda's a_j W^2
+    assert obs_curve(w, torch.diag(a), percdamp=0.0).tolist() == pytest.approx(removal_curve(w, a).tolist())
+    # two copies of every input: a pruned weight's twin takes over its job, nothing is lost at 50%
+    x = torch.randn(1000, 4)
+    gram = torch.cat([x, x + 1e-3 * torch.randn(1000, 4)], 1)
+    gram = gram.T @ gram / 1000
+    w = torch.randn(6, 8)
+    curve, wanda = obs_curve(w, gram, percdamp=0.0), removal_curve(w, gram.diagonal())
+    assert curve[50] < 0.01 < wanda[50]
