@@ -431,7 +431,7 @@ def unused_evaluation(cfg: DictConfig) -> str | None:
     if keys:
         return (f"evaluation.{', evaluation.'.join(keys)} set, but evaluation.clip_model is not: the pruned "
                 "transformer is not evaluated (set evaluation.clip_model to a local CLIP directory to evaluate it)")
-    return ("no images were scored (evaluation.clip_model is not set): removed_median/removed_worst above are the "
+    return ("no images were scored (evaluation.clip_model is not set): the 'removed' columns above are the "
             "fractions of a layer's output energy lost on the calibration inputs, not image quality; set evaluation.clip_model to a local CLIP directory "
             "for CLIP score, FD, PSNR and SSIM against the dense transformer")
 

@@ -216,7 +216,8 @@ def _run_pipeline(recipe: DictConfig, out, progress: bool, fabric=None, checkpoi
     _write(out, report, summary)
     outputs = {"model": "transformer", "layers": "report.txt", "metrics": "metrics.json"}
     outputs.update(_plot_allocation(recipe, report, out, m.source))
-    table = "| " + " | ".join(summary) + " |\n|" + "---|" * len(summary) + "\n| " + " | ".join(
+    heads = {"calibration_batches": "batches", "removed_median": "removed (median)", "removed_worst": "removed (worst)"}
+    table = "| " + " | ".join(heads.get(k, k) for k in summary) + " |\n|" + "---|" * len(summary) + "\n| " + " | ".join(
         f"{v:.4f}" if isinstance(v, float) else str(v) for v in summary.values()) + " |"
     if job is not None:
         restore_components(pipe, text_modules)
