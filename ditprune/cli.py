@@ -248,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.quiet, args.verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    _show_stages()
     if not args.verbose:
         _quiet_dependencies()
     from .errors import UserError
@@ -263,6 +264,19 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException:
         _end_other_ranks()
         raise
+
+
+def _show_stages() -> None:
+    """The runner's stage lines on stdout, beside the recipe and the table; stderr keeps the
+    progress bars and, on a user error, its one line."""
+    stages = logging.getLogger("ditprune.stages")
+    for handler in list(stages.handlers):  # main() may run more than once in a process
+        stages.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("ditprune: %(message)s"))
+    stages.addHandler(handler)
+    stages.setLevel(logging.INFO)
+    stages.propagate = False
 
 
 def _quiet_dependencies() -> None:

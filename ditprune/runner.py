@@ -134,11 +134,14 @@ def _plot_allocation(recipe: DictConfig, report: PruneReport, out, model: str) -
     return {"allocation": "allocation.png"}
 
 
+STAGES = logging.getLogger("ditprune.stages")  # the CLI shows it on stdout (ditprune.cli)
+
+
 def _stage(progress: bool, text: str) -> None:
-    """One console line per stage of a run, on stdout beside the recipe and the table (with
-    progress shown: not -q, rank 0); stderr keeps the bars, and an error's one line."""
+    """One line per stage of a run (with progress shown: not -q, rank 0), at INFO on the
+    ``ditprune.stages`` logger."""
     if progress:
-        print(f"ditprune: {text}", flush=True)
+        STAGES.info("%s", text)
 
 
 def _write(out: OutputDir, report: PruneReport, metrics: Any) -> None:

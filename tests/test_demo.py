@@ -21,10 +21,12 @@ def _strict_json(path):
 def test_demo_runs_end_to_end(tmp_path, capsys):
     shipped = tree_bytes(weights_dir("flux"))
     out = tmp_path / "demo"
-    code = main(["-q", "prune", "evaluation.n_samples=20", "evaluation.steps=4", "calibration.num_prompts=4",
+    code = main(["prune", "evaluation.n_samples=20", "evaluation.steps=4", "calibration.num_prompts=4",
                  "calibration.steps=3", f"export.output_dir={out}"])
     assert code == 0
     text = capsys.readouterr().out
+    stages = [x for x in text.splitlines() if x.startswith("ditprune: ")]  # one line per stage, on stdout
+    assert stages[0].startswith("ditprune: loading flux-layout") and stages[-1] == "ditprune: saving the transformer (diffusers)"
     rows = {r["method"]: r for r in _strict_json(out / "metrics.json")}
     assert list(rows) == ["dense", "dit (recipe)", "wanda"]
     assert rows["dense"]["rel_err"] == 0 and rows["dense"]["psnr"] is None  # infinite PSNR: null in strict JSON
