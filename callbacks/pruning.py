@@ -94,9 +94,9 @@ class DiTPruning(Callback):
 
             check_config(quantize)
         make_sparsifier(method, sparsity, pattern, **method_options)  # validates early: errors at construction
-        from ditprune.pruning import _check_allocation
+        from ditprune.allocating import check as check_allocation
 
-        _check_allocation(allocation, allocation_range, allocation_options, pattern)
+        check_allocation(allocation, allocation_range, allocation_options, pattern)
         self.allocation = dict(allocation=allocation, allocation_range=allocation_range,
                                allocation_options=allocation_options)
         for what, patterns in (("targets", targets), ("ignore", ignore)):

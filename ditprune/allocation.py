@@ -33,7 +33,7 @@ from typing import Sequence
 import torch
 
 __all__ = ["ALLOCATIONS", "bounds", "fit_budget", "whole_rows", "removal_curve", "obs_curve", "outlier_ratio", "owl",
-           "auto"]
+           "auto", "value_at"]
 
 ALLOCATIONS = ("uniform", "owl", "auto")
 GRID = 100  # the removal curve's resolution: sparsity in steps of 0.01
@@ -149,7 +149,7 @@ def owl(ratios: Sequence[float], sizes: Sequence[int], sparsity: float, spread: 
     return fit_budget([sparsity - (b - mean) for b in boost], sizes, sparsity, lo, hi)
 
 
-def _at(curve: torch.Tensor, s: float) -> float:
+def value_at(curve: torch.Tensor, s: float) -> float:
     """The curve at sparsity ``s``, linear between its grid points."""
     x = s * (len(curve) - 1)
     i = min(int(math.floor(x)), len(curve) - 2)
@@ -170,7 +170,7 @@ def auto(curves: Sequence[torch.Tensor], sizes: Sequence[int], sparsity: float, 
     # marginal cost of moving from one level to the next, per weight; convex curves: non-decreasing
     slopes = []
     for c, n, g in zip(curves, sizes, gains):
-        vals = [g * _at(c, s) for s in levels]
+        vals = [g * value_at(c, s) for s in levels]
         slopes.append([(vals[i + 1] - vals[i]) / ((levels[i + 1] - levels[i]) * n) for i in range(len(levels) - 1)])
 
     def pick(lam: float) -> list[float]:
@@ -198,4 +198,4 @@ def auto(curves: Sequence[torch.Tensor], sizes: Sequence[int], sparsity: float, 
     t = 0.0 if z_over == z_under else (budget - z_under) / (z_over - z_under)
     alloc = [u + t * (o - u) for u, o in zip(under, over)]
     alloc = fit_budget(alloc, sizes, sparsity, lo, hi)  # rounding of the blend: exact budget
-    return alloc, [_at(c, s) for c, s in zip(curves, alloc)]
+    return alloc, [value_at(c, s) for c, s in zip(curves, alloc)]

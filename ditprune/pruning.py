@@ -21,12 +21,8 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from . import allocation as A
-from . import granularity as G
-from . import saliency
-from . import distributed, memory, models, provenance
+from . import allocating, distributed, memory, models, provenance
 from .calibration import EmptyCalibrationError, run_block_sequential, run_whole_model, timestep_weights
-from .stats import observe
 from .errors import InputError, InputTypeError
 from .granularity import check_sparsity, parse_pattern
 from .progress import BlockProgress
@@ -188,53 +184,6 @@ def _layer_settings(model, targets, ignore, overrides, sparsity, pattern) -> dic
     return dict(sorted(settings.items(), key=lambda kv: order.index(kv[0])))
 
 
-@torch.no_grad()
-def _output_gains(model: nn.Module, names: list[str], energies, curves, sparsity: float, batches: list[dict],
-                  sync: bool = False) -> list[float]:
-    """How much of each layer's relative output error reaches the model's output: the relative
-    change of the output when that layer alone is pruned (Wanda's mask at ``sparsity``), over
-    the fraction of the layer's output energy that the mask removes, on ``batches`` (with
-    ``sync``: every rank's, summed, so every rank allocates alike)."""
-
-    def output(batch):
-        out = model(**batch)
-        out = getattr(out, "sample", out[0] if isinstance(out, (tuple, list)) else out)
-        return out.float()
-
-    dense = [output(b) for b in batches]
-    changes = []
-    for name, energy in zip(names, energies):
-        weight = model.get_submodule(name).parametrizations.weight.original
-        keep = G.row_mask(saliency.wanda(weight, energy), sparsity)
-        saved = weight.detach().clone()
-        weight.data.masked_fill_(~keep, 0)
-        try:
-            changes.append(sum(float((output(b) - d).pow(2).sum()) for b, d in zip(batches, dense)))
-        finally:
-            weight.data.copy_(saved)
-    sums = changes + [sum(float(d.pow(2).sum()) for d in dense)]
-    if sync:
-        sums = distributed.sum_over_ranks(sums)
-    norm = max(sums[-1], 1e-30)
-    removed = [A._at(curve, sparsity) for curve in curves]
-    return [c / norm / r if r > 0 else 0.0 for c, r in zip(sums[:-1], removed)]
-
-
-def _check_allocation(allocation, spread, options, pattern) -> str:
-    if allocation not in A.ALLOCATIONS:
-        raise InputError(f"allocation must be one of {list(A.ALLOCATIONS)}, got {allocation!r}")
-    if isinstance(spread, bool) or not isinstance(spread, (int, float)) or not 0 <= spread <= 0.99:
-        raise InputError(f"allocation_range must be a number in [0, 0.99], got {spread!r}")
-    unknown = sorted(set(options or {}) - {"m", "lam", "gains", "gain_batches", "curve"})
-    if unknown:
-        raise InputError(f"allocation_options: unknown {unknown}; OWL takes 'm' (outlier threshold) and 'lam', "
-                         "auto 'gains' ('measured' or 'none'), 'gain_batches' and 'curve' ('wanda' or 'obs')")
-    if allocation != "uniform" and pattern is not None:
-        raise InputError(f"allocation '{allocation}' spreads an unstructured sparsity over the layers; with a "
-                         "pattern every layer keeps it: use allocation='uniform'")
-    return allocation
-
-
 def _validate_layers(layers: dict[str, nn.Linear], settings: dict[str, dict]) -> None:
     for name, m in layers.items():
         if m.weight.dtype not in SUPPORTED_DTYPES:
@@ -280,7 +229,7 @@ class PrunePlan:
         **method_options: Any,
     ) -> None:
         self.model, self.method, self.pattern = model, method, pattern
-        self.allocation = _check_allocation(allocation, allocation_range, allocation_options, pattern)
+        self.allocation = allocating.check(allocation, allocation_range, allocation_options, pattern)
         self.allocation_range, self.allocation_options = float(allocation_range), dict(allocation_options or {})
         self.allocated: dict[str, dict] = {}  # layer -> {"sparsity", "predicted"?}, once allocated
         self.sparsifier = make_sparsifier(method, sparsity, pattern, **method_options)
@@ -390,41 +339,15 @@ class PrunePlan:
         self.seconds += time.perf_counter() - start
 
     def _allocate(self, calibration: list[dict], sync: bool, weights, progress: bool) -> None:
-        """One pass of the dense model gathers each allocated layer's input energy (summed over
-        ranks: every rank allocates alike); ``allocation`` then sets their sparsities."""
+        """Each non-override layer's sparsity from the allocation pass (:mod:`ditprune.allocating`)."""
         names = [n for n, s in self.settings.items() if not s.get("override")]
-        layers = {f"{n}.weight": self.model.get_submodule(n) for n in names}
-        opts = self.allocation_options
-        obs = self.allocation == "auto" and opts.get("curve", "wanda") == "obs"  # measured worse at 80%: opt-in
-        with observe(layers, obs, self.scopes, self.text_layers, self.share_stats) as stats:
-            run_whole_model(self.model, calibration, progress, weights)
-        if sync:
-            distributed.all_reduce_stats({id(st): st for st in stats.values()}.values())
-        weights_of = [self.model.get_submodule(n).weight.detach() for n in names]
-        energies = [stats[f"{n}.weight"].energy for n in names]
-        sizes = [w.numel() for w in weights_of]
-        s, r = self.target_sparsity, self.allocation_range
-        predicted = None
-        if self.allocation == "owl":
-            ratios = [A.outlier_ratio(w, e, opts.get("m", 5.0)) for w, e in zip(weights_of, energies)]
-            alloc = A.owl(ratios, sizes, s, r, opts.get("lam", 0.08))
-        else:
-            curves = [A.obs_curve(w, stats[f"{n}.weight"].gram) if obs else A.removal_curve(w, e)
-                      for n, w, e in zip(names, weights_of, energies)]
-            gains = None
-            if opts.get("gains", "measured") == "measured":
-                wanda = curves if not obs else [A.removal_curve(w, e) for w, e in zip(weights_of, energies)]
-                gains = _output_gains(self.model, names, energies, wanda, s, calibration[: opts.get("gain_batches", 4)],
-                                      sync)
-            alloc, predicted = A.auto(curves, sizes, s, r, gains)
-        alloc = A.whole_rows(alloc, [tuple(w.shape) for w in weights_of], s, *A.bounds(s, r))
+        self.allocated = allocating.allocate(self.model, names, self.allocation, self.target_sparsity,
+                                             self.allocation_range, self.allocation_options, calibration,
+                                             scopes=self.scopes, text_layers=self.text_layers, share=self.share_stats,
+                                             weights=weights, progress=progress, sync=sync)
         groups = {g["module_fqn"]: g for g in self.sparsifier.groups}
-        for i, (n, a) in enumerate(zip(names, alloc)):
-            self.settings[n]["sparsity"] = a
-            if n in groups:
-                groups[n]["sparsity"] = a
-            self.allocated[n] = {"sparsity": a} | ({"predicted": predicted[i]} if predicted else {})
-        log.info("allocation %s: layer sparsities %.3f-%.3f around %.3f", self.allocation, min(alloc), max(alloc), s)
+        for n, a in self.allocated.items():
+            self.settings[n]["sparsity"] = groups[n]["sparsity"] = a["sparsity"]
 
     def _observe(self, fqns, run, sync: bool) -> None:
         with self.sparsifier.observe(fqns, self.scopes, self.text_layers, self.share_stats) as stats:

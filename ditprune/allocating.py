@@ -1,0 +1,105 @@
+"""The allocation pass: what ``allocation="owl"|"auto"`` measures on the dense model before a
+prune (one pass over the calibration for the input statistics, and for ``auto`` each layer's
+output gain), then the sparsity per layer from :mod:`ditprune.allocation`'s pure functions."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from . import allocation as A
+from . import distributed, saliency
+from .calibration import run_whole_model
+from .errors import InputError
+from .granularity import row_mask
+from .stats import observe
+
+__all__ = ["check", "allocate", "output_gains"]
+
+log = logging.getLogger(__name__)
+
+OPTIONS = {"m", "lam", "gains", "gain_batches", "curve"}
+
+
+def check(allocation, spread, options, pattern) -> str:
+    """``allocation`` if it, ``allocation_range`` and ``allocation_options`` are valid with ``pattern``."""
+    if allocation not in A.ALLOCATIONS:
+        raise InputError(f"allocation must be one of {list(A.ALLOCATIONS)}, got {allocation!r}")
+    if isinstance(spread, bool) or not isinstance(spread, (int, float)) or not 0 <= spread <= 0.99:
+        raise InputError(f"allocation_range must be a number in [0, 0.99], got {spread!r}")
+    unknown = sorted(set(options or {}) - OPTIONS)
+    if unknown:
+        raise InputError(f"allocation_options: unknown {unknown}; OWL takes 'm' (outlier threshold) and 'lam', "
+                         "auto 'gains' ('measured' or 'none'), 'gain_batches' and 'curve' ('wanda' or 'obs')")
+    if allocation != "uniform" and pattern is not None:
+        raise InputError(f"allocation '{allocation}' spreads an unstructured sparsity over the layers; with a "
+                         "pattern every layer keeps it: use allocation='uniform'")
+    return allocation
+
+
+@torch.no_grad()
+def output_gains(model: nn.Module, names: list[str], energies, curves, sparsity: float, batches: list[dict],
+                 sync: bool = False) -> list[float]:
+    """How much of each layer's relative output error reaches the model's output: the relative
+    change of the output when that layer alone is pruned (Wanda's mask at ``sparsity``), over
+    the fraction of the layer's output energy that the mask removes, on ``batches`` (with
+    ``sync``: every rank's, summed, so every rank allocates alike). The layers carry torch.ao
+    parametrizations (their ``original`` is pruned for the measurement and put back)."""
+
+    def output(batch):
+        out = model(**batch)
+        out = getattr(out, "sample", out[0] if isinstance(out, (tuple, list)) else out)
+        return out.float()
+
+    dense = [output(b) for b in batches]
+    changes = []
+    for name, energy in zip(names, energies):
+        weight = model.get_submodule(name).parametrizations.weight.original
+        keep = row_mask(saliency.wanda(weight, energy), sparsity)
+        saved = weight.detach().clone()
+        weight.data.masked_fill_(~keep, 0)
+        try:
+            changes.append(sum(float((output(b) - d).pow(2).sum()) for b, d in zip(batches, dense)))
+        finally:
+            weight.data.copy_(saved)
+    sums = changes + [sum(float(d.pow(2).sum()) for d in dense)]
+    if sync:
+        sums = distributed.sum_over_ranks(sums)
+    norm = max(sums[-1], 1e-30)
+    removed = [A.value_at(curve, sparsity) for curve in curves]
+    return [c / norm / r if r > 0 else 0.0 for c, r in zip(sums[:-1], removed)]
+
+
+def allocate(model: nn.Module, names: list[str], allocation: str, sparsity: float, spread: float, options: dict,
+             calibration: list[dict], *, scopes=(), text_layers=(), share: bool = True, weights=None,
+             progress: bool = False, sync: bool = False) -> dict[str, dict]:
+    """Layer name -> {"sparsity", "predicted" (``auto``)} for ``names``: one pass of the dense
+    model over ``calibration`` gathers each layer's input statistics (summed over ranks), then
+    :func:`ditprune.allocation.owl` or :func:`~ditprune.allocation.auto` decides, in whole rows."""
+    layers = {f"{n}.weight": model.get_submodule(n) for n in names}
+    obs = allocation == "auto" and options.get("curve", "wanda") == "obs"  # measured worse at 80%: opt-in
+    with observe(layers, obs, scopes, text_layers, share) as stats:
+        run_whole_model(model, calibration, progress, weights)
+    if sync:
+        distributed.all_reduce_stats({id(st): st for st in stats.values()}.values())
+    weights_of = [model.get_submodule(n).weight.detach() for n in names]
+    energies = [stats[f"{n}.weight"].energy for n in names]
+    sizes = [w.numel() for w in weights_of]
+    predicted = None
+    if allocation == "owl":
+        ratios = [A.outlier_ratio(w, e, options.get("m", 5.0)) for w, e in zip(weights_of, energies)]
+        alloc = A.owl(ratios, sizes, sparsity, spread, options.get("lam", 0.08))
+    else:
+        wanda = [A.removal_curve(w, e) for w, e in zip(weights_of, energies)]
+        curves = [A.obs_curve(w, stats[f"{n}.weight"].gram) for n, w in zip(names, weights_of)] if obs else wanda
+        gains = None
+        if options.get("gains", "measured") == "measured":
+            gains = output_gains(model, names, energies, wanda, sparsity,
+                                 calibration[: options.get("gain_batches", 4)], sync)
+        alloc, predicted = A.auto(curves, sizes, sparsity, spread, gains)
+    alloc = A.whole_rows(alloc, [tuple(w.shape) for w in weights_of], sparsity, *A.bounds(sparsity, spread))
+    log.info("allocation %s: layer sparsities %.3f-%.3f around %.3f", allocation, min(alloc), max(alloc), sparsity)
+    return {n: {"sparsity": a} | ({"predicted": predicted[i]} if predicted else {}) for i, (n, a) in
+            enumerate(zip(names, alloc))}
