@@ -298,10 +298,16 @@ def _module_of(name: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name else ""
 
 
-def _stream(weights: Path, entries: dict, torchao: dict | None, device: torch.device, where: Path):
-    """(module name, its decoded state) one module at a time, read onto ``device``. The file is
-    opened (memory-mapped) per module and closed before decoding, so what the host holds at
-    once beyond the model is one module's stored bytes."""
+def _stream(weights: Path, entries: dict, keys: set[str], torchao: dict | None, device: torch.device, where: Path):
+    """(module name, its decoded state) one module at a time, read onto ``device`` (``keys``: the
+    names the file stores, from its header). The file is opened (memory-mapped) per module and
+    closed before decoding, so what the host holds at once beyond the model is one module's
+    stored bytes."""
+    if torchao:
+        from ._quiet import torchao as _torchao
+
+        _torchao()
+        from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
     groups: dict[str, list[str]] = {}
     for name in entries:
         groups.setdefault(_module_of(name), []).append(name)
@@ -312,7 +318,6 @@ def _stream(weights: Path, entries: dict, torchao: dict | None, device: torch.de
     for prefix, members in groups.items():
         try:
             with safe_open(str(weights), framework="pt", device=str(device)) as f:
-                keys = set(f.keys())
                 stored = {k: f.get_tensor(k) for name in members for k in _stored_names(name, entries[name])
                           if k in keys}
         except Exception as e:  # safetensors' own checks: a truncated or malformed file
@@ -323,11 +328,6 @@ def _stream(weights: Path, entries: dict, torchao: dict | None, device: torch.de
                 for n, t in part.items()}
         memory.release()  # the decoding's temporaries back to the system (see ditprune.memory.release)
         if torchao:
-            from ._quiet import torchao as _torchao
-
-            _torchao()
-            from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
-
             mine = by_module.get(prefix, [])
             meta = {n: torchao[n] for n in mine if n in torchao}
             part, leftover = unflatten_tensor_state_dict(part, {**meta, "tensor_names": json.dumps(mine)})
@@ -368,7 +368,8 @@ def load_transformer(path: str | Path, device: str | torch.device = "cpu") -> nn
         raise InputError(f"{info_file}: 'tensors' is not a mapping")
     try:
         with safe_open(str(weights), framework="pt") as f:  # the header only
-            _check_declared(f.keys(), entries)
+            keys = set(f.keys())
+        _check_declared(keys, entries)
     except InputError:
         raise
     except Exception as e:  # safetensors' own header checks: a truncated or malformed file
@@ -382,7 +383,7 @@ def load_transformer(path: str | Path, device: str | torch.device = "cpu") -> nn
             raise InputError(f"{path / 'config.json'}: {cls.__name__} cannot be built from it ({e})") from None
     model.requires_grad_(False)
     expected = model.state_dict()
-    for prefix, part in _stream(weights, entries, info.get("torchao"), torch.device(device), path):
+    for prefix, part in _stream(weights, entries, keys, info.get("torchao"), torch.device(device), path):
         _check_dtypes(expected, part)
         try:
             module = model.get_submodule(prefix) if prefix else model
