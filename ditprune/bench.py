@@ -37,8 +37,9 @@ def _ablation(kind: str, quick: bool, progress: bool) -> list[dict]:
              C("dit sample_rows=64", "dit", {"sample_rows": 64}), C("dit holdout=false", "dit", {"holdout": False}),
              C("dit timestep_weighting=log_decrease", "dit", {"timestep_weighting": "log_decrease"}),
              C("dit whole-model calibration", "dit", {"block_sequential": False})]
-    grid += [C("dit reconstruct, polish=0", "dit", {"reconstruct": True, "polish": 0}),
-             C("dit reconstruct (polish=8)", "dit", {"reconstruct": True})]
+    grid += [C("dit reconstruct, polish=4", "dit", {"reconstruct": True, "polish": 4}),
+             C("dit reconstruct (polish=8)", "dit", {"reconstruct": True}),
+             C("dit reconstruct, polish=16", "dit", {"reconstruct": True, "polish": 16})]
     rows = compare(kind, grid if not quick else grid[:4], settings, progress=progress)
     for n_prompts, steps in ([(4, 2), (16, 10)] if quick else [(4, 2), (4, 10), (16, 2), (16, 10), (32, 10)]):
         for r in compare(kind, [Candidate("wanda", "wanda"), Candidate("dit", "dit")], [{"sparsity": 0.5}],

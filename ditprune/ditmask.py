@@ -101,60 +101,46 @@ def removed_rows(weight: torch.Tensor, new_weight: torch.Tensor, keep: torch.Ten
     return ((d @ gram.float()) * d).sum(1).cpu()
 
 
-def _updates(weight, keep, gram, sparsity, nm, iters, which=("dit", "sparsegpt")) -> tuple[dict, float]:
-    """The reconstruction candidates named in ``which``: the OBS update of the ``dit`` mask, and
-    SparseGPT's own mask and update, each then polished by ``iters`` conjugate-gradient steps on
-    the damped H, all in float64 (an update solves a linear system in a near-singular H: float32
-    turned 1e-7 of summation-order noise into 1e-2 changes of the weights). Returns
-    ({name: (weight, keep)}, the largest percdamp used)."""
-    out, used = {}, 0.0
-    for name in which:
-        w, k, damp = (obs_prune(weight, gram, prune_mask=~keep, dtype=torch.float64) if name == "dit" else
-                      obs_prune(weight, gram, sparsity, nm, dtype=torch.float64))
-        k = keep if name == "dit" else k
-        out[name] = (polish(weight, w, k, gram, iters) if iters else w, k)
-        used = max(used, damp)
-    return out, used
+def _fits(weight, keep, gram, iters, nm) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{name: (weight, keep)}: the ``dit`` mask with its kept weights refitted by least squares
+    (:func:`~ditprune.sparsegpt.polish`, ``iters`` conjugate-gradient steps from ``weight * keep``)
+    and, for N:M, SparseGPT's own N:M mask and OBS update (float64) refitted the same way: its
+    mask, chosen while compensating, often suits a refit better than a mask chosen without one."""
+    out = {"dit": (polish(weight, weight * keep, keep, gram, iters), keep)}
+    if nm is not None:
+        w, k, _ = obs_prune(weight, gram, 1 - nm[0] / nm[1], nm, dtype=torch.float64)
+        out["sparsegpt"] = (polish(weight, w, k, gram, iters), k)
+    return out
 
 
-def reconstruct(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor, sparsity: float, nm, iters: int,
+def reconstruct(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor, iters: int, nm=None,
                 held: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
-    """(keep mask, updated weight or None, info). Candidates: the ``dit`` mask with its OBS update,
-    SparseGPT's mask and update (both polished). With enough tokens the one that loses less
-    output energy on ``gram`` wins per layer (per row for N:M, where every row keeps the same
-    count). With few tokens, ``held`` = (row indices, their ``dit`` mask fitted without the held-out
-    tokens, H of the fit tokens, H of the held-out tokens): every candidate, and leaving the
-    weights as they are, is fitted on those rows and fit tokens and judged on the held-out tokens
-    alone, per layer; the winner is then fitted again on all rows and all tokens."""
-    info: dict = {}
-    if held is None:
-        options, used = _updates(weight, keep, gram, sparsity, nm, iters)
-        lost = {k: removed_rows(weight, w, m, gram) for k, (w, m) in options.items()}
-        names = list(options)
-        if nm is not None:
-            pick = torch.stack([lost[k] for k in names]).argmin(0)
-        else:
-            best = min(names, key=lambda k: float(lost[k].sum()))
-            pick = torch.full((weight.shape[0],), names.index(best))
-    else:
+    """(keep mask, updated weight or None, info). The kept weights of ``keep`` are refitted by
+    least squares on ``gram`` (see :func:`_fits`; for N:M, SparseGPT's mask and update is the
+    other candidate and the one that loses less output energy wins per row, every row keeping
+    the same count). With enough tokens a refit can only lower the output energy lost on
+    ``gram``'s tokens. With few tokens, ``held`` = (row indices, their mask fitted without the
+    held-out tokens, H of the fit tokens, H of the held-out tokens): the candidates, and no
+    update at all, are fitted on those rows and fit tokens and judged per layer on the held-out
+    tokens alone; the winner is then fitted again on all rows and all tokens."""
+    if held is not None:
         rows, keep_rows, fit, judge = held
         w_rows = weight[rows.to(weight.device)]
-        trial, _ = _updates(w_rows, keep_rows, fit, sparsity, nm, iters)
-        trial["none"] = (w_rows, keep_rows)
+        trial = {**_fits(w_rows, keep_rows, fit, iters, nm), "none": (w_rows, keep_rows)}
         best = min(trial, key=lambda k: float(removed_rows(w_rows, *trial[k], judge).sum()))
         if best == "none":
             return keep, None, {"reconstruct": "skipped: no gain on held-out tokens"}
-        options, used = _updates(weight, keep, gram, sparsity, nm, iters, which=(best,))
-        names = [best]
-        pick = torch.zeros(weight.shape[0], dtype=torch.long)
+        options = _fits(weight, keep, gram, iters, nm)
+        pick = torch.full((weight.shape[0],), list(options).index(best))
+    else:
+        options = _fits(weight, keep, gram, iters, nm)
+        pick = torch.stack([removed_rows(weight, w, k, gram) for w, k in options.values()]).argmin(0)
+    names = list(options)
     sel = pick.to(weight.device).unsqueeze(1)
-    new_w = torch.zeros_like(weight)
-    new_keep = torch.zeros_like(keep)
-    for i, k in enumerate(names):
-        new_w = torch.where(sel == i, options[k][0].to(weight.dtype), new_w)
+    new_w, new_keep = options[names[0]]
+    for i, k in enumerate(names[1:], 1):
+        new_w = torch.where(sel == i, options[k][0], new_w)
         new_keep = torch.where(sel == i, options[k][1], new_keep)
-    info["reconstruct"] = {k: int((pick == i).sum()) for i, k in enumerate(names) if (pick == i).any()}
-    if used != 0.01:
-        info["percdamp"] = used
+    info = {"reconstruct": {k: int((pick == i).sum()) for i, k in enumerate(names) if (pick == i).any()}}
     return new_keep, new_w * new_keep, info

@@ -308,12 +308,12 @@ class DiTPruningSparsifier(SaliencySparsifier):
        cluster whose searched mask does not beat Wanda's per-row mask there gets Wanda's per-row
        mask (exactly ``method="wanda"``'s rows). When no token is held out, or none is left to fit
        on: Wanda's mask for the whole layer.
-    5. ``reconstruct=True``: the kept weights are updated (OBS for the ``dit`` mask, then a
-       conjugate-gradient ``polish`` of the least-squares fit), against SparseGPT's own mask and
-       update polished the same way; the one that loses less output energy wins per layer (per
-       row for N:M). With few tokens the candidates, and no update at all, are fitted on the
-       sampled rows without the held-out tokens and judged per layer on those tokens alone.
-       The choice logic lives in :mod:`ditprune.ditmask` (pure functions).
+    5. ``reconstruct=True``: the kept weights are refitted by least squares on the damped H
+       (``polish`` conjugate-gradient iterations from ``W * mask``); for N:M, SparseGPT's own
+       mask and OBS update, refitted the same way, is the other candidate and the one that
+       loses less output energy wins per row. With few tokens the candidates, and no update at
+       all, are fitted on the sampled rows without the held-out tokens and judged per layer on
+       those tokens alone. The choice logic lives in :mod:`ditprune.ditmask` (pure functions).
 
     ``method: dit``, ``sparsity: 0.5``, ``alpha: auto``, ``alphas: [0.3, 0.4, 0.5]``,
     ``granularity: clusters``, ``max_clusters: 6``, ``refine: 8``, ``shortlist: 12``,
@@ -423,8 +423,7 @@ class DiTPruningSparsifier(SaliencySparsifier):
             info["held_out_tokens"] = stats.held_count
         if not reconstruct:
             return keep, None, info
-        keep, new_weight, extra = D.reconstruct(weight, keep, gram, sparsity, nm, polish,
-                                                None if held is None else (rows, fitted, *held))
+        keep, new_weight, extra = D.reconstruct(weight, keep, gram, polish, nm, None if held is None else (rows, fitted, *held))
         return keep, new_weight, {**info, **extra}
 
 
