@@ -33,6 +33,9 @@ def check(allocation, spread, options, pattern) -> str:
     if unknown:
         raise InputError(f"allocation_options: unknown {unknown}; OWL takes 'm' (outlier threshold) and 'lam', "
                          "auto 'gains' ('measured' or 'none'), 'gain_batches' and 'curve' ('wanda' or 'obs')")
+    gb = (options or {}).get("gain_batches", 4)
+    if isinstance(gb, bool) or not isinstance(gb, int) or gb < 1:
+        raise InputError(f"allocation_options.gain_batches must be a positive integer, got {gb!r}")
     if allocation != "uniform" and pattern is not None:
         raise InputError(f"allocation '{allocation}' spreads an unstructured sparsity over the layers; with a "
                          "pattern every layer keeps it: use allocation='uniform'")
@@ -96,8 +99,10 @@ def allocate(model: nn.Module, names: list[str], allocation: str, sparsity: floa
         curves = [A.obs_curve(w, stats[f"{n}.weight"].gram) for n, w in zip(names, weights_of)] if obs else wanda
         gains = None
         if options.get("gains", "measured") == "measured":
-            gains = output_gains(model, names, energies, wanda, sparsity,
-                                 calibration[: options.get("gain_batches", 4)], sync)
+            # gain_batches counts over all ranks: each measures on its first share, so N processes
+            # on the shards of a dataset measure on the batches one process takes first from it
+            share = -(-options.get("gain_batches", 4) // (distributed.world_size() if sync else 1))
+            gains = output_gains(model, names, energies, wanda, sparsity, calibration[:share], sync)
         alloc, predicted = A.auto(curves, sizes, sparsity, spread, gains)
     alloc = A.whole_rows(alloc, [tuple(w.shape) for w in weights_of], sparsity, *A.bounds(sparsity, spread))
     log.info("allocation %s: layer sparsities %.3f-%.3f around %.3f", allocation, min(alloc), max(alloc), sparsity)

@@ -145,6 +145,10 @@ def _bench_mode(args: argparse.Namespace) -> str:
             raise InputError("bench: --device applies to --cost only")
         if not torch.cuda.is_available():
             raise InputError(f"bench: --device {args.device}: no CUDA device on this machine; use --device cpu")
+    if args.dtype not in ("bfloat16", "float32"):
+        raise InputError(f"bench: --dtype must be bfloat16 or float32, got {args.dtype!r}")
+    if args.dtype != "bfloat16" and mode != "cost":
+        raise InputError("bench: --dtype applies to --cost only")
     if args.quick and mode == "deploy":
         raise InputError("bench: --quick does not apply to --deploy")
     return mode
@@ -160,7 +164,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             from .costbench import run_cost
 
             out = run_cost(o.staging, quick=args.quick, images=args.images, device=args.device,
-                           progress=not args.quiet)
+                           progress=not args.quiet, dtype=args.dtype)
         elif mode == "deploy":
             from .deploybench import run_deploy
 
@@ -216,6 +220,9 @@ def _parser() -> argparse.ArgumentParser:
                         "...; about 3 minutes)")
     b.add_argument("--images", type=int, default=1, help="--cost: samples per calibration call of the block runs")
     b.add_argument("--device", default="cpu", help="--cost: where to run (cpu, cuda)")
+    b.add_argument("--dtype", default="bfloat16",
+                   help="--cost: dtype of the block runs (bfloat16, as configs/flux_dev.yaml; float32 on a CPU "
+                        "without bf16 matrix units, where bf16 products fall back to a path ~300x slower)")
     b.set_defaults(func=_cmd_bench)
     return parser
 

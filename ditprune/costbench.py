@@ -332,8 +332,8 @@ def memory_account(block_rows: list[dict], layer_rows: list[dict] | None = None,
 
 
 def run_cost(out: Path, quick: bool = False, repeats: int = 2, images: int = 1, device: str = "cpu",
-             progress: bool = True) -> dict:
-    """Everything above; writes ``cost.md`` and ``cost.json`` into ``out``."""
+             progress: bool = True, dtype: str = "bfloat16") -> dict:
+    """Everything above, the block runs in ``dtype``; writes ``cost.md`` and ``cost.json`` into ``out``."""
     import json
 
     from ._io import atomic_file
@@ -341,22 +341,22 @@ def run_cost(out: Path, quick: bool = False, repeats: int = 2, images: int = 1, 
     shapes = SHAPES[:1] if quick else SHAPES
     layer_rows = layer_costs(shapes, METHODS, 1 if quick else repeats, device, progress)
     block_rows = block_costs(METHODS[:3] + [MEMORY_ONLY], images, calls=1 if quick else 2, device=device,
-                             progress=progress)
+                             progress=progress, dtype=getattr(torch, dtype))
     whole = extrapolate([r for r in block_rows if r["method"] != MEMORY_ONLY[0]])
     memory = [memory_account(block_rows, method=m) for m in dict.fromkeys(r["method"] for r in block_rows)]
     machine = (torch.cuda.get_device_name(device) if torch.device(device).type == "cuda"
                else f"CPU, {torch.get_num_threads()} threads")
-    text = render(layer_rows, block_rows, whole, memory, machine)
+    text = render(layer_rows, block_rows, whole, memory, machine, dtype)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_file(out / "cost.md") as tmp:
         tmp.write_text(text + "\n")
     with atomic_file(out / "cost.json") as tmp:
-        tmp.write_text(json.dumps({"machine": machine, "layers": layer_rows, "blocks": block_rows, "transformer": whole,
+        tmp.write_text(json.dumps({"machine": machine, "block_dtype": dtype, "layers": layer_rows, "blocks": block_rows, "transformer": whole,
                                    "memory": memory, "gram_flops": gram_flops()}, indent=1, default=str) + "\n")
     return {"table": text, "outputs": {"table": str(out / "cost.md"), "json": str(out / "cost.json")}}
 
 
-def render(layer_rows, block_rows, whole, memory, machine: str) -> str:
+def render(layer_rows, block_rows, whole, memory, machine: str, dtype: str = "bfloat16") -> str:
     lines = [f"Machine: {machine}. Random weights, real shapes; statistics as described in "
              "`ditprune/costbench.py`. Peak: live tensor bytes the call created (CPU), the allocator's peak (GPU).", "",
              "| shape (out x in) | tokens | method | seconds | x Wanda | x SparseGPT | peak MiB |", "|---|---|---|---|---|---|---|"]
@@ -364,7 +364,7 @@ def render(layer_rows, block_rows, whole, memory, machine: str) -> str:
         lines.append(f"| {r['shape']} ({r['out']}x{r['in']}) | {r['tokens']} | {r['method']} | {r['seconds']:.2f} | "
                      f"{r['x_wanda']:.1f} | {r['x_sparsegpt']:.2f} | {r['peak_mb']:.0f} |")
     if block_rows:
-        lines += ["", "Shape-true FLUX.1-dev blocks in bf16, pruned on the code path of `configs/flux_dev.yaml`: "
+        lines += ["", f"Shape-true FLUX.1-dev blocks in {dtype}, pruned on the code path of `configs/flux_dev.yaml`: "
                       "adaLN layers with 64 x 28 = 1792 sampled tokens (the few-token path), the others with plenty "
                       "(a covariance); calibration measured on real calls and scaled per sample. Memory measured "
                       "while it runs: the peak above the block's weights, and each kind's own peak (MiB):", "",
@@ -387,8 +387,8 @@ def render(layer_rows, block_rows, whole, memory, machine: str) -> str:
                   for w in whole]
     if memory:
         lines += ["", "Device memory of `configs/flux_dev.yaml` (bf16, block by block, `offload: cpu`), composed "
-                      "from the measured block runs (GiB): weights + masks (1 bit per weight) + the most a block run "
-                      "held beyond its weights + one call's inputs. CPU: the captured inputs of every call; "
+                      "from the measured block runs (GiB): weights (bf16) + masks (1 bit per weight) + the most a "
+                      f"block run held beyond its weights (measured in {dtype}) + one call's inputs. CPU: the captured inputs of every call; "
                       "`ditprune.prune(..., backup=True)` adds a CPU copy of the weights for updating methods.", "",
                   "| method | weights | masks | block run | one call | total on the device | within 40 GB | "
                   "CPU: captured inputs |", "|---|---|---|---|---|---|---|---|"]

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from .stats import HOLDOUT_BELOW, InputStats
 
-__all__ = ["active", "rank", "all_reduce_stats", "broadcast_", "min_over_ranks"]
+__all__ = ["active", "rank", "world_size", "all_reduce_stats", "broadcast_", "min_over_ranks"]
 
 
 def active() -> bool:
@@ -23,6 +23,10 @@ def active() -> bool:
 
 def rank() -> int:
     return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
 
 
 def _reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:

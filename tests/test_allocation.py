@@ -122,6 +122,7 @@ def test_override_layers_keep_their_setting_and_leave_the_budget():
     ({"allocation": "best"}, "allocation must be one of"),
     ({"allocation": "auto", "allocation_range": 1.5}, "allocation_range must be a number in"),
     ({"allocation": "owl", "allocation_options": {"lamda": 1}}, "unknown \\['lamda'\\]"),
+    ({"allocation": "auto", "allocation_options": {"gain_batches": 0}}, "gain_batches must be a positive integer"),
     ({"allocation": "auto", "pattern": "2:4"}, "with a pattern every layer keeps it"),
 ])
 def test_bad_allocations_are_one_clear_error(kwargs, message):

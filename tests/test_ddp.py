@@ -84,11 +84,21 @@ def test_two_processes_prune_as_one_process_on_the_union(tmp_path, options):
     assert e_two == pytest.approx(e_one, rel=1e-3)
 
 
-def test_every_rank_allocates_alike(tmp_path):
+def test_every_rank_allocates_alike_and_as_one_process_on_the_union(tmp_path):
     """Each rank computes the allocation itself from its shard (statistics and measured gains
-    summed over the ranks) before rank 0's masks are broadcast: the two must agree."""
-    r0, r1 = _run(tmp_path, "wanda", {"allocation": "auto", "allocation_range": 0.2})
+    summed over the ranks) before rank 0's masks are broadcast: the two must agree, and agree
+    with one process on the union. ``gain_batches=2`` counts over the ranks: each measures its
+    first batch, and one process its first two of the shards interleaved (a distributed
+    sampler's order); with each rank measuring 2 of its own the union run would differ."""
+    options = {"allocation": "auto", "allocation_range": 0.2, "allocation_options": {"gain_batches": 2}}
+    r0, r1 = _run(tmp_path, "wanda", options)
     a0, a1 = _group(r0, "alloc/"), _group(r1, "alloc/")
     assert len(a0) == 28 and a0.keys() == a1.keys()
     assert all(torch.equal(a0[k], a1[k]) for k in a0)
     assert len({round(float(v), 6) for v in a0.values()}) > 1  # really allocated, not uniform
+    b0, b1 = _batches(r0), _batches(r1)
+    report = ditprune.prune(load("dit"), [b0[0], b1[0], b0[1], b1[1]], method="wanda", sparsity=0.5, **options)
+    one = {r.name: r for r in report.layers}
+    assert one.keys() == a0.keys()
+    for k, r in one.items():  # the same allocation, up to one zero per row of a layer
+        assert abs(r.target - float(a0[k])) <= 1 / r.shape[1] + 1e-9, (k, r.target, float(a0[k]))
