@@ -6,8 +6,13 @@ method on the same dense model, calibration (16 prompts x 10 steps) and evaluati
 
 A variant is an allocation, with ``:none`` for ``auto`` without the measured output gains
 (``allocation_options={"gains": "none"}``: every layer's relative error counts alike) and
-``:obs`` for ``auto`` with Optimal Brain Surgeon removal curves (``{"curve": "obs"}``);
-``dit+rec`` is ``dit`` with ``reconstruct=True``. Prints one markdown row per run as it ends.
+``:obs`` for ``auto`` with Optimal Brain Surgeon removal curves (``{"curve": "obs"}``) and
+``:dense0.1`` for ``auto`` with ``max_dense=0.1`` (with an N:M setting, e.g. ``--sparsities 2:4``:
+which layers stay dense); ``dit+rec`` is ``dit`` with ``reconstruct=True``. Prints one markdown
+row per run as it ends.
+
+    python benchmarks/allocation.py --model flux --methods wanda,sparsegpt,dit+rec --sparsities 2:4 \\
+        --variants uniform,auto:dense0.1
 """
 
 from __future__ import annotations
@@ -34,14 +39,19 @@ def main(argv: list[str] | None = None) -> None:
         for v in args.variants.split(","):
             allocation, _, variant = v.partition(":")
             options_of = {"": {}, "none": {"gains": "none"}, "obs": {"curve": "obs"}}
-            extra = {"allocation": allocation} | ({"allocation_options": options_of[variant]} if variant else {})
+            extra = {"allocation": allocation}
+            if variant.startswith("dense"):
+                extra["max_dense"] = float(variant[len("dense"):])
+            elif variant:
+                extra["allocation_options"] = options_of[variant]
             candidates.append(Candidate(f"{m} {v}", method, {**options, **extra}))
     lines = [f"{bench.name}, {args.samples} evaluation samples per row", "",
              "| method, allocation | setting | sparsity | denoiser rel. err [95%] | judge acc [95%] | prune s |",
              "|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     for s in args.sparsities.split(","):
-        for row in bench.run(candidates, [{"sparsity": float(s)}], progress=False):
+        setting = {"pattern": s} if ":" in s else {"sparsity": float(s)}
+        for row in bench.run(candidates, [setting], progress=False):
             ci = row["ci"]
             lines.append(f"| {row['method']} | {row['setting']} | {row['sparsity']:.3f} | {row['rel_err']:.4f} "
                          f"[{ci['rel_err'][0]:.4f}, {ci['rel_err'][1]:.4f}] | {row['judge_acc']:.2f} "

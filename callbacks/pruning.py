@@ -49,7 +49,8 @@ class DiTPruning(Callback):
 
     Args:
         method, sparsity, pattern, targets, ignore, overrides, block_sequential, offload, backup,
-            **method_options: as :func:`ditprune.prune`.
+            allocation, allocation_range, allocation_options, max_dense, **method_options: as
+            :func:`ditprune.prune`.
         model_attr: attribute of the LightningModule holding the DiT (None: the module itself).
         calibration: calibration batches (dicts for ``model(**batch)``) to use instead of the
             first training batches, e.g. the sampler trajectories that ``ditprune prune`` uses.
@@ -83,6 +84,7 @@ class DiTPruning(Callback):
         allocation: str = "uniform",
         allocation_range: float = 0.2,
         allocation_options: dict | None = None,
+        max_dense: float = 0.0,
         **method_options: Any,
     ) -> None:
         if isinstance(method, type) or not isinstance(method, str):
@@ -96,9 +98,9 @@ class DiTPruning(Callback):
         make_sparsifier(method, sparsity, pattern, **method_options)  # validates early: errors at construction
         from ditprune.allocating import check as check_allocation
 
-        check_allocation(allocation, allocation_range, allocation_options, pattern)
+        check_allocation(allocation, allocation_range, allocation_options, pattern, max_dense)
         self.allocation = dict(allocation=allocation, allocation_range=allocation_range,
-                               allocation_options=allocation_options)
+                               allocation_options=allocation_options, max_dense=max_dense)
         for what, patterns in (("targets", targets), ("ignore", ignore)):
             if patterns is not None:
                 compile_regexes(patterns, what)

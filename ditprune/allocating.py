@@ -13,7 +13,7 @@ from . import allocation as A
 from . import distributed, saliency
 from .calibration import run_whole_model
 from .errors import InputError
-from .granularity import row_mask
+from .granularity import nm_mask, row_mask
 from .stats import observe
 
 __all__ = ["check", "allocate", "output_gains"]
@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 OPTIONS = {"m", "lam", "gains", "gain_batches", "curve"}
 
 
-def check(allocation, spread, options, pattern) -> str:
-    """``allocation`` if it, ``allocation_range`` and ``allocation_options`` are valid with ``pattern``."""
+def check(allocation, spread, options, pattern, max_dense=0.0) -> str:
+    """``allocation`` if it, ``allocation_range``, ``allocation_options`` and ``max_dense`` are
+    valid with ``pattern``."""
     if allocation not in A.ALLOCATIONS:
         raise InputError(f"allocation must be one of {list(A.ALLOCATIONS)}, got {allocation!r}")
     if isinstance(spread, bool) or not isinstance(spread, (int, float)) or not 0 <= spread <= 0.99:
@@ -36,20 +37,27 @@ def check(allocation, spread, options, pattern) -> str:
     gb = (options or {}).get("gain_batches", 4)
     if isinstance(gb, bool) or not isinstance(gb, int) or gb < 1:
         raise InputError(f"allocation_options.gain_batches must be a positive integer, got {gb!r}")
-    if allocation != "uniform" and pattern is not None:
-        raise InputError(f"allocation '{allocation}' spreads an unstructured sparsity over the layers; with a "
-                         "pattern every layer keeps it: use allocation='uniform'")
+    if isinstance(max_dense, bool) or not isinstance(max_dense, (int, float)) or not 0 <= max_dense < 1:
+        raise InputError(f"max_dense must be a number in [0, 1) (the fraction of targeted weights that may stay "
+                         f"dense), got {max_dense!r}")
+    if allocation == "owl" and pattern is not None:
+        raise InputError("allocation 'owl' spreads an unstructured sparsity over the layers; with a pattern every "
+                         "pruned layer keeps it: use allocation='auto' with max_dense (layers kept dense) or 'uniform'")
+    if max_dense > 0 and (allocation != "auto" or pattern is None):
+        raise InputError(f"max_dense chooses layers to keep dense under an N:M pattern with allocation='auto' "
+                         f"(got allocation={allocation!r}, pattern={pattern!r})")
     return allocation
 
 
 @torch.no_grad()
-def output_gains(model: nn.Module, names: list[str], energies, curves, sparsity: float, batches: list[dict],
+def output_gains(model: nn.Module, names: list[str], energies, removed: list[float], keep_of, batches: list[dict],
                  sync: bool = False) -> list[float]:
     """How much of each layer's relative output error reaches the model's output: the relative
-    change of the output when that layer alone is pruned (Wanda's mask at ``sparsity``), over
-    the fraction of the layer's output energy that the mask removes, on ``batches`` (with
-    ``sync``: every rank's, summed, so every rank allocates alike). The layers carry torch.ao
-    parametrizations (their ``original`` is pruned for the measurement and put back)."""
+    change of the output when that layer alone is pruned (``keep_of(wanda_scores)``: Wanda's
+    mask at the target sparsity or pattern), over ``removed``, the fraction of the layer's
+    output energy that this mask removes, on ``batches`` (with ``sync``: every rank's, summed,
+    so every rank allocates alike). The layers carry torch.ao parametrizations (their
+    ``original`` is pruned for the measurement and put back)."""
 
     def output(batch):
         out = model(**batch)
@@ -60,7 +68,7 @@ def output_gains(model: nn.Module, names: list[str], energies, curves, sparsity:
     changes = []
     for name, energy in zip(names, energies):
         weight = model.get_submodule(name).parametrizations.weight.original
-        keep = row_mask(saliency.wanda(weight, energy), sparsity)
+        keep = keep_of(saliency.wanda(weight, energy))
         saved = weight.detach().clone()
         weight.data.masked_fill_(~keep, 0)
         try:
@@ -71,18 +79,20 @@ def output_gains(model: nn.Module, names: list[str], energies, curves, sparsity:
     if sync:
         sums = distributed.sum_over_ranks(sums)
     norm = max(sums[-1], 1e-30)
-    removed = [A.value_at(curve, sparsity) for curve in curves]
     return [c / norm / r if r > 0 else 0.0 for c, r in zip(sums[:-1], removed)]
 
 
 def allocate(model: nn.Module, names: list[str], allocation: str, sparsity: float, spread: float, options: dict,
-             calibration: list[dict], *, scopes=(), text_layers=(), share: bool = True, weights=None,
-             progress: bool = False, sync: bool = False) -> dict[str, dict]:
-    """Layer name -> {"sparsity", "predicted" (``auto``)} for ``names``: one pass of the dense
-    model over ``calibration`` gathers each layer's input statistics (summed over ranks), then
-    :func:`ditprune.allocation.owl` or :func:`~ditprune.allocation.auto` decides, in whole rows."""
+             calibration: list[dict], *, nm: tuple[int, int] | None = None, max_dense: float = 0.0, scopes=(),
+             text_layers=(), share: bool = True, weights=None, progress: bool = False,
+             sync: bool = False) -> dict[str, dict]:
+    """Layer name -> {"sparsity", "predicted" (``auto``), "dense" (a pattern)} for ``names``:
+    one pass of the dense model over ``calibration`` gathers each layer's input statistics
+    (summed over ranks), then :func:`ditprune.allocation.owl` or
+    :func:`~ditprune.allocation.auto` decides, in whole rows; with an N:M pattern ``nm``,
+    :func:`~ditprune.allocation.keep_dense` chooses the layers that stay dense."""
     layers = {f"{n}.weight": model.get_submodule(n) for n in names}
-    obs = allocation == "auto" and options.get("curve", "wanda") == "obs"  # measured worse at 80%: opt-in
+    obs = nm is None and allocation == "auto" and options.get("curve", "wanda") == "obs"  # worse at 80%: opt-in
     with observe(layers, obs, scopes, text_layers, share) as stats:
         run_whole_model(model, calibration, progress, weights)
     if sync:
@@ -90,6 +100,21 @@ def allocate(model: nn.Module, names: list[str], allocation: str, sparsity: floa
     weights_of = [model.get_submodule(n).weight.detach() for n in names]
     energies = [stats[f"{n}.weight"].energy for n in names]
     sizes = [w.numel() for w in weights_of]
+    measured = options.get("gains", "measured") == "measured"
+    # gain_batches counts over all ranks: each measures on its first share, so N processes on
+    # the shards of a dataset measure on the batches one process takes first from it
+    batches = calibration[:-(-options.get("gain_batches", 4) // (distributed.world_size() if sync else 1))]
+    if nm is not None:
+        removed = [A.nm_removed(w, e, *nm) for w, e in zip(weights_of, energies)]
+        gains = (output_gains(model, names, energies, removed, lambda sc: nm_mask(sc, *nm), batches, sync)
+                 if measured else [1.0] * len(names))
+        costs = [g * r for g, r in zip(gains, removed)]
+        dense = A.keep_dense(costs, sizes, max_dense)
+        log.info("allocation auto at %d:%d: %d of %d layers stay dense (%.3f of their weights): %s", *nm, sum(dense),
+                 len(names), sum(n for n, d in zip(sizes, dense) if d) / sum(sizes),
+                 ", ".join(n for n, d in zip(names, dense) if d) or "none")
+        return {n: {"sparsity": 0.0 if d else 1 - nm[0] / nm[1], "dense": d, "predicted": c}
+                for n, d, c in zip(names, dense, costs)}
     predicted = None
     if allocation == "owl":
         ratios = [A.outlier_ratio(w, e, options.get("m", 5.0)) for w, e in zip(weights_of, energies)]
@@ -98,11 +123,9 @@ def allocate(model: nn.Module, names: list[str], allocation: str, sparsity: floa
         wanda = [A.removal_curve(w, e) for w, e in zip(weights_of, energies)]
         curves = [A.obs_curve(w, stats[f"{n}.weight"].gram) for n, w in zip(names, weights_of)] if obs else wanda
         gains = None
-        if options.get("gains", "measured") == "measured":
-            # gain_batches counts over all ranks: each measures on its first share, so N processes
-            # on the shards of a dataset measure on the batches one process takes first from it
-            share = -(-options.get("gain_batches", 4) // (distributed.world_size() if sync else 1))
-            gains = output_gains(model, names, energies, wanda, sparsity, calibration[:share], sync)
+        if measured:
+            removed = [A.value_at(c, sparsity) for c in wanda]
+            gains = output_gains(model, names, energies, removed, lambda sc: row_mask(sc, sparsity), batches, sync)
         alloc, predicted = A.auto(curves, sizes, sparsity, spread, gains)
     alloc = A.whole_rows(alloc, [tuple(w.shape) for w in weights_of], sparsity, *A.bounds(sparsity, spread))
     log.info("allocation %s: layer sparsities %.3f-%.3f around %.3f", allocation, min(alloc), max(alloc), sparsity)

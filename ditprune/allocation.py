@@ -23,6 +23,13 @@ fraction of zeros over all targeted weights (:func:`fit_budget` makes it exact).
   Surgeon cost instead, :func:`obs_curve`), and g_l measured at s holds over the range. e_l is
   convex in s, so the optimum equalises the marginal costs g_l e_l'(s_l) / n_l across layers (a
   Lagrange multiplier found by bisection).
+
+With an N:M pattern every pruned layer keeps the pattern (what the kernels need); ``auto`` then
+chooses which layers stay dense, within ``max_dense`` (a fraction of the allocated layers'
+weights): :func:`nm_removed` measures e_l at the pattern (Wanda's N:M mask, by the diagonal),
+the measured gains weigh it as above, and :func:`keep_dense` keeps the layers whose predicted
+g_l e_l is largest per weight (greedy knapsack: the exact optimum when the budget is filled, as
+it is for the many small layers of a DiT).
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from typing import Sequence
 import torch
 
 __all__ = ["ALLOCATIONS", "bounds", "fit_budget", "whole_rows", "removal_curve", "obs_curve", "outlier_ratio", "owl",
-           "auto", "value_at"]
+           "auto", "value_at", "nm_removed", "keep_dense"]
 
 ALLOCATIONS = ("uniform", "owl", "auto")
 GRID = 100  # the removal curve's resolution: sparsity in steps of 0.01
@@ -199,3 +206,34 @@ def auto(curves: Sequence[torch.Tensor], sizes: Sequence[int], sparsity: float, 
     alloc = [u + t * (o - u) for u, o in zip(under, over)]
     alloc = fit_budget(alloc, sizes, sparsity, lo, hi)  # rounding of the blend: exact budget
     return alloc, [value_at(c, s) for c, s in zip(curves, alloc)]
+
+
+def nm_removed(weight: torch.Tensor, energy: torch.Tensor, n: int, m: int, chunk: int = 1 << 20) -> float:
+    """The fraction of the layer's output energy that Wanda's N:M mask removes, by the diagonal
+    of the input statistics (``sum_ij a_j W_ij^2`` over the pruned entries, over the same sum for
+    all; 0 for a zero layer)."""
+    out_f, in_f = weight.shape
+    e = energy.float().to(weight.device)
+    removed = total = 0.0
+    step = max(1, chunk // max(in_f, 1))
+    for r in range(0, out_f, step):
+        scores = weight[r:r + step].float().pow(2) * e  # Wanda's score squared: the same order
+        pruned = scores.reshape(-1, in_f // m, m).sort(dim=2).values[..., : m - n]
+        removed += float(pruned.sum(dtype=torch.float64))
+        total += float(scores.sum(dtype=torch.float64))
+    return removed / total if total > 0 else 0.0
+
+
+def keep_dense(costs: Sequence[float], sizes: Sequence[int], max_dense: float) -> list[bool]:
+    """Which layers stay dense: the largest ``costs`` (predicted output error the layer would
+    add if pruned) per weight first, each taken while the dense weights stay within
+    ``max_dense`` of ``sum(sizes)`` (a layer too large for what is left is skipped, smaller ones
+    after it may still fit). Layers that cost nothing stay pruned."""
+    budget = max_dense * sum(sizes)
+    dense = [False] * len(costs)
+    used = 0
+    for l in sorted(range(len(costs)), key=lambda l: (-costs[l] / max(sizes[l], 1), l)):
+        if costs[l] > 0 and used + sizes[l] <= budget + 1e-9:
+            dense[l] = True
+            used += sizes[l]
+    return dense

@@ -23,6 +23,7 @@ time and memory do not depend on the values).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -53,17 +54,25 @@ METHODS = [  # (label, method, options, pattern)
 
 
 # -- measuring ----------------------------------------------------------------------------------
-def measure(fn: Callable[[], object], device: torch.device) -> tuple[float, int]:
-    """(seconds, peak bytes of the tensors ``fn`` created and held at once): live tensor bytes
-    counted on the code path (:class:`ditprune.memory.LiveBytes`); on a GPU the allocator's own
-    peak, which also holds what the caching allocator rounds up."""
+def measure(fn: Callable[[], object], device: torch.device, memory: bool = True) -> tuple[float, int]:
+    """(seconds, peak bytes of the tensors ``fn`` created and held at once; 0 without ``memory``).
+    The seconds are a plain run's: on a CPU the bytes are counted on the code path
+    (:class:`ditprune.memory.LiveBytes`, a dispatch mode whose per-operation bookkeeping would
+    slow code of many small operations, such as the 2:4 search, several-fold) in a second run;
+    on a GPU the allocator's own peak comes from the timed run."""
     from .memory import measuring
 
+    device = torch.device(device)
+    peak = 0
+    if memory and device.type != "cuda":
+        with measuring(device) as mem:
+            fn()
+        peak = mem.peak
     start = time.perf_counter()
-    with measuring(device) as mem:
+    with measuring(device) if device.type == "cuda" else contextlib.nullcontext() as mem:
         fn()
     seconds = time.perf_counter() - start
-    return seconds, mem.cuda_peak if mem.cuda_peak is not None else mem.peak
+    return seconds, mem.cuda_peak if device.type == "cuda" else peak
 
 
 # -- inputs -------------------------------------------------------------------------------------
@@ -126,7 +135,7 @@ def layer_costs(shapes=SHAPES, methods=METHODS, repeats: int = 2, device="cpu", 
                 break  # a shape this slow is timed once: its ratios are not near any limit
             for label, method, options, pattern in methods:
                 sp = make_sparsifier(method, 0.5, pattern, **options)
-                seconds, peak = measure(lambda: sp.compute_mask(weight, stats, **sp.defaults), device)
+                seconds, peak = measure(lambda: sp.compute_mask(weight, stats, **sp.defaults), device, memory=not rep)
                 old = best.get(label)
                 best[label] = (min(seconds, old[0]) if old else seconds, max(peak, old[1] if old else 0))
                 bar.update()

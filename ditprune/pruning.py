@@ -226,10 +226,12 @@ class PrunePlan:
         allocation: str = "uniform",
         allocation_range: float = 0.2,
         allocation_options: dict | None = None,
+        max_dense: float = 0.0,
         **method_options: Any,
     ) -> None:
         self.model, self.method, self.pattern = model, method, pattern
-        self.allocation = allocating.check(allocation, allocation_range, allocation_options, pattern)
+        self.allocation = allocating.check(allocation, allocation_range, allocation_options, pattern, max_dense)
+        self.max_dense = float(max_dense)
         self.allocation_range, self.allocation_options = float(allocation_range), dict(allocation_options or {})
         self.allocated: dict[str, dict] = {}  # layer -> {"sparsity", "predicted"?}, once allocated
         self.sparsifier = make_sparsifier(method, sparsity, pattern, **method_options)
@@ -291,7 +293,7 @@ class PrunePlan:
                 if distributed.min_over_ranks(len(calibration)) == 0:
                     raise EmptyCalibrationError("calibration is empty on at least one rank: give every rank "
                                                 "at least one batch")
-            if self.allocation != "uniform" and not self.allocated:
+            if self.allocation != "uniform" and not self.allocated and (self.pattern is None or self.max_dense > 0):
                 calibration = list(calibration)  # read twice: the allocation pass, then the prune
                 self._allocate(calibration, sync, weights, progress)
             if checkpoints is not None and self.by_block is None:
@@ -343,11 +345,15 @@ class PrunePlan:
         names = [n for n, s in self.settings.items() if not s.get("override")]
         self.allocated = allocating.allocate(self.model, names, self.allocation, self.target_sparsity,
                                              self.allocation_range, self.allocation_options, calibration,
+                                             nm=self.sparsifier.defaults["nm"], max_dense=self.max_dense,
                                              scopes=self.scopes, text_layers=self.text_layers, share=self.share_stats,
                                              weights=weights, progress=progress, sync=sync)
         groups = {g["module_fqn"]: g for g in self.sparsifier.groups}
         for n, a in self.allocated.items():
             self.settings[n]["sparsity"] = groups[n]["sparsity"] = a["sparsity"]
+            if a.get("dense"):  # N:M: this layer stays dense (a sparsity of 0 prunes nothing)
+                self.settings[n].update(nm=None, pattern=None)
+                groups[n]["nm"] = None
 
     def _observe(self, fqns, run, sync: bool) -> None:
         with self.sparsifier.observe(fqns, self.scopes, self.text_layers, self.share_stats) as stats:
@@ -371,15 +377,19 @@ class PrunePlan:
         for g in sp.groups:
             w = g["module"].weight  # under the parametrization: original * mask
             info = dict(sp.state[g["tensor_fqn"]].get("info", {}))
-            if "predicted" in self.allocated.get(g["module_fqn"], {}):
-                info["predicted"] = round(self.allocated[g["module_fqn"]]["predicted"], 6)
+            allocated = self.allocated.get(g["module_fqn"], {})
+            if "predicted" in allocated:
+                info["predicted"] = round(allocated["predicted"], 6)
+            if allocated.get("dense"):
+                info["dense"] = "kept: largest predicted error per weight"
             s = self.settings[g["module_fqn"]]
             layers.append(LayerReport(g["module_fqn"], tuple(w.shape), 1.0 - w.count_nonzero().item() / w.numel(),
                                       info.pop("seconds", 0.0), s["sparsity"], s["pattern"], info))
         report = PruneReport(self.method, self.target_sparsity, self.pattern, layers, self.seconds,
                              getattr(sp, "peak_stats_bytes", 0))
         provenance.record(self.model, method=self.method, sparsity=self.target_sparsity, pattern=self.pattern,
-                          allocation=self.allocation, measured_sparsity=round(report.sparsity, 6), layers=len(layers))
+                          allocation=self.allocation, measured_sparsity=round(report.sparsity, 6), layers=len(layers),
+                          **({"max_dense": self.max_dense} if self.max_dense else {}))
         return report
 
     def squash(self) -> None:
@@ -421,6 +431,7 @@ def prune(
     allocation: str = "uniform",
     allocation_range: float = 0.2,
     allocation_options: dict | None = None,
+    max_dense: float = 0.0,
     **method_options: Any,
 ) -> PruneReport:
     """Prune ``model`` in place, one shot, and return a per-layer report.
@@ -461,7 +472,13 @@ def prune(
             to [0, 0.99]) so that the zeros over all targeted weights are still ``sparsity`` (see
             :mod:`ditprune.allocation`); one extra pass of the dense model over ``calibration``
             measures what it needs. Override layers keep their setting and stay out of the budget.
-        allocation_options: OWL's ``m`` (outlier threshold, default 5) and ``lam`` (default 0.08).
+        allocation_options: OWL's ``m`` (outlier threshold, default 5) and ``lam`` (default 0.08);
+            auto's ``gains`` (``"measured"`` or ``"none"``), ``gain_batches`` (default 4) and
+            ``curve`` (``"wanda"`` or ``"obs"``).
+        max_dense: with ``pattern`` and ``allocation="auto"``: the fraction of the (non-override)
+            targeted weights that may stay dense; the layers whose pruning is predicted to cost
+            the model's output most per weight stay dense first (their report's ``info`` says
+            so). 0 (the default): every layer takes the pattern.
         **method_options: the method's own options (e.g. ``alpha=0.4`` for ``"dit"``).
 
     A failed prune (bad input, NaN activations, ...) raises and leaves the model as it was
@@ -470,7 +487,8 @@ def prune(
     start = time.perf_counter()
     plan = PrunePlan(model, method, sparsity, pattern, targets, ignore=ignore, overrides=overrides,
                      block_sequential=block_sequential, backup=backup, allocation=allocation,
-                     allocation_range=allocation_range, allocation_options=allocation_options, **method_options)
+                     allocation_range=allocation_range, allocation_options=allocation_options,
+                     max_dense=max_dense, **method_options)
     plan.attach()
     plan.calibrate(calibration, offload=offload, progress=progress, sync=sync, timestep_weighting=timestep_weighting,
                    squash=squash)

@@ -67,6 +67,7 @@ class PruningConfig:
     options: dict[str, Any] = field(default_factory=dict)  # the method's own options, e.g. {alpha: 0.4}
     allocation: str = "uniform"  # uniform | owl | auto: one sparsity per layer under the same budget
     allocation_range: float = 0.2  # each layer within sparsity +- this (clipped to [0, 0.99])
+    max_dense: float = 0.0  # with a pattern and allocation auto: fraction of targeted weights that may stay dense
 
 
 @dataclass

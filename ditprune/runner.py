@@ -61,7 +61,7 @@ def recipe_prune_kwargs(pruning: DictConfig, method: str) -> dict[str, Any]:
     p = OmegaConf.to_container(pruning, resolve=True)
     kw = dict(targets=p["targets"], ignore=p["ignore"], overrides=p["overrides"] or None,
               block_sequential=p["block_sequential"], offload=p["offload"], backup=False,
-              allocation=p["allocation"], allocation_range=p["allocation_range"])
+              allocation=p["allocation"], allocation_range=p["allocation_range"], max_dense=p["max_dense"])
     if method == p["method"]:
         kw.update(p["options"])
     return kw
@@ -129,8 +129,9 @@ def _plot_allocation(recipe: DictConfig, report: PruneReport, out, model: str) -
         return {}
     from .evaluation.report import plot_allocation
 
-    plot_allocation(report.layers, out / "allocation.png",
-                    f"{model}: {p.method}, allocation '{p.allocation}' at {p.sparsity} (range +-{p.allocation_range})")
+    setting = (f"at {p.pattern}, max_dense {p.max_dense}" if p.pattern else
+               f"at {p.sparsity} (range +-{p.allocation_range})")
+    plot_allocation(report.layers, out / "allocation.png", f"{model}: {p.method}, allocation '{p.allocation}' {setting}")
     return {"allocation": "allocation.png"}
 
 

@@ -106,6 +106,9 @@ class SaliencySparsifier(BaseSparsifier):
         stats = state.pop("stats", None)  # freed as soon as the mask is made
         if stats is None and (self.needs_energy or self.needs_gram):
             raise RuntimeError(f"no calibration statistics for '{tensor_fqn}': call step() after observe()")
+        if group.get("sparsity") == 0 and group.get("nm") is None:  # kept dense: the all-ones mask stays
+            state["info"] = {"removed": 0.0, "seconds": time.perf_counter() - start}
+            return
         param = module.parametrizations[tensor_name]
         weight = param.original
         with memory.region("workspace"):

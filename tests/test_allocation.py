@@ -123,7 +123,10 @@ def test_override_layers_keep_their_setting_and_leave_the_budget():
     ({"allocation": "auto", "allocation_range": 1.5}, "allocation_range must be a number in"),
     ({"allocation": "owl", "allocation_options": {"lamda": 1}}, "unknown \\['lamda'\\]"),
     ({"allocation": "auto", "allocation_options": {"gain_batches": 0}}, "gain_batches must be a positive integer"),
-    ({"allocation": "auto", "pattern": "2:4"}, "with a pattern every layer keeps it"),
+    ({"allocation": "owl", "pattern": "2:4"}, "with a pattern every pruned layer keeps it"),
+    ({"allocation": "auto", "max_dense": 0.1}, "max_dense chooses layers to keep dense under an N:M pattern"),
+    ({"allocation": "uniform", "pattern": "2:4", "max_dense": 0.1}, "max_dense chooses layers"),
+    ({"allocation": "auto", "pattern": "2:4", "max_dense": 1.0}, "max_dense must be a number in \\[0, 1\\)"),
 ])
 def test_bad_allocations_are_one_clear_error(kwargs, message):
     import ditprune
@@ -180,3 +183,85 @@ def test_obs_curve_is_wandas_for_uncorrelated_inputs_and_lower_for_correlated_on
     w = torch.randn(6, 8)
     curve, wanda = obs_curve(w, gram, percdamp=0.0), removal_curve(w, gram.diagonal())
     assert curve[50] < 0.01 < wanda[50]
+
+
+def test_nm_removed_by_hand():
+    from ditprune.allocation import nm_removed
+
+    w = torch.tensor([[1.0, -2.0, 3.0, 4.0], [0.5, 0.0, 1.0, 2.0]])
+    a = torch.tensor([4.0, 1.0, 1.0, 0.25])
+    # scores w^2 a: row 0 [4, 4, 9, 4], row 1 [1, 0, 1, 1]; total 24
+    assert nm_removed(w, a, 2, 4) == pytest.approx((4 + 4 + 0 + 1) / 24)  # the 2 smallest of each 4
+    assert nm_removed(w, a, 1, 4) == pytest.approx((12 + 2) / 24)
+    assert nm_removed(w, a, 1, 2) == pytest.approx((4 + 4 + 0 + 1) / 24)  # pairs (4, 4) (9, 4) / (1, 0) (1, 1)
+    assert nm_removed(torch.zeros(2, 4), a, 2, 4) == 0.0
+
+
+def test_keep_dense_takes_the_largest_cost_per_weight_that_fits():
+    from ditprune.allocation import keep_dense
+
+    costs, sizes = [5.0, 1.0, 3.0, 0.0], [100, 10, 50, 10]  # per weight: 0.05, 0.1, 0.06, 0
+    assert keep_dense(costs, sizes, 0.0) == [False] * 4
+    assert keep_dense(costs, sizes, 0.35) == [False, True, False, False]  # 10 of 59.5; 50 more does not fit
+    assert keep_dense(costs, sizes, 0.40) == [False, True, True, False]  # 60 of 68
+    assert keep_dense(costs, sizes, 0.99) == [True, True, True, False]  # a layer that costs nothing stays pruned
+
+
+def _toy_pair():
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(16, 16, bias=False), torch.nn.Linear(16, 16, bias=False)
+
+        def forward(self, x):
+            return self.a(x) + 0.1 * self.b(x)
+
+    torch.manual_seed(0)
+    model = Toy()
+    model.b.weight.data.copy_(model.a.weight)  # the same weights: only the gain tells them apart
+    return model
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_nm_auto_keeps_the_layer_that_reaches_the_output_dense(method):
+    import ditprune
+
+    batches = [{"x": torch.randn(128, 16, generator=torch.Generator().manual_seed(i))} for i in range(2)]
+    model = _toy_pair()
+    dense_a = model.a.weight.detach().clone()
+    report = ditprune.prune(model, batches, method=method, pattern="2:4", targets=["^a$", "^b$"],
+                            allocation="auto", max_dense=0.5)
+    by_name = {r.name: r for r in report.layers}
+    assert by_name["a"].sparsity == 0.0 and by_name["a"].pattern is None and "dense" in by_name["a"].info
+    assert torch.equal(model.a.weight, dense_a)  # untouched, even by an updating method
+    groups = model.b.weight.reshape(16, 4, 4)
+    assert by_name["b"].sparsity == 0.5 and bool(((groups == 0).sum(-1) == 2).all())  # exactly 2:4
+    assert by_name["a"].info["predicted"] > 10 * by_name["b"].info["predicted"]
+    # below one layer's share nothing fits: every layer takes the pattern
+    report = ditprune.prune(_toy_pair(), batches, method=method, pattern="2:4", targets=["^a$", "^b$"],
+                            allocation="auto", max_dense=0.49)
+    assert [r.sparsity for r in report.layers] == [0.5, 0.5]
+
+
+def test_nm_auto_on_a_tiny_flux_keeps_at_most_max_dense_and_the_pattern_elsewhere():
+    import ditprune
+    from ditprune.models.tiny import tiny_batches, tiny_model
+
+    model = tiny_model("flux")
+    dense = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    report = ditprune.prune(model, tiny_batches(model), method="wanda", pattern="2:4", allocation="auto",
+                            max_dense=0.1)
+    kept = [r for r in report.layers if r.sparsity == 0.0]
+    total = sum(r.shape[0] * r.shape[1] for r in report.layers)
+    assert kept and sum(r.shape[0] * r.shape[1] for r in kept) <= 0.1 * total
+    for r in report.layers:
+        w = model.get_submodule(r.name).weight
+        if r in kept:
+            assert torch.equal(w, dense[r.name]) and "dense" in r.info
+        else:
+            assert r.sparsity == 0.5 and bool(((w.reshape(w.shape[0], -1, 4) == 0).sum(-1) >= 2).all())
+    # max_dense=0: nothing to choose, the pattern everywhere, as uniform (no allocation pass)
+    a, b = tiny_model("flux"), tiny_model("flux")
+    ditprune.prune(a, tiny_batches(a), method="wanda", pattern="2:4", allocation="auto")
+    ditprune.prune(b, tiny_batches(b), method="wanda", pattern="2:4")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

@@ -88,7 +88,8 @@ CASES = [  # (arguments after `prune`, expected part of the message)
     (["pruning.targets=[no_such_layer]"], "'no_such_layer' matches no nn.Linear"),
     (["pruning.allocation=best"], "allocation must be one of ['uniform', 'owl', 'auto']"),
     (["pruning.allocation=auto", "pruning.allocation_range=2"], "allocation_range must be a number in [0, 0.99]"),
-    (["pruning.allocation=owl", "pruning.pattern=2:4"], "with a pattern every layer keeps it"),
+    (["pruning.allocation=owl", "pruning.pattern=2:4"], "with a pattern every pruned layer keeps it"),
+    (["pruning.max_dense=0.1"], "max_dense chooses layers to keep dense under an N:M pattern"),
     (["pruning.targets=attn"], "did you mean pruning.targets=[attn]?"),
 ])
 def test_structural_errors_come_before_calibration(args, message, capsys, tmp_path, monkeypatch):
