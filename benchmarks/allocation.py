@@ -8,7 +8,7 @@ A variant is an allocation, with ``:none`` for ``auto`` without the measured out
 (``allocation_options={"gains": "none"}``: every layer's relative error counts alike) and
 ``:obs`` for ``auto`` with Optimal Brain Surgeon removal curves (``{"curve": "obs"}``) and
 ``:dense0.1`` for ``auto`` with ``max_dense=0.1`` (with an N:M setting, e.g. ``--sparsities 2:4``:
-which layers stay dense); ``dit+rec`` is ``dit`` with ``reconstruct=True``. Prints one markdown
+which layers stay dense; ``auto:dense0.1+none`` without the gains); ``dit+rec`` is ``dit`` with ``reconstruct=True``. Prints one markdown
 row per run as it ends.
 
     python benchmarks/allocation.py --model flux --methods wanda,sparsegpt,dit+rec --sparsities 2:4 \\
@@ -40,10 +40,11 @@ def main(argv: list[str] | None = None) -> None:
             allocation, _, variant = v.partition(":")
             options_of = {"": {}, "none": {"gains": "none"}, "obs": {"curve": "obs"}}
             extra = {"allocation": allocation}
-            if variant.startswith("dense"):
-                extra["max_dense"] = float(variant[len("dense"):])
-            elif variant:
-                extra["allocation_options"] = options_of[variant]
+            for part in filter(None, variant.split("+")):  # e.g. auto:dense0.1+none
+                if part.startswith("dense"):
+                    extra["max_dense"] = float(part[len("dense"):])
+                else:
+                    extra["allocation_options"] = options_of[part]
             candidates.append(Candidate(f"{m} {v}", method, {**options, **extra}))
     lines = [f"{bench.name}, {args.samples} evaluation samples per row", "",
              "| method, allocation | setting | sparsity | denoiser rel. err [95%] | judge acc [95%] | prune s |",
