@@ -6,7 +6,8 @@ method on the same dense model, calibration (16 prompts x 10 steps) and evaluati
 
 A variant is an allocation, with ``:none`` for ``auto`` without the measured output gains
 (``allocation_options={"gains": "none"}``: every layer's relative error counts alike) and
-``:obs`` for ``auto`` with Optimal Brain Surgeon removal curves (``{"curve": "obs"}``) and
+``:obs`` for ``auto`` with Optimal Brain Surgeon removal curves (``{"curve": "obs"}``),
+``:sgpt`` for ``auto`` with curves SparseGPT measures on sampled rows (``{"curve": "sparsegpt"}``) and
 ``:dense0.1`` for ``auto`` with ``max_dense=0.1`` (with an N:M setting, e.g. ``--sparsities 2:4``:
 which layers stay dense; ``auto:dense0.1+none`` without the gains); ``dit+rec`` is ``dit`` with ``reconstruct=True``. Prints one markdown
 row per run as it ends.
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
         method, options = ("dit", {"reconstruct": True}) if m == "dit+rec" else (m, {})
         for v in args.variants.split(","):
             allocation, _, variant = v.partition(":")
-            options_of = {"": {}, "none": {"gains": "none"}, "obs": {"curve": "obs"}}
+            options_of = {"": {}, "none": {"gains": "none"}, "obs": {"curve": "obs"}, "sgpt": {"curve": "sparsegpt"}}
             extra = {"allocation": allocation}
             for part in filter(None, variant.split("+")):  # e.g. auto:dense0.1+none
                 if part.startswith("dense"):

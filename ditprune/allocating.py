@@ -11,7 +11,7 @@ from torch import nn
 
 from . import allocation as A
 from . import distributed, saliency
-from .calibration import run_whole_model
+from .calibration import run_block_sequential, run_whole_model
 from .errors import InputError
 from .granularity import nm_mask, row_mask
 from .stats import observe
@@ -21,6 +21,7 @@ __all__ = ["check", "allocate", "output_gains"]
 log = logging.getLogger(__name__)
 
 OPTIONS = {"m", "lam", "gains", "gain_batches", "curve"}
+CURVES = ("wanda", "obs", "sparsegpt")
 
 
 def check(allocation, spread, options, pattern, max_dense=0.0) -> str:
@@ -33,7 +34,11 @@ def check(allocation, spread, options, pattern, max_dense=0.0) -> str:
     unknown = sorted(set(options or {}) - OPTIONS)
     if unknown:
         raise InputError(f"allocation_options: unknown {unknown}; OWL takes 'm' (outlier threshold) and 'lam', "
-                         "auto 'gains' ('measured' or 'none'), 'gain_batches' and 'curve' ('wanda' or 'obs')")
+                         "auto 'gains' ('measured' or 'none'), 'gain_batches' and 'curve' ('wanda', 'obs' or "
+                         "'sparsegpt')")
+    curve = (options or {}).get("curve", "wanda")
+    if curve not in CURVES:
+        raise InputError(f"allocation_options.curve must be one of {list(CURVES)}, got {curve!r}")
     gb = (options or {}).get("gain_batches", 4)
     if isinstance(gb, bool) or not isinstance(gb, int) or gb < 1:
         raise InputError(f"allocation_options.gain_batches must be a positive integer, got {gb!r}")
@@ -84,21 +89,48 @@ def output_gains(model: nn.Module, names: list[str], energies, removed: list[flo
 
 def allocate(model: nn.Module, names: list[str], allocation: str, sparsity: float, spread: float, options: dict,
              calibration: list[dict], *, nm: tuple[int, int] | None = None, max_dense: float = 0.0, scopes=(),
-             text_layers=(), share: bool = True, weights=None, progress: bool = False,
-             sync: bool = False) -> dict[str, dict]:
+             text_layers=(), share: bool = True, weights=None, progress: bool = False, sync: bool = False,
+             blocks: list | None = None, offload=None, updates: bool = False) -> dict[str, dict]:
     """Layer name -> {"sparsity", "predicted" (``auto``), "dense" (a pattern)} for ``names``:
     one pass of the dense model over ``calibration`` gathers each layer's input statistics
-    (summed over ranks), then :func:`ditprune.allocation.owl` or
-    :func:`~ditprune.allocation.auto` decides, in whole rows; with an N:M pattern ``nm``,
-    :func:`~ditprune.allocation.keep_dense` chooses the layers that stay dense."""
-    layers = {f"{n}.weight": model.get_submodule(n) for n in names}
-    obs = nm is None and allocation == "auto" and options.get("curve", "wanda") == "obs"  # worse at 80%: opt-in
-    with observe(layers, obs, scopes, text_layers, share) as stats:
-        run_whole_model(model, calibration, progress, weights)
-    if sync:
-        distributed.all_reduce_stats({id(st): st for st in stats.values()}.values())
+    (summed over ranks) and, for ``auto``, its removal curve; with ``blocks`` (name, module,
+    its layer names) the pass runs block by block as the prune does, so Gram matrices (the
+    ``obs`` and ``sparsegpt`` curves) exist for one block at a time. Then
+    :func:`ditprune.allocation.owl` or :func:`~ditprune.allocation.auto` decides, in whole
+    rows; with an N:M pattern ``nm``, :func:`~ditprune.allocation.keep_dense` chooses the
+    layers that stay dense. ``curve`` defaults to ``sparsegpt`` for a method that ``updates``
+    its weights (its own reconstruction is what the allocation should predict) and to
+    ``wanda`` otherwise."""
+    curve = options.get("curve", "sparsegpt" if updates else "wanda")
+    gram = nm is None and allocation == "auto" and curve != "wanda"  # these curves need the Gram matrices
+    lo, hi = A.bounds(sparsity, spread)
+    energy_of: dict[str, torch.Tensor] = {}
+    curve_of: dict[str, torch.Tensor] = {}
+
+    def gather(layer_names, run):
+        with observe({f"{n}.weight": model.get_submodule(n) for n in layer_names}, gram, scopes, text_layers,
+                     share) as stats:
+            run()
+        if sync:
+            distributed.all_reduce_stats({id(st): st for st in stats.values()}.values())
+        for n in layer_names:
+            st, w = stats[f"{n}.weight"], model.get_submodule(n).weight.detach()
+            energy_of[n] = st.energy
+            if gram and curve == "obs":  # measured worse at 80%: opt-in
+                curve_of[n] = A.obs_curve(w, st.gram)
+            elif gram:
+                curve_of[n] = A.sparsegpt_curve(w, st.gram, lo, hi)
+        stats.clear()  # a block's Gram matrices go before the next block's
+
+    if blocks is not None:
+        layers_in = {b: ls for b, _, ls in blocks}
+        run_block_sequential(model, [(b, m) for b, m, _ in blocks], calibration,
+                             lambda b, _block, replay: gather(layers_in[b], replay) if layers_in[b] else None,
+                             offload, progress, weights)
+    else:
+        gather(names, lambda: run_whole_model(model, calibration, progress, weights))
     weights_of = [model.get_submodule(n).weight.detach() for n in names]
-    energies = [stats[f"{n}.weight"].energy for n in names]
+    energies = [energy_of[n] for n in names]
     sizes = [w.numel() for w in weights_of]
     measured = options.get("gains", "measured") == "measured"
     # gain_batches counts over all ranks: each measures on its first share, so N processes on
@@ -121,7 +153,7 @@ def allocate(model: nn.Module, names: list[str], allocation: str, sparsity: floa
         alloc = A.owl(ratios, sizes, sparsity, spread, options.get("lam", 0.08))
     else:
         wanda = [A.removal_curve(w, e) for w, e in zip(weights_of, energies)]
-        curves = [A.obs_curve(w, stats[f"{n}.weight"].gram) for n, w in zip(names, weights_of)] if obs else wanda
+        curves = [curve_of[n] for n in names] if gram else wanda
         gains = None
         if measured:
             removed = [A.value_at(c, sparsity) for c in wanda]

@@ -16,13 +16,16 @@ fraction of zeros over all targeted weights (:func:`fit_budget` makes it exact).
   (:func:`removal_curve`: Wanda's scores, sorted, squared, summed), and g_l, how much of that
   relative error reaches the model's output (``ditprune.pruning`` prunes each layer alone with
   Wanda's mask at s on a few calibration batches and divides the relative change of the model's
-  output by e_l(s); ``gains="none"``: every g_l = 1). Assumed: the layers' errors add up at the
-  output (no interaction), e_l keeps its shape under the method actually used (it is Wanda's
-  curve: a method that reconstructs, such as SparseGPT or ``dit`` with ``reconstruct=True``,
-  loses less, and unequally across layers; ``curve="obs"`` takes each entry's Optimal Brain
-  Surgeon cost instead, :func:`obs_curve`), and g_l measured at s holds over the range. e_l is
-  convex in s, so the optimum equalises the marginal costs g_l e_l'(s_l) / n_l across layers (a
-  Lagrange multiplier found by bisection).
+  output by e_l(s); ``gains="none"``: every g_l = 1). For a method that reconstructs (SparseGPT,
+  ``dit`` with ``reconstruct=True``), which loses less than Wanda's curve and unequally across
+  layers, e_l is what SparseGPT itself loses on sampled rows at a few sparsities in the range
+  (:func:`sparsegpt_curve`, ``curve="sparsegpt"``, the default for those methods; ``"obs"``:
+  each entry's Optimal Brain Surgeon cost alone, :func:`obs_curve`, measured worse at 80%).
+  Assumed: the layers' errors add up at the output (no interaction), the curve's method stands
+  for the one used (SparseGPT for ``dit`` with ``reconstruct=True``), and g_l measured with
+  Wanda's mask at s holds over the range and for the method. The curves are convex in s, so
+  the optimum equalises the marginal costs g_l e_l'(s_l) / n_l across layers (a Lagrange
+  multiplier found by bisection).
 
 With an N:M pattern every pruned layer keeps the pattern (what the kernels need); ``auto`` then
 chooses which layers stay dense, within ``max_dense`` (a fraction of the allocated layers'
@@ -40,7 +43,7 @@ from typing import Sequence
 import torch
 
 __all__ = ["ALLOCATIONS", "bounds", "fit_budget", "whole_rows", "removal_curve", "obs_curve", "outlier_ratio", "owl",
-           "auto", "value_at", "nm_removed", "keep_dense"]
+           "auto", "value_at", "nm_removed", "keep_dense", "sparsegpt_curve"]
 
 ALLOCATIONS = ("uniform", "owl", "auto")
 GRID = 100  # the removal curve's resolution: sparsity in steps of 0.01
@@ -136,6 +139,49 @@ def obs_curve(weight: torch.Tensor, gram: torch.Tensor, grid: int = GRID, percda
     if total <= 0:
         return torch.zeros(grid + 1, dtype=torch.float64)
     return (removed / total).clamp(max=1.0).cpu()
+
+
+def sparsegpt_curve(weight: torch.Tensor, gram: torch.Tensor, lo: float, hi: float, points: int = 8,
+                    rows: int = 128, grid: int = GRID, percdamp: float = 0.01) -> torch.Tensor:
+    """(grid + 1,) float64: like :func:`removal_curve`, for a method that updates the kept weights,
+    measured rather than modelled: SparseGPT (:func:`ditprune.sparsegpt.obs_prune`, its own
+    mask and sequential update) prunes ``rows`` evenly spaced rows at ``points + 1`` sparsities
+    spread over [lo, hi] (and 0), and the fraction of those rows' output energy it loses,
+    ``tr(D H D^T) / tr(W H W^T)``, is taken at each; the curve is the lower convex hull of
+    those points, linear between them (convex, as :func:`auto` assumes) and extended linearly
+    beyond them."""
+    from .sparsegpt import obs_prune
+
+    out_f, in_f = weight.shape
+    idx = torch.linspace(0, out_f - 1, min(rows, out_f)).round().long().unique().to(weight.device)
+    w = weight[idx].double()
+    h = gram.double().to(weight.device)
+    total = float(((w @ h) * w).sum())
+    if total <= 0:
+        return torch.zeros(grid + 1, dtype=torch.float64)
+    xs = sorted({0.0, *(lo + (hi - lo) * k / points for k in range(points + 1))})
+    ys = [0.0]
+    for x in xs[1:]:
+        new, keep, _ = obs_prune(w, h, x, percdamp=percdamp, dtype=torch.float64)
+        d = w - new * keep
+        ys.append(min(1.0, float(((d @ h) * d).sum()) / total))
+    hull = [0]  # lower convex hull (Andrew's monotone chain, lower part)
+    for j in range(1, len(xs)):
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            if (ys[b] - ys[a]) * (xs[j] - xs[a]) >= (ys[j] - ys[a]) * (xs[b] - xs[a]):
+                hull.pop()  # b lies on or above the segment a-j
+            else:
+                break
+        hull.append(j)
+    hx = torch.tensor([xs[j] for j in hull], dtype=torch.float64)
+    hy = torch.tensor([ys[j] for j in hull], dtype=torch.float64)
+    g = torch.linspace(0, 1, grid + 1, dtype=torch.float64)
+    seg = (torch.searchsorted(hx, g, right=True) - 1).clamp(0, len(hx) - 2) if len(hx) > 1 else None
+    if seg is None:
+        return torch.zeros(grid + 1, dtype=torch.float64)
+    slope = (hy[seg + 1] - hy[seg]) / (hx[seg + 1] - hx[seg])
+    return (hy[seg] + slope * (g - hx[seg])).clamp(0.0, 1.0)
 
 
 def outlier_ratio(weight: torch.Tensor, energy: torch.Tensor, m: float = 5.0) -> float:

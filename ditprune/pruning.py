@@ -295,7 +295,7 @@ class PrunePlan:
                                                 "at least one batch")
             if self.allocation != "uniform" and not self.allocated and (self.pattern is None or self.max_dense > 0):
                 calibration = list(calibration)  # read twice: the allocation pass, then the prune
-                self._allocate(calibration, sync, weights, progress)
+                self._allocate(calibration, sync, weights, progress, offload)
             if checkpoints is not None and self.by_block is None:
                 raise InputError("checkpoints need a block-by-block prune (every target inside a transformer block)")
             if not (sp.needs_energy or sp.needs_gram):
@@ -340,14 +340,21 @@ class PrunePlan:
             self.model.train(was_training)
         self.seconds += time.perf_counter() - start
 
-    def _allocate(self, calibration: list[dict], sync: bool, weights, progress: bool) -> None:
-        """Each non-override layer's sparsity from the allocation pass (:mod:`ditprune.allocating`)."""
+    def _allocate(self, calibration: list[dict], sync: bool, weights, progress: bool, offload=None) -> None:
+        """Each non-override layer's sparsity from the allocation pass (:mod:`ditprune.allocating`),
+        block by block when the prune is."""
         names = [n for n, s in self.settings.items() if not s.get("override")]
+        blocks = None
+        if self.by_block is not None:
+            wanted = {f"{n}.weight" for n in names}
+            blocks = [(b, m, [f[: -len(".weight")] for f in self.by_block.get(b, []) if f in wanted])
+                      for b, m in models.blocks(self.model)]
         self.allocated = allocating.allocate(self.model, names, self.allocation, self.target_sparsity,
                                              self.allocation_range, self.allocation_options, calibration,
                                              nm=self.sparsifier.defaults["nm"], max_dense=self.max_dense,
                                              scopes=self.scopes, text_layers=self.text_layers, share=self.share_stats,
-                                             weights=weights, progress=progress, sync=sync)
+                                             weights=weights, progress=progress, sync=sync, blocks=blocks,
+                                             offload=offload, updates=self.sparsifier.updates_weights)
         groups = {g["module_fqn"]: g for g in self.sparsifier.groups}
         for n, a in self.allocated.items():
             self.settings[n]["sparsity"] = groups[n]["sparsity"] = a["sparsity"]
@@ -474,7 +481,8 @@ def prune(
             measures what it needs. Override layers keep their setting and stay out of the budget.
         allocation_options: OWL's ``m`` (outlier threshold, default 5) and ``lam`` (default 0.08);
             auto's ``gains`` (``"measured"`` or ``"none"``), ``gain_batches`` (default 4) and
-            ``curve`` (``"wanda"`` or ``"obs"``).
+            ``curve`` (``"sparsegpt"``, the default for methods that update weights: what
+            SparseGPT loses on sampled rows; ``"wanda"``, the default otherwise; ``"obs"``).
         max_dense: with ``pattern`` and ``allocation="auto"``: the fraction of the (non-override)
             targeted weights that may stay dense; the layers whose pruning is predicted to cost
             the model's output most per weight stay dense first (their report's ``info`` says

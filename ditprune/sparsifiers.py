@@ -59,6 +59,7 @@ class SaliencySparsifier(BaseSparsifier):
 
     needs_energy = True
     needs_gram = False
+    updates_weights = False  # whether compute_mask also returns updated (reconstructed) weights
     default_granularity = "row"
 
     def __init__(self, sparsity: float = 0.5, pattern: str | None = None, granularity: str | None = None, **defaults):
@@ -280,6 +281,7 @@ class SparseGPTSparsifier(SaliencySparsifier):
     """
 
     needs_gram = True
+    updates_weights = True
 
     def __init__(self, sparsity=0.5, pattern=None, granularity=None, blocksize: int = 128, percdamp: float = 0.01):
         super().__init__(sparsity, pattern, granularity, blocksize=blocksize, percdamp=percdamp)
@@ -367,6 +369,7 @@ class DiTPruningSparsifier(SaliencySparsifier):
             polish=polish, holdout=bool(holdout), seed=int(seed),
         )
         self.needs_gram = alpha == "auto" or bool(reconstruct) or refine > 0
+        self.updates_weights = bool(reconstruct)
 
     def compute_mask(self, weight, stats, *, sparsity, nm, granularity, alpha, alphas, max_clusters, refine,
                      shortlist, sample_rows, damp, reconstruct, polish, holdout, seed, **options):

@@ -265,3 +265,54 @@ def test_nm_auto_on_a_tiny_flux_keeps_at_most_max_dense_and_the_pattern_elsewher
     ditprune.prune(a, tiny_batches(a), method="wanda", pattern="2:4", allocation="auto")
     ditprune.prune(b, tiny_batches(b), method="wanda", pattern="2:4")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_sparsegpt_curve_is_what_sparsegpt_loses_and_convex():
+    from ditprune.allocation import sparsegpt_curve
+    from ditprune.sparsegpt import obs_prune
+
+    torch.manual_seed(0)
+    x = torch.randn(4000, 8)
+    x = torch.cat([x, x + 0.05 * torch.randn(4000, 8)], 1).double()  # twins: a reconstruction recovers much
+    h = x.T @ x / 4000
+    w = torch.randn(6, 16, dtype=torch.float64)
+    curve = sparsegpt_curve(w, h, 0.5, 0.9, points=4)
+    assert curve[0] == 0 and bool((curve >= 0).all() and (curve <= 1).all())
+    slopes = curve.diff()
+    assert bool((slopes.diff() >= -1e-9).all())  # convex
+    # at a measured point the curve is what SparseGPT itself loses (or lower: the convex hull)
+    new, keep, _ = obs_prune(w, h, 0.7, dtype=torch.float64)
+    d = w - new * keep
+    lost = float(((d @ h) * d).sum() / ((w @ h) * w).sum())
+    assert float(curve[70]) <= lost + 1e-9 and float(curve[70]) > 0.5 * lost
+    assert float(curve[50]) < float(removal_curve(w, h.diagonal())[50])  # below Wanda's: the twins take over
+
+
+def test_block_by_block_allocation_pass_allocates_as_the_whole_model_pass():
+    import ditprune
+    from ditprune.models.tiny import tiny_batches, tiny_model
+
+    targets = {}
+    for block_sequential in (True, False):
+        model = tiny_model("flux")
+        report = ditprune.prune(model, tiny_batches(model), method="sparsegpt", sparsity=0.7, allocation="auto",
+                                block_sequential=block_sequential)
+        targets[block_sequential] = {r.name: r.target for r in report.layers}
+    assert targets[True] == targets[False]
+    assert len(set(targets[True].values())) > 1
+
+
+def test_a_method_that_updates_weights_allocates_by_sparsegpt_curves(monkeypatch):
+    import ditprune
+    import ditprune.allocation as A
+    from ditprune.models.tiny import tiny_batches, tiny_model
+
+    calls = []
+    real = A.sparsegpt_curve
+    monkeypatch.setattr(A, "sparsegpt_curve", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for method, options, expected in (("wanda", {}, 0), ("dit", {"refine": 0}, 0), ("dit", {"reconstruct": True}, 1),
+                                      ("sparsegpt", {}, 1), ("sparsegpt", {"allocation_options": {"curve": "wanda"}}, 0)):
+        calls.clear()
+        model = tiny_model("flux")
+        report = ditprune.prune(model, tiny_batches(model), method=method, sparsity=0.7, allocation="auto", **options)
+        assert (len(calls) == len(report.layers)) if expected else not calls, (method, options)
