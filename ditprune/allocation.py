@@ -145,12 +145,12 @@ def sparsegpt_curve(weight: torch.Tensor, gram: torch.Tensor, lo: float, hi: flo
                     rows: int = 128, grid: int = GRID, percdamp: float = 0.01) -> torch.Tensor:
     """(grid + 1,) float64: like :func:`removal_curve`, for a method that updates the kept weights,
     measured rather than modelled: SparseGPT (:func:`ditprune.sparsegpt.obs_prune`, its own
-    mask and sequential update) prunes ``rows`` evenly spaced rows at ``points + 1`` sparsities
-    spread over [lo, hi] (and 0), and the fraction of those rows' output energy it loses,
+    mask and sequential update, one Cholesky factorisation of H shared by every call) prunes
+    ``rows`` evenly spaced rows at ``points + 1`` sparsities spread over [lo, hi] (and 0), and the fraction of those rows' output energy it loses,
     ``tr(D H D^T) / tr(W H W^T)``, is taken at each; the curve is the lower convex hull of
     those points, linear between them (convex, as :func:`auto` assumes) and extended linearly
     beyond them."""
-    from .sparsegpt import obs_prune
+    from .sparsegpt import inverse_factor, obs_prune
 
     out_f, in_f = weight.shape
     idx = torch.linspace(0, out_f - 1, min(rows, out_f)).round().long().unique().to(weight.device)
@@ -161,8 +161,9 @@ def sparsegpt_curve(weight: torch.Tensor, gram: torch.Tensor, lo: float, hi: flo
         return torch.zeros(grid + 1, dtype=torch.float64)
     xs = sorted({0.0, *(lo + (hi - lo) * k / points for k in range(points + 1))})
     ys = [0.0]
+    factor = inverse_factor(h, percdamp, torch.float64)  # one factorisation for every sparsity
     for x in xs[1:]:
-        new, keep, _ = obs_prune(w, h, x, percdamp=percdamp, dtype=torch.float64)
+        new, keep, _ = obs_prune(w, h, x, dtype=torch.float64, factor=factor)
         d = w - new * keep
         ys.append(min(1.0, float(((d @ h) * d).sum()) / total))
     hull = [0]  # lower convex hull (Andrew's monotone chain, lower part)

@@ -47,6 +47,16 @@ def inverse_cholesky(H: torch.Tensor, percdamp: float = 0.01, tries: int = 6) ->
                        "statistics are degenerate (check for constant or duplicated inputs)")
 
 
+def inverse_factor(gram: torch.Tensor, percdamp: float = 0.01, dtype: torch.dtype = torch.float32,
+                   device=None) -> tuple[torch.Tensor, float]:
+    """:func:`inverse_cholesky` of ``gram`` in ``dtype`` on ``device``, a dead input (zero
+    diagonal) given a unit diagonal first, as :func:`obs_prune` needs it."""
+    H = gram.detach().to(dtype).clone().to(device if device is not None else gram.device)
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    return inverse_cholesky(H, percdamp)
+
+
 @torch.no_grad()
 def obs_prune(
     weight: torch.Tensor,
@@ -57,17 +67,17 @@ def obs_prune(
     blocksize: int = 128,
     percdamp: float = 0.01,
     dtype: torch.dtype = torch.float32,
+    factor: tuple[torch.Tensor, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Returns (updated weight in ``weight``'s dtype, keep mask, percdamp used). Math runs in
     ``dtype``: float32 as the reference (``method="sparsegpt"``); the ``dit`` reconstruction asks
-    float64, so that summation-order noise in H (several processes) does not move the weights."""
+    float64, so that summation-order noise in H (several processes) does not move the weights.
+    ``factor``: :func:`inverse_factor` of ``gram`` computed once, for several calls on one H."""
     W = weight.detach().to(dtype).clone()
-    H = gram.detach().to(dtype).clone().to(W.device)
-    rows, cols = W.shape
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
+    dead = (torch.diag(gram) == 0).to(W.device)
     W[:, dead] = 0.0
-    Hinv, percdamp = inverse_cholesky(H, percdamp)
+    rows, cols = W.shape
+    Hinv, percdamp = factor if factor is not None else inverse_factor(gram, percdamp, dtype, W.device)
     if nm is not None:
         blocksize = max(nm[1], blocksize - blocksize % nm[1])  # N:M groups never straddle two blocks
 
