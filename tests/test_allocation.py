@@ -145,19 +145,8 @@ def test_auto_measures_what_reaches_the_output():
     the range and gives its budget to the layer that matters (hand-computed: 0.8 and 0.2)."""
     import ditprune
 
-    class Toy(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = torch.nn.Linear(16, 16, bias=False), torch.nn.Linear(16, 16, bias=False)
-
-        def forward(self, x):
-            return self.a(x) + 0.0 * self.b(x)
-
     def toy():
-        torch.manual_seed(0)
-        model = Toy()
-        model.b.weight.data.copy_(model.a.weight)  # the same weights: only the gain tells them apart
-        return model
+        return _toy_pair(0.0)
 
     batches = [{"x": torch.randn(128, 16, generator=torch.Generator().manual_seed(i))} for i in range(2)]
     report = ditprune.prune(toy(), batches, method="wanda", sparsity=0.5, targets=["^a$", "^b$"],
@@ -207,14 +196,16 @@ def test_keep_dense_takes_the_largest_cost_per_weight_that_fits():
     assert keep_dense(costs, sizes, 0.99) == [True, True, True, False]  # a layer that costs nothing stays pruned
 
 
-def _toy_pair():
+def _toy_pair(weight_of_b: float = 0.1):
+    """a(x) + weight_of_b * b(x), a and b with the same weights: only the gain tells them apart."""
+
     class Toy(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.a, self.b = torch.nn.Linear(16, 16, bias=False), torch.nn.Linear(16, 16, bias=False)
 
         def forward(self, x):
-            return self.a(x) + 0.1 * self.b(x)
+            return self.a(x) + weight_of_b * self.b(x)
 
     torch.manual_seed(0)
     model = Toy()
