@@ -3,7 +3,7 @@ SparseGPT (N:M: to SparseGPT at the same pattern): the first section of ``ditpru
 alone, with ``dit`` + ``reconstruct=True`` at 2:4 added, timed without the byte counter.
 
     python benchmarks/layer_cost.py [--repeats 1] [--shapes 0,1,2,3,4] [--device cpu]
-    python benchmarks/layer_cost.py --curves     # what allocation="auto" adds per layer: its removal curves
+    python benchmarks/layer_cost.py --curves     # what allocation="auto" adds per layer: its removal curves, beside the prunes
 
 Random weights, correlated synthetic statistics (``ditprune/costbench.py``); best of
 ``--repeats`` runs, methods interleaved. About 25 minutes on 2 CPU cores with one repeat."""
@@ -46,27 +46,59 @@ def main() -> None:
               + " | ".join(f"{x:.2f}x" for x in ratios) + " |")
 
 
+# Linears of each FLUX.1-dev block per SHAPES row (the single block's 9216x3072 adaLN timed as the
+# 18432x3072 row: an upper bound for both the prune and its curve)
+PER_BLOCK = {"double": {0: 8, 1: 2, 2: 2, 3: 2}, "single": {0: 3, 1: 1, 3: 1, 4: 1}}
+
+
 def curves(shapes, device: str) -> None:
-    """Seconds of ``allocation="auto"``'s removal curve per layer at sparsity 0.7 +- 0.2: Wanda's
-    (``curve="wanda"``) and SparseGPT's on 128 sampled rows (``curve="sparsegpt"``, the default
-    for methods that update weights). The gains (forwards of the whole model) are not included."""
+    """Seconds of ``allocation="auto"``'s removal curves per layer at sparsity 0.7 +- 0.2: Wanda's
+    (``curve="wanda"``, the default for methods that do not update weights) and SparseGPT's on 128
+    sampled rows (``curve="sparsegpt"``, the default for those that do), timed in the same run
+    as the prunes they steer (SparseGPT and ``dit`` with ``reconstruct=True`` at 0.7), and the
+    ratio composed over FLUX.1-dev's 19 double and 38 single blocks when every shape is timed.
+    Not included: the allocation's pass over the calibration and the measured gains."""
     import time
 
     import torch
 
+    import ditprune.costbench as cb
+    from ditprune.allocating import layer_curve
     from ditprune.allocation import removal_curve, sparsegpt_curve
-    from ditprune.costbench import synthetic_stats
+    from ditprune.pruning import make_sparsifier
 
-    print("| Linear (out x in) | wanda curve s | sparsegpt curve s |\n|---|---|---|")
+    def timed(fn):
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    print("| Linear (out x in) | wanda curve s | sparsegpt curve s | sparsegpt prune s | dit reconstruct prune s "
+          "| curve / sparsegpt | curve / dit reconstruct |\n|---|---|---|---|---|---|---|")
+    warm = cb.synthetic_stats(64, None, device=device)  # first calls pay one-time costs (imports, thread pools)
+    for method, options in (("sparsegpt", {}), ("dit", {"reconstruct": True})):
+        sp = make_sparsifier(method, 0.7, None, **options)
+        sp.compute_mask(torch.randn(96, 64, device=device), warm, **sp.defaults)
+    sparsegpt_curve(torch.randn(96, 64, device=device), warm.gram, 0.5, 0.9)  # (few tokens: fit, judged held out)
+    seconds = {}
     for name, out_f, in_f, tokens in shapes:
-        stats = synthetic_stats(in_f, tokens, device=device)
+        stats = cb.synthetic_stats(in_f, tokens, device=device)
         weight = (torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(1)) / in_f**0.5).to(device)
-        start = time.perf_counter()
-        removal_curve(weight, stats.energy)
-        wanda = time.perf_counter() - start
-        start = time.perf_counter()
-        sparsegpt_curve(weight, stats.gram, 0.5, 0.9)
-        print(f"| {name} ({out_f}x{in_f}) | {wanda:.2f} | {time.perf_counter() - start:.1f} |", flush=True)
+        wanda = timed(lambda: removal_curve(weight, stats.energy))
+        curve = timed(lambda: layer_curve(weight, stats, "sparsegpt", 0.5, 0.9))
+        prunes = []
+        for method, options in (("sparsegpt", {}), ("dit", {"reconstruct": True})):
+            sp = make_sparsifier(method, 0.7, None, **options)
+            prunes.append(timed(lambda: sp.compute_mask(weight, stats, **sp.defaults)))
+        seconds[cb.SHAPES.index((name, out_f, in_f, tokens))] = (wanda, curve, *prunes)
+        print(f"| {name} ({out_f}x{in_f}) | {wanda:.2f} | {curve:.1f} | {prunes[0]:.1f} | {prunes[1]:.1f} "
+              f"| {curve / prunes[0]:.2f} | {curve / prunes[1]:.2f} |", flush=True)
+    if len(seconds) == len(cb.SHAPES):
+        total = [sum(cb.FLUX_DEV[kind] * n * seconds[j][k] for kind, rows in PER_BLOCK.items() for j, n in rows.items())
+                 for k in range(4)]
+        print(f"\nFLUX.1-dev, {sum(cb.FLUX_DEV[k] * sum(r.values()) for k, r in PER_BLOCK.items())} Linears: "
+              f"SparseGPT curves {total[1] / 3600:.2f} h = {total[1] / total[2]:.0%} of a SparseGPT prune "
+              f"({total[2] / 3600:.2f} h), {total[1] / total[3]:.0%} of a dit reconstruct prune ({total[3] / 3600:.2f} h); "
+              f"Wanda curves {total[0] / 3600:.2f} h")
 
 
 if __name__ == "__main__":

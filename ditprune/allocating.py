@@ -10,18 +10,19 @@ import torch
 from torch import nn
 
 from . import allocation as A
-from . import distributed, saliency
+from . import distributed, models, saliency
 from .calibration import run_block_sequential, run_whole_model
 from .errors import InputError
 from .granularity import nm_mask, row_mask
 from .stats import observe
 
-__all__ = ["check", "allocate", "output_gains"]
+__all__ = ["check", "allocate", "output_gains", "gain_groups", "layer_curve"]
 
 log = logging.getLogger(__name__)
 
 OPTIONS = {"m", "lam", "gains", "gain_batches", "curve"}
 CURVES = ("wanda", "obs", "sparsegpt")
+GAINS = ("blocks", "layers", "none")
 
 
 def check(allocation, spread, options, pattern, max_dense=0.0) -> str:
@@ -34,8 +35,11 @@ def check(allocation, spread, options, pattern, max_dense=0.0) -> str:
     unknown = sorted(set(options or {}) - OPTIONS)
     if unknown:
         raise InputError(f"allocation_options: unknown {unknown}; OWL takes 'm' (outlier threshold) and 'lam', "
-                         "auto 'gains' ('measured' or 'none'), 'gain_batches' and 'curve' ('wanda', 'obs' or "
+                         "auto 'gains' ('blocks', 'layers' or 'none'), 'gain_batches' and 'curve' ('wanda', 'obs' or "
                          "'sparsegpt')")
+    gains = (options or {}).get("gains", "blocks")
+    if gains not in GAINS:
+        raise InputError(f"allocation_options.gains must be one of {list(GAINS)}, got {gains!r}")
     curve = (options or {}).get("curve", "wanda")
     if curve not in CURVES:
         raise InputError(f"allocation_options.curve must be one of {list(CURVES)}, got {curve!r}")
@@ -54,15 +58,59 @@ def check(allocation, spread, options, pattern, max_dense=0.0) -> str:
     return allocation
 
 
+def layer_curve(weight: torch.Tensor, stats, curve: str, lo: float, hi: float) -> torch.Tensor:
+    """The removal curve ``curve`` (``obs`` or ``sparsegpt``) of one layer from its input
+    statistics. A layer with few tokens (:attr:`ditprune.stats.InputStats.few_tokens`) gets
+    SparseGPT fitted on some tokens and judged on the held-out ones, as the prune judges its own
+    fit there; with none to judge on, the prune fits nothing and Wanda's curve holds."""
+    if curve == "obs":  # measured worse at 80%: opt-in
+        return A.obs_curve(weight, stats.gram)
+    if not stats.few_tokens:
+        return A.sparsegpt_curve(weight, stats.gram, lo, hi)
+    held = stats.holdout()
+    return A.sparsegpt_curve(weight, held[0], lo, hi, judge=held[1]) if held else A.removal_curve(weight, stats.energy)
+
+
+def _sq(out, ref=None) -> float:
+    """Sum of squares of every floating tensor in a block's output (tensor, tuple or list), or
+    of its difference from ``ref``'s."""
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    refs = ref if isinstance(ref, (tuple, list)) else (ref,) * len(outs)
+    return sum(float((o.float() - (r.float() if r is not None else 0)).pow(2).sum()) for o, r in zip(outs, refs)
+               if torch.is_tensor(o) and o.is_floating_point())
+
+
+def gain_groups(model: nn.Module, names: list[str], per: str = "blocks") -> list[tuple[nn.Module | None, list[str]]]:
+    """How :func:`output_gains` measures ``names``: ``per="blocks"``: the layers of each
+    transformer block together (the block's module, its layers), a layer outside every block
+    alone; ``per="layers"``: every layer alone."""
+    inside = {}
+    if per == "blocks":
+        for b, module in models.blocks(model):
+            for n in names:
+                if n.startswith(b + "."):
+                    inside.setdefault(b, (module, []))[1].append(n)
+    grouped = {n for _, ns in inside.values() for n in ns}
+    return list(inside.values()) + [(None, [n]) for n in names if n not in grouped]
+
+
 @torch.no_grad()
-def output_gains(model: nn.Module, names: list[str], energies, removed: list[float], keep_of, batches: list[dict],
-                 sync: bool = False) -> list[float]:
-    """How much of each layer's relative output error reaches the model's output: the relative
-    change of the output when that layer alone is pruned (``keep_of(wanda_scores)``: Wanda's
-    mask at the target sparsity or pattern), over ``removed``, the fraction of the layer's
-    output energy that this mask removes, on ``batches`` (with ``sync``: every rank's, summed,
-    so every rank allocates alike). The layers carry torch.ao parametrizations (their
-    ``original`` is pruned for the measurement and put back)."""
+def output_gains(model: nn.Module, groups, energies: dict, removed: dict, keep_of, batches: list[dict],
+                 sync: bool = False) -> dict[str, float]:
+    """Layer name -> how much of its relative output error reaches the model's output, on
+    ``batches``: the relative change of the model's output when that layer is pruned
+    (``keep_of(wanda_scores)``: Wanda's mask at the target sparsity or pattern), over
+    ``removed[name]``, the fraction of the layer's output energy that this mask removes.
+
+    ``groups`` (:func:`gain_groups`): a layer alone is pruned alone and the model run (one
+    forward per layer and batch). The layers of a block are measured together: the model runs
+    once per batch with all of them pruned (change R_b at the output), and on the block's own
+    (dense) inputs the block runs with each layer pruned alone (change r_l of the block's
+    output) and with all (r_b); the layer's gain is R_b r_l / r_b over ``removed``: within a
+    block each layer's share of the block's error, across blocks how much a block's error
+    reaches the output (assumed: alike whichever of its layers caused it). With ``sync`` every
+    rank's sums are added, so every rank measures alike. The layers carry torch.ao
+    parametrizations (their ``original`` is pruned for the measurement and put back)."""
 
     def output(batch):
         out = model(**batch)
@@ -70,21 +118,66 @@ def output_gains(model: nn.Module, names: list[str], energies, removed: list[flo
         return out.float()
 
     dense = [output(b) for b in batches]
-    changes = []
-    for name, energy in zip(names, energies):
-        weight = model.get_submodule(name).parametrizations.weight.original
-        keep = keep_of(saliency.wanda(weight, energy))
-        saved = weight.detach().clone()
-        weight.data.masked_fill_(~keep, 0)
+    originals = {n: model.get_submodule(n).parametrizations.weight.original for g in groups for n in g[1]}
+    sums = []  # per group: model change, then (block groups) each layer's and all layers' block change
+    for block, layer_names in groups:
+        keeps = {n: keep_of(saliency.wanda(originals[n], energies[n])) for n in layer_names}
+        saved = {n: originals[n].detach().clone() for n in layer_names}
+
+        def prune(which):
+            for n in which:
+                originals[n].data.masked_fill_(~keeps[n], 0)
+
+        def restore():
+            for n in layer_names:
+                originals[n].data.copy_(saved[n])
+
+        local = [0.0] * (len(layer_names) + 1)
+        busy = []
+
+        def measure_block(module, args, kwargs):  # on the block's dense inputs, before the pruned run
+            if busy:
+                return None
+            busy.append(1)
+            try:
+                restore()
+                ref = module(*args, **kwargs)
+                for i, n in enumerate(layer_names):
+                    prune([n])
+                    local[i] += _sq(module(*args, **kwargs), ref)
+                    restore()
+                prune(layer_names)
+                local[-1] += _sq(module(*args, **kwargs), ref)
+            finally:
+                busy.clear()
+            return None
+
+        hook = (block.register_forward_pre_hook(measure_block, with_kwargs=True)
+                if block is not None and len(layer_names) > 1 else None)
         try:
-            changes.append(sum(float((output(b) - d).pow(2).sum()) for b, d in zip(batches, dense)))
+            prune(layer_names)
+            sums.append(sum(float((output(b) - d).pow(2).sum()) for b, d in zip(batches, dense)))
         finally:
-            weight.data.copy_(saved)
-    sums = changes + [sum(float(d.pow(2).sum()) for d in dense)]
+            if hook is not None:
+                hook.remove()
+            restore()
+        if hook is not None:
+            sums += local
+    sums.append(sum(float(d.pow(2).sum()) for d in dense))
     if sync:
         sums = distributed.sum_over_ranks(sums)
     norm = max(sums[-1], 1e-30)
-    return [c / norm / r if r > 0 else 0.0 for c, r in zip(sums[:-1], removed)]
+    gains, at = {}, 0
+    for block, layer_names in groups:
+        change = sums[at] / norm
+        if block is not None and len(layer_names) > 1:
+            local, at = sums[at + 1 : at + 2 + len(layer_names)], at + 2 + len(layer_names)
+            shares = [x / local[-1] if local[-1] > 0 else 0.0 for x in local[:-1]]
+        else:
+            shares, at = [1.0], at + 1
+        for n, share in zip(layer_names, shares):
+            gains[n] = change * share / removed[n] if removed[n] > 0 else 0.0
+    return gains
 
 
 def allocate(model: nn.Module, names: list[str], allocation: str, sparsity: float, spread: float, options: dict,
@@ -116,10 +209,8 @@ def allocate(model: nn.Module, names: list[str], allocation: str, sparsity: floa
         for n in layer_names:
             st, w = stats[f"{n}.weight"], model.get_submodule(n).weight.detach()
             energy_of[n] = st.energy
-            if gram and curve == "obs":  # measured worse at 80%: opt-in
-                curve_of[n] = A.obs_curve(w, st.gram)
-            elif gram:
-                curve_of[n] = A.sparsegpt_curve(w, st.gram, lo, hi)
+            if gram:
+                curve_of[n] = layer_curve(w, st, curve, lo, hi)
         stats.clear()  # a block's Gram matrices go before the next block's
 
     if blocks is not None:
@@ -132,14 +223,15 @@ def allocate(model: nn.Module, names: list[str], allocation: str, sparsity: floa
     weights_of = [model.get_submodule(n).weight.detach() for n in names]
     energies = [energy_of[n] for n in names]
     sizes = [w.numel() for w in weights_of]
-    measured = options.get("gains", "measured") == "measured"
+    per = options.get("gains", "blocks")
+    groups = gain_groups(model, names, per) if per != "none" else None
     # gain_batches counts over all ranks: each measures on its first share, so N processes on
     # the shards of a dataset measure on the batches one process takes first from it
     batches = calibration[:-(-options.get("gain_batches", 4) // (distributed.world_size() if sync else 1))]
     if nm is not None:
         removed = [A.nm_removed(w, e, *nm) for w, e in zip(weights_of, energies)]
-        gains = (output_gains(model, names, energies, removed, lambda sc: nm_mask(sc, *nm), batches, sync)
-                 if measured else [1.0] * len(names))
+        gains = (_gains(model, groups, names, energies, removed, lambda sc: nm_mask(sc, *nm), batches, sync)
+                 if groups else [1.0] * len(names))
         costs = [g * r for g, r in zip(gains, removed)]
         dense = A.keep_dense(costs, sizes, max_dense)
         log.info("allocation auto at %d:%d: %d of %d layers stay dense (%.3f of their weights): %s", *nm, sum(dense),
@@ -155,11 +247,16 @@ def allocate(model: nn.Module, names: list[str], allocation: str, sparsity: floa
         wanda = [A.removal_curve(w, e) for w, e in zip(weights_of, energies)]
         curves = [curve_of[n] for n in names] if gram else wanda
         gains = None
-        if measured:
+        if groups:
             removed = [A.value_at(c, sparsity) for c in wanda]
-            gains = output_gains(model, names, energies, removed, lambda sc: row_mask(sc, sparsity), batches, sync)
+            gains = _gains(model, groups, names, energies, removed, lambda sc: row_mask(sc, sparsity), batches, sync)
         alloc, predicted = A.auto(curves, sizes, sparsity, spread, gains)
     alloc = A.whole_rows(alloc, [tuple(w.shape) for w in weights_of], sparsity, *A.bounds(sparsity, spread))
     log.info("allocation %s: layer sparsities %.3f-%.3f around %.3f", allocation, min(alloc), max(alloc), sparsity)
     return {n: {"sparsity": a} | ({"predicted": predicted[i]} if predicted else {}) for i, (n, a) in
             enumerate(zip(names, alloc))}
+
+
+def _gains(model, groups, names, energies, removed, keep_of, batches, sync) -> list[float]:
+    gains = output_gains(model, groups, dict(zip(names, energies)), dict(zip(names, removed)), keep_of, batches, sync)
+    return [gains[n] for n in names]

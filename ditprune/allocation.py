@@ -142,30 +142,35 @@ def obs_curve(weight: torch.Tensor, gram: torch.Tensor, grid: int = GRID, percda
 
 
 def sparsegpt_curve(weight: torch.Tensor, gram: torch.Tensor, lo: float, hi: float, points: int = 8,
-                    rows: int = 128, grid: int = GRID, percdamp: float = 0.01) -> torch.Tensor:
+                    rows: int = 128, grid: int = GRID, percdamp: float = 0.01,
+                    dtype: torch.dtype = torch.float32, judge: torch.Tensor | None = None) -> torch.Tensor:
     """(grid + 1,) float64: like :func:`removal_curve`, for a method that updates the kept weights,
     measured rather than modelled: SparseGPT (:func:`ditprune.sparsegpt.obs_prune`, its own
-    mask and sequential update, one Cholesky factorisation of H shared by every call) prunes
-    ``rows`` evenly spaced rows at ``points + 1`` sparsities spread over [lo, hi] (and 0), and the fraction of those rows' output energy it loses,
+    mask and sequential update) prunes ``rows`` evenly spaced rows at ``points + 1`` sparsities
+    spread over [lo, hi] (and 0), and the fraction of those rows' output energy it loses,
     ``tr(D H D^T) / tr(W H W^T)``, is taken at each; the curve is the lower convex hull of
     those points, linear between them (convex, as :func:`auto` assumes) and extended linearly
-    beyond them."""
-    from .sparsegpt import inverse_factor, obs_prune
+    beyond them. The sparsities run as row groups of one ``obs_prune`` call (one Cholesky
+    factorisation of H and one column pass for all), in ``dtype`` as SparseGPT itself
+    (float32: at 12288 inputs float64 doubled the factorisation's time). ``judge``: the Gram
+    matrix of held-out tokens on which the loss is measured (SparseGPT fitted on ``gram``, the
+    other tokens): with fewer tokens than inputs, as FLUX.1-dev's adaLN layers see, a fit
+    judged on its own tokens loses nearly nothing and the curve would call the layer free."""
+    from .sparsegpt import obs_prune
 
     out_f, in_f = weight.shape
     idx = torch.linspace(0, out_f - 1, min(rows, out_f)).round().long().unique().to(weight.device)
-    w = weight[idx].double()
-    h = gram.double().to(weight.device)
-    total = float(((w @ h) * w).sum())
+    w = weight[idx].to(dtype)
+    h = gram.to(dtype=dtype, device=weight.device)
+    j = h if judge is None else judge.to(dtype=dtype, device=weight.device)
+    energy = lambda m: ((m @ j) * m).sum(1, dtype=torch.float64)  # noqa: E731 (per row, on the judging tokens)
+    total = float(energy(w).sum())
     if total <= 0:
         return torch.zeros(grid + 1, dtype=torch.float64)
     xs = sorted({0.0, *(lo + (hi - lo) * k / points for k in range(points + 1))})
-    ys = [0.0]
-    factor = inverse_factor(h, percdamp, torch.float64)  # one factorisation for every sparsity
-    for x in xs[1:]:
-        new, keep, _ = obs_prune(w, h, x, dtype=torch.float64, factor=factor)
-        d = w - new * keep
-        ys.append(min(1.0, float(((d @ h) * d).sum()) / total))
+    new, keep, _ = obs_prune(w.repeat(len(xs) - 1, 1), h, xs[1:], percdamp=percdamp, dtype=dtype)
+    lost = energy(w.repeat(len(xs) - 1, 1) - new * keep).view(len(xs) - 1, -1).sum(1)
+    ys = [0.0] + [min(1.0, float(v) / total) for v in lost]
     hull = [0]  # lower convex hull (Andrew's monotone chain, lower part)
     for j in range(1, len(xs)):
         while len(hull) >= 2:

@@ -47,42 +47,38 @@ def inverse_cholesky(H: torch.Tensor, percdamp: float = 0.01, tries: int = 6) ->
                        "statistics are degenerate (check for constant or duplicated inputs)")
 
 
-def inverse_factor(gram: torch.Tensor, percdamp: float = 0.01, dtype: torch.dtype = torch.float32,
-                   device=None) -> tuple[torch.Tensor, float]:
-    """:func:`inverse_cholesky` of ``gram`` in ``dtype`` on ``device``, a dead input (zero
-    diagonal) given a unit diagonal first, as :func:`obs_prune` needs it."""
-    H = gram.detach().to(dtype).clone().to(device if device is not None else gram.device)
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    return inverse_cholesky(H, percdamp)
-
-
 @torch.no_grad()
 def obs_prune(
     weight: torch.Tensor,
     gram: torch.Tensor,
-    sparsity: float = 0.0,
+    sparsity: float | list[float] = 0.0,
     nm: tuple[int, int] | None = None,
     prune_mask: torch.Tensor | None = None,
     blocksize: int = 128,
     percdamp: float = 0.01,
     dtype: torch.dtype = torch.float32,
-    factor: tuple[torch.Tensor, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Returns (updated weight in ``weight``'s dtype, keep mask, percdamp used). Math runs in
     ``dtype``: float32 as the reference (``method="sparsegpt"``); the ``dit`` reconstruction asks
     float64, so that summation-order noise in H (several processes) does not move the weights.
-    ``factor``: :func:`inverse_factor` of ``gram`` computed once, for several calls on one H."""
+    ``sparsity`` a list of G values: the rows form G equal consecutive groups, each pruned at its
+    own sparsity as if by its own call (one column pass instead of G)."""
     W = weight.detach().to(dtype).clone()
-    dead = (torch.diag(gram) == 0).to(W.device)
+    H = gram.detach().to(dtype=dtype, device=W.device).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
     W[:, dead] = 0.0
     rows, cols = W.shape
-    Hinv, percdamp = factor if factor is not None else inverse_factor(gram, percdamp, dtype, W.device)
+    Hinv, percdamp = inverse_cholesky(H, percdamp)
     if nm is not None:
         blocksize = max(nm[1], blocksize - blocksize % nm[1])  # N:M groups never straddle two blocks
 
     pruned = torch.zeros_like(W, dtype=torch.bool)
-    block_counts = _block_counts(rows, cols, blocksize, sparsity) if nm is None else None
+    groups = list(sparsity) if isinstance(sparsity, (list, tuple)) else [sparsity]
+    if rows % len(groups):
+        raise ValueError(f"{rows} rows do not split into {len(groups)} equal groups")
+    counts = (torch.tensor([_block_counts(rows // len(groups), cols, blocksize, s) for s in groups]).to(W.device)
+              if nm is None else None)  # (groups, blocks)
     for b, i1 in enumerate(range(0, cols, blocksize)):
         i2 = min(i1 + blocksize, cols)
         W1 = W[:, i1:i2].clone()
@@ -93,8 +89,9 @@ def obs_prune(
             mask1 = prune_mask[:, i1:i2].to(W.device)
         elif nm is None:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
-            score = (W1.pow(2) / d.pow(2)).flatten()
-            mask1.view(-1)[torch.sort(score, stable=True).indices[: block_counts[b]]] = True
+            score = (W1.pow(2) / d.pow(2)).view(len(groups), -1)  # each group's lowest scores of the block
+            take = torch.arange(score.shape[1], device=W.device) < counts[:, b : b + 1]
+            mask1.view(len(groups), -1).scatter_(1, torch.sort(score, dim=1, stable=True).indices, take)
         else:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         for i in range(i2 - i1):

@@ -275,8 +275,53 @@ def test_sparsegpt_curve_is_what_sparsegpt_loses_and_convex():
     new, keep, _ = obs_prune(w, h, 0.7, dtype=torch.float64)
     d = w - new * keep
     lost = float(((d @ h) * d).sum() / ((w @ h) * w).sum())
-    assert float(curve[70]) <= lost + 1e-9 and float(curve[70]) > 0.5 * lost
+    assert float(curve[70]) <= lost * (1 + 1e-4) and float(curve[70]) > 0.5 * lost  # float32 vs float64
     assert float(curve[50]) < float(removal_curve(w, h.diagonal())[50])  # below Wanda's: the twins take over
+
+
+def test_a_layer_with_fewer_tokens_than_inputs_gets_the_loss_sparsegpt_shows_on_unseen_tokens():
+    from ditprune.allocating import layer_curve
+    from ditprune.allocation import sparsegpt_curve
+    from ditprune.sparsegpt import obs_prune
+    from ditprune.stats import InputStats
+
+    torch.manual_seed(0)
+    mix = torch.randn(96, 96) / 96**0.5
+    st = InputStats("adaLN", 96, need_gram=True)
+    st.update(torch.randn(60, 96) @ mix)  # fewer tokens than inputs, as FLUX.1-dev's adaLN layers see
+    assert st.few_tokens
+    w = torch.randn(40, 96)
+    unseen = torch.randn(20000, 96) @ mix
+    h_unseen = unseen.T @ unseen / 20000
+    fit, _ = st.holdout()
+    new, keep, _ = obs_prune(w, fit, 0.6)
+    d = w - new * keep
+    truth = float(((d @ h_unseen) * d).sum() / ((w @ h_unseen) * w).sum())  # the fit's loss on unseen tokens
+    held = float(layer_curve(w, st, "sparsegpt", 0.4, 0.8)[60])
+    self_judged = float(sparsegpt_curve(w, st.gram, 0.4, 0.8)[60])
+    assert self_judged < 0.3 * truth  # judged on its own tokens the fit looks nearly free
+    assert 0.5 * truth < held < 2 * truth
+    few = InputStats("one token", 96, need_gram=True)
+    few.update(torch.randn(1, 96))  # nothing to hold out: Wanda's curve
+    assert torch.equal(layer_curve(w, few, "sparsegpt", 0.4, 0.8), removal_curve(w, few.energy))
+
+
+def test_row_groups_at_their_own_sparsities_are_separate_sparsegpt_calls():
+    from ditprune.sparsegpt import obs_prune
+
+    torch.manual_seed(0)
+    x = torch.randn(500, 300, dtype=torch.float64) @ torch.randn(300, 300, dtype=torch.float64)
+    h = x.T @ x / 500
+    w = torch.randn(3, 300, dtype=torch.float64)
+    rows = w.repeat(3, 1)
+    new, keep, _ = obs_prune(rows, h, [0.3, 0.55, 0.8], dtype=torch.float64)  # 3 blocks of columns, uneven counts
+    for g, s in enumerate([0.3, 0.55, 0.8]):
+        one, one_keep, _ = obs_prune(w, h, s, dtype=torch.float64)
+        assert torch.equal(keep[3 * g : 3 * g + 3], one_keep)
+        assert int((~one_keep).sum()) == round(900 * s)
+        torch.testing.assert_close(new[3 * g : 3 * g + 3], one, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="equal groups"):
+        obs_prune(w, h, [0.5, 0.6])
 
 
 def test_block_by_block_allocation_pass_allocates_as_the_whole_model_pass():
@@ -307,3 +352,86 @@ def test_a_method_that_updates_weights_allocates_by_sparsegpt_curves(monkeypatch
         model = tiny_model("flux")
         report = ditprune.prune(model, tiny_batches(model), method=method, sparsity=0.7, allocation="auto", **options)
         assert (len(calls) == len(report.layers)) if expected else not calls, (method, options)
+
+
+@torch.no_grad()
+def test_block_gains_are_the_blocks_output_change_shared_by_its_layers_block_changes():
+    """output_gains with a block's layers measured together, recomputed by hand: the model's
+    output change with the whole block pruned, shared by each layer's change of the block's
+    output (on the block's dense inputs) over the whole block's."""
+    from torch import nn
+    from torch.nn.utils import parametrize
+
+    from ditprune import saliency
+    from ditprune.allocating import gain_groups, output_gains
+    from ditprune.granularity import row_mask
+    from ditprune.models import blocks
+    from ditprune.models.tiny import tiny_batches, tiny_model
+
+    model = tiny_model("dit").eval()
+    batches = tiny_batches(model, n=2)
+    names = [n for b in ("transformer_blocks.0.", "transformer_blocks.1.") for n in
+             [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(b) and ".emb." not in n][:3]]
+    for n in names:  # the prune's layers carry torch.ao parametrizations; output_gains edits their original
+        parametrize.register_parametrization(model.get_submodule(n), "weight", nn.Identity())
+    rng = torch.Generator().manual_seed(0)
+    energies = {n: torch.rand(model.get_submodule(n).in_features, generator=rng) + 0.1 for n in names}
+    removed = {n: 0.1 + 0.05 * i for i, n in enumerate(names)}
+    keep_of = lambda sc: row_mask(sc, 0.5)  # noqa: E731
+    groups = gain_groups(model, names)
+    assert [(block, ls) for block, ls in groups] == [(dict(blocks(model))[b], names[i : i + 3])
+                                                    for i, b in ((0, "transformer_blocks.0"), (3, "transformer_blocks.1"))]
+    gains = output_gains(model, groups, energies, removed, keep_of, batches)
+
+    def run():
+        out = [model(**b).sample.float() for b in batches]
+        return out
+
+    def weight(n):
+        return model.get_submodule(n).parametrizations.weight.original
+
+    dense = run()
+    norm = sum(float(d.pow(2).sum()) for d in dense)
+    for block, layer_names in groups:
+        inputs = []
+        hook = block.register_forward_pre_hook(lambda m, a, k: inputs.append((a, k)), with_kwargs=True)
+        run()
+        hook.remove()
+        saved = {n: weight(n).detach().clone() for n in layer_names}
+        masks = {n: row_mask(saliency.wanda(saved[n], energies[n]), 0.5) for n in layer_names}
+
+        def block_change(which):
+            for n in which:
+                weight(n).data.mul_(masks[n])
+            change = 0.0
+            for a, k in inputs:
+                for n in which:
+                    weight(n).data.copy_(saved[n])
+                ref = block(*a, **k)
+                ref = ref if isinstance(ref, tuple) else (ref,)
+                for n in which:
+                    weight(n).data.mul_(masks[n])
+                out = block(*a, **k)
+                out = out if isinstance(out, tuple) else (out,)
+                change += sum(float((o - r).pow(2).sum()) for o, r in zip(out, ref) if torch.is_tensor(o))
+            for n in which:
+                weight(n).data.copy_(saved[n])
+            return change
+
+        whole = block_change(layer_names)
+        for n in layer_names:
+            weight(n).data.mul_(masks[n])
+        model_change = sum(float((o - d).pow(2).sum()) for o, d in zip(run(), dense)) / norm
+        for n in layer_names:
+            weight(n).data.copy_(saved[n])
+        for n in layer_names:
+            expected = model_change * block_change([n]) / whole / removed[n]
+            assert gains[n] == pytest.approx(expected, rel=1e-4)
+    # every layer alone: the model's output change with that layer pruned
+    alone = output_gains(model, gain_groups(model, names, "layers"), energies, removed, keep_of, batches)
+    n = names[0]
+    saved = weight(n).detach().clone()
+    weight(n).data.mul_(row_mask(saliency.wanda(saved, energies[n]), 0.5))
+    change = sum(float((o - d).pow(2).sum()) for o, d in zip(run(), dense)) / norm
+    weight(n).data.copy_(saved)
+    assert alone[n] == pytest.approx(change / removed[n], rel=1e-4)
