@@ -6,8 +6,8 @@ method on the same dense model, calibration (16 prompts x 10 steps) and evaluati
 
 A variant is an allocation, with ``:none`` for ``auto`` without the measured output gains
 (``allocation_options={"gains": "none"}``: every layer's relative error counts alike),
-``:layers`` for gains measured for every layer alone at the model's output (``{"gains": "layers"}``;
-the default measures a block's layers together, see ``ditprune.allocating.output_gains``) and
+``:blocks`` for gains measured for a block's layers together (``{"gains": "blocks"}``, see
+``ditprune.allocating.output_gains``; the default measures every layer alone) and
 ``:obs`` for ``auto`` with Optimal Brain Surgeon removal curves (``{"curve": "obs"}``),
 ``:sgpt`` for ``auto`` with curves SparseGPT measures on sampled rows (``{"curve": "sparsegpt"}``) and
 ``:dense0.1`` for ``auto`` with ``max_dense=0.1`` (with an N:M setting, e.g. ``--sparsities 2:4``:
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
         method, options = ("dit", {"reconstruct": True}) if m == "dit+rec" else (m, {})
         for v in args.variants.split(","):
             allocation, _, variant = v.partition(":")
-            options_of = {"": {}, "none": {"gains": "none"}, "layers": {"gains": "layers"}, "obs": {"curve": "obs"}, "sgpt": {"curve": "sparsegpt"}}
+            options_of = {"": {}, "none": {"gains": "none"}, "blocks": {"gains": "blocks"}, "obs": {"curve": "obs"}, "sgpt": {"curve": "sparsegpt"}}
             extra = {"allocation": allocation}
             for part in filter(None, variant.split("+")):  # e.g. auto:dense0.1+none
                 if part.startswith("dense"):

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 OPTIONS = {"m", "lam", "gains", "gain_batches", "curve"}
 CURVES = ("wanda", "obs", "sparsegpt")
-GAINS = ("blocks", "layers", "none")
+GAINS = ("layers", "blocks", "none")
 
 
 def check(allocation, spread, options, pattern, max_dense=0.0) -> str:
@@ -35,9 +35,9 @@ def check(allocation, spread, options, pattern, max_dense=0.0) -> str:
     unknown = sorted(set(options or {}) - OPTIONS)
     if unknown:
         raise InputError(f"allocation_options: unknown {unknown}; OWL takes 'm' (outlier threshold) and 'lam', "
-                         "auto 'gains' ('blocks', 'layers' or 'none'), 'gain_batches' and 'curve' ('wanda', 'obs' or "
+                         "auto 'gains' ('layers', 'blocks' or 'none'), 'gain_batches' and 'curve' ('wanda', 'obs' or "
                          "'sparsegpt')")
-    gains = (options or {}).get("gains", "blocks")
+    gains = (options or {}).get("gains", "layers")
     if gains not in GAINS:
         raise InputError(f"allocation_options.gains must be one of {list(GAINS)}, got {gains!r}")
     curve = (options or {}).get("curve", "wanda")
@@ -80,10 +80,10 @@ def _sq(out, ref=None) -> float:
                if torch.is_tensor(o) and o.is_floating_point())
 
 
-def gain_groups(model: nn.Module, names: list[str], per: str = "blocks") -> list[tuple[nn.Module | None, list[str]]]:
-    """How :func:`output_gains` measures ``names``: ``per="blocks"``: the layers of each
-    transformer block together (the block's module, its layers), a layer outside every block
-    alone; ``per="layers"``: every layer alone."""
+def gain_groups(model: nn.Module, names: list[str], per: str = "layers") -> list[tuple[nn.Module | None, list[str]]]:
+    """How :func:`output_gains` measures ``names``: ``per="layers"`` (the default): every layer
+    alone; ``per="blocks"``: the layers of each transformer block together (the block's module,
+    its layers), a layer outside every block alone."""
     inside = {}
     if per == "blocks":
         for b, module in models.blocks(model):
@@ -108,7 +108,12 @@ def output_gains(model: nn.Module, groups, energies: dict, removed: dict, keep_o
     (dense) inputs the block runs with each layer pruned alone (change r_l of the block's
     output) and with all (r_b); the layer's gain is R_b r_l / r_b over ``removed``: within a
     block each layer's share of the block's error, across blocks how much a block's error
-    reaches the output (assumed: alike whichever of its layers caused it). With ``sync`` every
+    reaches the output (assumed: alike whichever of its layers caused it). That costs one model
+    forward per block instead of per layer (about 9x fewer on FLUX.1-dev), but the assumption
+    fails where a block's layers feed different streams (FLUX's text-stream errors reach the
+    output only through later attention): on flux-layout at 70% it kept 0.70x of uniform's
+    error for ``dit`` with ``reconstruct=True`` where per-layer gains keep 0.53x
+    (``benchmarks/results/allocation_gains_blocks_flux.md``), so it is opt-in. With ``sync`` every
     rank's sums are added, so every rank measures alike. The layers carry torch.ao
     parametrizations (their ``original`` is pruned for the measurement and put back)."""
 
@@ -223,7 +228,7 @@ def allocate(model: nn.Module, names: list[str], allocation: str, sparsity: floa
     weights_of = [model.get_submodule(n).weight.detach() for n in names]
     energies = [energy_of[n] for n in names]
     sizes = [w.numel() for w in weights_of]
-    per = options.get("gains", "blocks")
+    per = options.get("gains", "layers")
     groups = gain_groups(model, names, per) if per != "none" else None
     # gain_batches counts over all ranks: each measures on its first share, so N processes on
     # the shards of a dataset measure on the batches one process takes first from it

@@ -378,7 +378,7 @@ def test_block_gains_are_the_blocks_output_change_shared_by_its_layers_block_cha
     energies = {n: torch.rand(model.get_submodule(n).in_features, generator=rng) + 0.1 for n in names}
     removed = {n: 0.1 + 0.05 * i for i, n in enumerate(names)}
     keep_of = lambda sc: row_mask(sc, 0.5)  # noqa: E731
-    groups = gain_groups(model, names)
+    groups = gain_groups(model, names, "blocks")
     assert [(block, ls) for block, ls in groups] == [(dict(blocks(model))[b], names[i : i + 3])
                                                     for i, b in ((0, "transformer_blocks.0"), (3, "transformer_blocks.1"))]
     gains = output_gains(model, groups, energies, removed, keep_of, batches)
