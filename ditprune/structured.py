@@ -47,16 +47,20 @@ def damped(gram: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
 
 @torch.no_grad()
 def select_obs(consumers: Sequence[tuple[torch.Tensor, torch.Tensor]], groups: Sequence[Sequence[int]], remove: int,
-               rounds: int = 16, percdamp: float = 0.01) -> list[int]:
+               rounds: int = 16, percdamp: float = 0.01, gone: Sequence[Sequence[int]] = ()) -> list[int]:
     """Indices into ``groups`` to remove: greedily the ``remove`` groups whose removal costs the
     consumers' outputs least after the optimal update of their other columns. ``consumers``:
     (weight (out, in), Gram (in, in)) pairs whose column indices ``groups`` refer to. Groups
     go in ``rounds`` rounds (one per round when ``remove <= rounds``), the inverse updated
-    after each round."""
+    after each round. ``gone``: per consumer, columns another unit already removed (a FLUX single
+    block's ``proj_out`` reads heads and MLP channels): they are eliminated first."""
     if remove <= 0:
         return []
-    Hinvs = [torch.linalg.inv(damped(H)) for _, H in consumers]
+    Hinvs = [torch.linalg.inv(damped(H, percdamp)) for _, H in consumers]
     Ws = [W.to(torch.float64) for W, _ in consumers]
+    for i, cols in enumerate(gone):
+        if len(cols):
+            Ws[i], Hinvs[i] = _eliminate(Ws[i], Hinvs[i], torch.as_tensor(list(cols), dtype=torch.long))
     idx = [torch.as_tensor(list(g), dtype=torch.long) for g in groups]
     alive, removed = list(range(len(groups))), []
     per_round = max(1, math.ceil(remove / rounds))
@@ -66,13 +70,18 @@ def select_obs(consumers: Sequence[tuple[torch.Tensor, torch.Tensor]], groups: S
             costs += _group_costs(W, Hinv, [idx[g] for g in alive])
         take = [alive[i] for i in torch.argsort(costs, stable=True)[: min(per_round, remove - len(removed))].tolist()]
         cols = torch.cat([idx[g] for g in take])
-        for i, (W, Hinv) in enumerate(zip(Ws, Hinvs)):  # the OBS update of the other columns, then the
-            step = torch.linalg.solve(Hinv[cols][:, cols], Hinv[cols, :])  # inverse without those (Schur)
-            Ws[i] = W - W[:, cols] @ step
-            Hinvs[i] = Hinv - Hinv[:, cols] @ step
+        for i in range(len(Ws)):
+            Ws[i], Hinvs[i] = _eliminate(Ws[i], Hinvs[i], cols)
         removed += take
         alive = [g for g in alive if g not in set(take)]
     return sorted(removed)
+
+
+def _eliminate(W: torch.Tensor, Hinv: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Columns ``cols`` removed: the OBS update of the other columns of W, and the inverse of H
+    without them (a Schur complement; their rows and columns become 0)."""
+    step = torch.linalg.solve(Hinv[cols][:, cols], Hinv[cols, :])
+    return W - W[:, cols] @ step, Hinv - Hinv[:, cols] @ step
 
 
 def _group_costs(W: torch.Tensor, Hinv: torch.Tensor, groups: list[torch.Tensor]) -> torch.Tensor:
