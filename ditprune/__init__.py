@@ -24,6 +24,7 @@ _LAZY = {
                      "SparseGPTSparsifier", "WandaSparsifier"], "ditprune.sparsifiers"),
     **dict.fromkeys(["load_pipeline", "pipeline_calibration", "release_components", "restore_components"],
                     "ditprune.models.loading"),
+    **dict.fromkeys(["prune_structured", "StructuredReport"], "ditprune.structuring"),
     "reference_calibration": "ditprune.evaluation.harness",
     "load_reference": "ditprune.reference",
 }
@@ -40,6 +41,8 @@ def __getattr__(name: str):
 
 __all__ = [
     "prune",
+    "prune_structured",
+    "StructuredReport",
     "PrunePlan",
     "save_transformer",
     "load_transformer",

@@ -439,6 +439,7 @@ def prune(
     allocation_range: float = 0.2,
     allocation_options: dict | None = None,
     max_dense: float = 0.0,
+    structure: str | None = None,
     **method_options: Any,
 ) -> PruneReport:
     """Prune ``model`` in place, one shot, and return a per-layer report.
@@ -489,11 +490,24 @@ def prune(
             targeted weights that may stay dense; the layers whose pruning is predicted to cost
             the model's output most per weight stay dense first (their report's ``info`` says
             so). 0 (the default): every layer takes the pattern.
+        structure: ``"heads"`` | ``"mlp"`` | ``"heads+mlp"``: remove whole attention heads and
+            MLP hidden channels instead, the fraction ``sparsity`` of them in every attention and
+            MLP of every block, leaving smaller Linears (see
+            :func:`ditprune.structuring.prune_structured`, whose
+            :class:`~ditprune.structuring.StructuredReport` is returned). ``method`` then
+            chooses which go: ``"obs"`` (also what the default ``"dit"`` selects: the least
+            output error after the least-squares update of the Linears that read them),
+            ``"magnitude"`` or ``"activation"``. Unstructured pruning of what remains is a
+            second call.
         **method_options: the method's own options (e.g. ``alpha=0.4`` for ``"dit"``).
 
     A failed prune (bad input, NaN activations, ...) raises and leaves the model as it was
     (with ``backup=False``: except the layers already updated, see ``backup``).
     """
+    if structure is not None:
+        return _structured(model, calibration, structure, method, sparsity, offload, progress, sync,
+                           pattern=pattern, targets=targets, overrides=overrides, allocation=allocation,
+                           timestep_weighting=timestep_weighting, max_dense=max_dense, **method_options)
     start = time.perf_counter()
     plan = PrunePlan(model, method, sparsity, pattern, targets, ignore=ignore, overrides=overrides,
                      block_sequential=block_sequential, backup=backup, allocation=allocation,
@@ -512,3 +526,15 @@ def prune(
         log.info("%s", report.summary())
     log.info("pruned %d layers with %s to sparsity %.4f", len(report.layers), method, report.sparsity)
     return report
+
+
+def _structured(model, calibration, structure, method, sparsity, offload, progress, sync, **unsupported):
+    from .structuring import prune_structured
+
+    given = sorted(k for k, v in unsupported.items() if v not in (None, "uniform", 0, 0.0))
+    if given:
+        raise InputError(f"structure={structure!r} removes whole heads and channels; it does not take {given} "
+                         "(prune what remains with a second, unstructured call)")
+    progress = sys.stderr.isatty() if progress is None else progress
+    return prune_structured(model, calibration, structure, sparsity, "obs" if method == "dit" else method,
+                            offload=offload, progress=progress, sync=sync)

@@ -14,7 +14,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from . import distributed, models
+from . import distributed, models, provenance
 from . import structured as S
 from .calibration import run_block_sequential
 from .errors import InputError, InputTypeError
@@ -125,6 +125,8 @@ def prune_structured(model: nn.Module, calibration: Iterable[dict], structure: s
         model.train(was_training)
     report.params_before, report.params_after = before, sum(p.numel() for p in model.parameters())
     report.seconds = time.perf_counter() - start
+    provenance.record(model, structure={"structure": structure, "method": method, "sparsity": float(sparsity),
+                                        "kept": {u["name"]: u["after"] for u in report.units}})
     log.info("%s", report.summary())
     return report
 
