@@ -336,6 +336,43 @@ def _stream(weights: Path, entries: dict, keys: set[str], torchao: dict | None, 
         yield prefix, part
 
 
+def _load_structured(cls, path: Path, device: torch.device) -> nn.Module:
+    """A diffusers export of a structurally pruned model (its record says so): built from the
+    config without weights, its heads and channels resized to the stored shapes
+    (:func:`ditprune.surgery.resize`), then every stored tensor assigned; the same checks of
+    names and dtypes as the other layouts."""
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
+
+    from . import models
+    from .surgery import resize
+
+    files = sorted(path.glob("*.safetensors"))
+    shapes = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+    with init_empty_weights():
+        model = cls.from_config(cls.load_config(path, local_files_only=True))
+    model.requires_grad_(False)
+    resize(model, shapes, models.blocks(model))
+    expected = model.state_dict()
+    state = {}
+    for file in files:
+        state.update(load_file(str(file), device=str(device)))
+    _check_dtypes(expected, state)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise InputError(f"{path}: the stored tensors do not fit {cls.__name__} "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise InputError(f"{path}: the stored tensors do not fit {cls.__name__} ({str(e).splitlines()[0]})") from None
+    provenance.store(model, provenance.read(path))
+    return model.to(device).eval()
+
+
 def load_transformer(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """A transformer saved by ditprune (any layout) or by ``save_pretrained``, in eval mode.
     Nothing is executed, nothing is fetched from a hub (``local_files_only``), and what the
@@ -349,6 +386,8 @@ def load_transformer(path: str | Path, device: str | torch.device = "cpu") -> nn
     if not info_file.is_file():
         cls = _model_class(config.get("_class_name"))
         _check_config(config, sorted(path.glob("*.safetensors")), path / "config.json")
+        if provenance.read(path).get("structure"):  # smaller Linears than the config says: not from_pretrained's
+            return _load_structured(cls, path, torch.device(device))
         from ._quiet import quiet_loading
 
         with quiet_loading():
@@ -382,6 +421,11 @@ def load_transformer(path: str | Path, device: str | torch.device = "cpu") -> nn
         except (TypeError, ValueError) as e:
             raise InputError(f"{path / 'config.json'}: {cls.__name__} cannot be built from it ({e})") from None
     model.requires_grad_(False)
+    if provenance.read(path).get("structure"):
+        from . import models
+        from .surgery import resize
+
+        resize(model, {n: _shape(e, n) for n, e in entries.items()}, models.blocks(model))
     expected = model.state_dict()
     for prefix, part in _stream(weights, entries, keys, info.get("torchao"), torch.device(device), path):
         _check_dtypes(expected, part)

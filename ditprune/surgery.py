@@ -23,7 +23,7 @@ from torch import nn
 
 from .errors import InputError
 
-__all__ = ["Unit", "units", "shrink", "put_back", "group_rows", "group_cols"]
+__all__ = ["Unit", "units", "shrink", "put_back", "resize", "group_rows", "group_cols"]
 
 
 @dataclass
@@ -185,3 +185,32 @@ def put_back(model: nn.Module, swapped: dict[str, tuple[nn.Module, nn.Module]], 
     for name, (old, _) in swapped.items():
         _set(model, name, old)
     _sync(model, changed)
+
+
+def resize(model: nn.Module, shapes: dict[str, tuple[int, ...]], blocks: list[tuple[str, nn.Module]]) -> None:
+    """Give the Linears (and norms across heads) of the heads and channels of ``blocks`` the
+    weight shapes ``shapes`` (tensor name -> shape, e.g. a checkpoint's), as :func:`shrink` left
+    them, on the device and in the dtype they have (``meta`` while a loader builds the model);
+    nothing outside those units changes, so a checkpoint that does not fit elsewhere still fails
+    to load."""
+    found = [u for name, b in blocks for u in units(b, name)]
+    names = {n for u in found for n in [p for p, _ in u.producers] + [c for c, _ in u.consumers] + u.norms}
+    for name in sorted(names):
+        old = model.get_submodule(name)
+        shape = tuple(shapes.get(f"{name}.weight", old.weight.shape))
+        if shape == tuple(old.weight.shape):
+            continue
+        w = old.weight
+        if isinstance(old, nn.Linear):
+            if len(shape) != 2:
+                raise InputError(f"'{name}.weight' is stored with shape {shape}; a Linear's weight has two dimensions")
+            new = nn.Linear(shape[1], shape[0], bias=old.bias is not None, device=w.device, dtype=w.dtype)
+        else:
+            new = copy.deepcopy(old)
+            for pname in ("weight", "bias"):
+                p = getattr(old, pname, None)
+                if p is not None:
+                    setattr(new, pname, nn.Parameter(torch.empty(shape, device=p.device, dtype=p.dtype),
+                                                     requires_grad=p.requires_grad))
+        _set(model, name, new)
+    _sync(model, found)

@@ -192,3 +192,22 @@ def test_a_structure_the_family_cannot_express_is_refused_before_any_work():
     model = tiny_model("sana")
     with pytest.raises(InputError, match="no MLP hidden channels"):
         prune_structured(model, [], "heads+mlp", 0.25)
+
+
+@pytest.mark.parametrize("family, fmt", [("flux", "diffusers"), ("flux", "compressed"), ("sd3", "compressed"),
+                                         ("pixart", "diffusers")])
+@torch.no_grad()
+def test_a_structurally_pruned_model_saves_and_loads_back(tmp_path, family, fmt):
+    from ditprune.export import FORMATS
+
+    if fmt not in FORMATS:
+        pytest.skip(f"no {fmt} format")
+    model = tiny_model(family).eval()
+    calib = tiny_batches(model)
+    ditprune.prune(model, calib, structure="heads+mlp", sparsity=0.5)
+    ditprune.save_transformer(model, tmp_path / "m", format=fmt)
+    back = ditprune.load_transformer(tmp_path / "m")
+    assert back.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
+    torch.testing.assert_close(back(**calib[0]).sample, model(**calib[0]).sample)
+    assert back.config["_ditprune"]["structure"]["structure"] == "heads+mlp"
