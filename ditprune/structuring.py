@@ -37,6 +37,14 @@ class StructuredReport:
     params_before: int = 0
     params_after: int = 0
     seconds: float = 0.0
+    unit_weights: tuple[int, int] = (0, 0)  # weights of the Linears holding heads and channels: before, after
+    peak_stats_bytes: int = 0  # not tracked for structured pruning
+
+    @property
+    def sparsity(self) -> float:
+        """The fraction of the weights of the Linears holding heads and channels that went."""
+        before, after = self.unit_weights
+        return 1 - after / before if before else 0.0
 
     def summary(self) -> str:
         kinds = {}
@@ -91,6 +99,9 @@ def prune_structured(model: nn.Module, calibration: Iterable[dict], structure: s
     sync = distributed.active() if sync is None else sync
     before = sum(p.numel() for p in model.parameters())
     report = StructuredReport(structure, method, float(sparsity))
+    held = {n for _, _, found in plan for u in found for n in [p for p, _ in u.producers] + [c for c, _ in u.consumers]}
+    unit_weights = lambda: sum(model.get_submodule(n).weight.numel() for n in held)  # noqa: E731
+    held_before = unit_weights()
     done: list[tuple[dict, list[Unit]]] = []
     by_block = {name: found for name, _, found in plan}
     was_training = model.training
@@ -124,6 +135,7 @@ def prune_structured(model: nn.Module, calibration: Iterable[dict], structure: s
     finally:
         model.train(was_training)
     report.params_before, report.params_after = before, sum(p.numel() for p in model.parameters())
+    report.unit_weights = (held_before, unit_weights())
     report.seconds = time.perf_counter() - start
     provenance.record(model, structure={"structure": structure, "method": method, "sparsity": float(sparsity),
                                         "kept": {u["name"]: u["after"] for u in report.units}})
