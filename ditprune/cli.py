@@ -5,8 +5,9 @@
   ditprune prune CONFIG [key=value ...]  a recipe (see configs/), with overrides
   ditprune eval CONFIG [key=value ...]   a pipeline's dense and pruned transformers: CLIP score,
                                          FID, PSNR/SSIM, on the same prompts and seeds
-  ditprune bench [--ablation|--cost|--deploy]   comparisons, ablation, cost at FLUX.1-dev shapes,
-                                         size and speed per export format
+  ditprune bench [--ablation|--cost|--deploy|--structured]
+                                         comparisons, ablation, cost at FLUX.1-dev shapes, size
+                                         and speed per export format, heads and channels removed
 
 A user error (a bad key or value, a missing file, an output that would overwrite something)
 is one line on stderr and exit code 2, before any work; -v shows the traceback.
@@ -121,16 +122,18 @@ def _end_other_ranks() -> None:
 
 
 BENCH_OUTPUTS = {"cost": ["cost.md", "cost.json"], "deploy": ["deploy.md", "deploy.json"],
-                 "ablation": ["ablation.md", "ablation.json"], "bench": ["bench.md", "bench.json", "bench.png"]}
+                 "ablation": ["ablation.md", "ablation.json"], "bench": ["bench.md", "bench.json", "bench.png"],
+                 "structured": ["structured.md", "structured.json"]}
 
 
 def _bench_mode(args: argparse.Namespace) -> str:
     """The one mode asked for, every flag checked before any work (user errors otherwise)."""
     from .errors import InputError
 
-    modes = [m for m in ("ablation", "cost", "deploy") if getattr(args, m)]
+    modes = [m for m in ("ablation", "cost", "deploy", "structured") if getattr(args, m)]
     if len(modes) > 1:
-        raise InputError(f"bench: choose one of --ablation, --cost, --deploy (got {', '.join('--' + m for m in modes)})")
+        raise InputError("bench: choose one of --ablation, --cost, --deploy, --structured "
+                         f"(got {', '.join('--' + m for m in modes)})")
     mode = modes[0] if modes else "bench"
     if not 1 <= args.images <= 64:
         raise InputError(f"bench: --images must be in [1, 64], got {args.images}")
@@ -141,8 +144,8 @@ def _bench_mode(args: argparse.Namespace) -> str:
     if args.device != "cpu":
         import torch
 
-        if mode != "cost":
-            raise InputError("bench: --device applies to --cost only")
+        if mode not in ("cost", "structured"):
+            raise InputError("bench: --device applies to --cost and --structured only")
         if not torch.cuda.is_available():
             raise InputError(f"bench: --device {args.device}: no CUDA device on this machine; use --device cpu")
     if args.dtype not in ("bfloat16", "float32"):
@@ -169,6 +172,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             from .deploybench import run_deploy
 
             out = run_deploy(o.staging, progress=not args.quiet)
+        elif mode == "structured":
+            from .structbench import run_structured
+
+            out = run_structured(o.staging, quick=args.quick, progress=not args.quiet, device=args.device)
         else:
             from .bench import run_bench
 
@@ -206,7 +213,7 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--accelerator", default="auto", help="with --devices: cpu, cuda or auto")
     b = sub.add_parser("bench", parents=[common], help="every method x sparsity x reference model, one table and plot",
                        epilog="durations on 2 CPU cores: the default comparison about 70 minutes; --ablation about 25; "
-                              "--deploy about 3; --cost more than an hour (--cost --quick, one 3072x3072 layer "
+                              "--deploy about 3; --structured about 30 (--quick: speed only, 1); --cost more than an hour (--cost --quick, one 3072x3072 layer "
                               "table and the blocks once: tens of minutes)")
     b.add_argument("--out", default="outputs/bench", help="where the table and plot go")
     b.add_argument("--ablation", action="store_true",
@@ -218,6 +225,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--deploy", action="store_true",
                    help="bytes on disk, load and forward time of every export format (dense, compressed, int8, "
                         "...; about 3 minutes)")
+    b.add_argument("--structured", action="store_true",
+                   help="heads and MLP channels removed: forward speed at FLUX shapes, FLUX.1-dev's parameters, "
+                        "quality on the reference models (about 30 minutes)")
     b.add_argument("--images", type=int, default=1, help="--cost: samples per calibration call of the block runs")
     b.add_argument("--device", default="cpu", help="--cost: where to run (cpu, cuda)")
     b.add_argument("--dtype", default="bfloat16",

@@ -211,3 +211,14 @@ def test_a_structurally_pruned_model_saves_and_loads_back(tmp_path, family, fmt)
     assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
     torch.testing.assert_close(back(**calib[0]).sample, model(**calib[0]).sample)
     assert back.config["_ditprune"]["structure"]["structure"] == "heads+mlp"
+
+
+def test_flux_dev_parameters_after_a_quarter_of_heads_and_channels_by_hand():
+    from ditprune.structbench import flux_dev_counts
+
+    dense, quarter, _ = flux_dev_counts()
+    d, h = 3072, 6 * 128  # 6 of 24 heads of 128
+    double = 6 * h * (d + 1) + 2 * h * d + 2 * (3072 * (d + 1) + 3072 * d)  # q k v of both streams, 2 outputs; 2 MLPs
+    single = 3 * h * (d + 1) + h * d + 3072 * (d + 1) + 3072 * d  # q k v, proj_out's columns; proj_mlp, proj_out
+    assert dense["params"] == 11_901_408_320
+    assert dense["params"] - quarter["params"] == 19 * double + 38 * single
