@@ -57,6 +57,11 @@ class DiTPruning(Callback):
         calibration_batches: how many training batches calibrate (when ``calibration`` is None).
         distill: attach a frozen dense copy as ``pl_module.teacher`` for a distillation loss.
         quantize: torchao config name applied at the end (None: no quantization).
+        structure, structure_sparsity, structure_method: first remove that fraction of whole heads
+            and/or MLP channels (:func:`ditprune.structuring.prune_structured`), in ``setup``,
+            before the masks are attached and before the optimizer and DDP see the parameters
+            (so it needs ``calibration=``, except with ``"magnitude"``); the unstructured prune
+            then works on what remains. The teacher is the dense model.
 
     Example::
 
@@ -85,8 +90,21 @@ class DiTPruning(Callback):
         allocation_range: float = 0.2,
         allocation_options: dict | None = None,
         max_dense: float = 0.0,
+        structure: str | None = None,
+        structure_sparsity: float = 0.25,
+        structure_method: str = "obs",
         **method_options: Any,
     ) -> None:
+        if structure is not None:
+            from ditprune.structuring import check_settings
+
+            check_settings(structure, structure_sparsity, structure_method)
+            if calibration is None and structure_method != "magnitude":
+                raise InputError("structure: heads and channels are removed in setup, before the optimizer sees the "
+                                 "parameters, where no training batch is at hand: pass calibration=...")
+        self.structure = (dict(structure=structure, sparsity=structure_sparsity, method=structure_method)
+                          if structure is not None else None)
+        self.structured = None  # its StructuredReport, once done
         if isinstance(method, type) or not isinstance(method, str):
             raise InputTypeError(f"method is a name such as 'dit' or 'wanda', got {method!r}")
         if not isinstance(calibration_batches, int) or calibration_batches < 1:
@@ -167,6 +185,12 @@ class DiTPruning(Callback):
         if self.distill:
             self._teacher = copy.deepcopy(model).eval().requires_grad_(False)
             object.__setattr__(pl_module, "teacher", self._teacher)  # not a submodule: never trained nor saved
+        if self.structure is not None and self.structured is None:
+            from ditprune.structuring import prune_structured
+
+            s = self.structure
+            self.structured = prune_structured(model, self.calibration or [], s["structure"], s["sparsity"],
+                                               s["method"], offload=self.offload)
         self.plan = PrunePlan(model, self.method, self.sparsity, self.pattern, self.targets, ignore=self.ignore,
                               overrides=self.overrides, block_sequential=self.block_sequential,
                               backup=self.backup, **self.allocation, **self.method_options)

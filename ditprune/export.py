@@ -160,6 +160,9 @@ def save_transformer(model: nn.Module, path: str | Path, format: str = "diffuser
     path = Path(path)
     quantized = is_quantized(model)
     if format == "diffusers":
+        if quantized and provenance.recorded(model).get("structure"):
+            raise InputError("a structurally pruned, quantized transformer is saved with format='compressed' "
+                             "(diffusers' loader cannot build its smaller quantized Linears)")
         if quantized and getattr(model, "hf_quantizer", None) is None:
             _save_torchao_diffusers(model, path)
         else:
@@ -425,7 +428,9 @@ def load_transformer(path: str | Path, device: str | torch.device = "cpu") -> nn
         from . import models
         from .surgery import resize
 
-        resize(model, {n: _shape(e, n) for n, e in entries.items()}, models.blocks(model))
+        shapes = {n.removesuffix("._weight_qdata") + ".weight" if n.endswith("._weight_qdata") else n: _shape(e, n)
+                  for n, e in entries.items()}  # a torchao weight's data has the weight's shape
+        resize(model, shapes, models.blocks(model))
     expected = model.state_dict()
     for prefix, part in _stream(weights, entries, keys, info.get("torchao"), torch.device(device), path):
         _check_dtypes(expected, part)

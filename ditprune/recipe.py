@@ -68,6 +68,9 @@ class PruningConfig:
     allocation: str = "uniform"  # uniform | owl | auto: one sparsity per layer under the same budget
     allocation_range: float = 0.2  # each layer within sparsity +- this (clipped to [0, 0.99])
     max_dense: float = 0.0  # with a pattern and allocation auto: fraction of targeted weights that may stay dense
+    structure: Optional[str] = None  # heads | mlp | heads+mlp: first remove whole heads / MLP channels
+    structure_sparsity: float = 0.25  # the fraction of heads and channels removed in every block
+    structure_method: str = "obs"  # obs | activation | magnitude: which go
 
 
 @dataclass
@@ -394,6 +397,16 @@ def check_recipe(cfg: DictConfig) -> None:
 
     if e.format not in FORMATS:
         raise RecipeError(f"export.format must be one of {list(FORMATS)}, got {e.format!r}")
+    if p.structure:
+        from .structuring import check_settings
+
+        try:
+            check_settings(p.structure, p.structure_sparsity, p.structure_method)
+        except InputError as err:
+            raise RecipeError(f"pruning.structure: {err}") from None
+        if cfg.quantization.config and e.format == "diffusers":
+            raise RecipeError("pruning.structure with quantization.config: export.format must be 'compressed' "
+                              "(diffusers' loader cannot build a quantized model's smaller Linears)")
     if not e.output_dir:
         raise RecipeError("export.output_dir is empty")
     if ev.steps is not None:

@@ -77,12 +77,14 @@ class ReferenceRecovery(LightningModule):
 
 def recover_and_quantize(dense: nn.Module, calibration: list[dict], evaluator, *, method: str, setting: dict,
                          prune_kwargs: dict, steps: int, lr: float = 1e-4, batch_size: int = 32, distill: bool = True,
-                         quantize: str | None = None, progress: bool = True):
+                         quantize: str | None = None, progress: bool = True, structure: dict | None = None):
     """``method`` at ``setting`` ({"sparsity": s} or {"pattern": "N:M"}, with ``prune_kwargs``),
     pruned -> recovered for ``steps`` -> [quantized] in one ``Trainer.fit`` from a fresh dense copy,
     on ``calibration``; with ``steps=0`` pruned and quantized without training. Returns (model,
     rows): one row after recovery (measured at the end of training, before quantization) when
-    ``steps > 0`` and, with ``quantize``, one after it."""
+    ``steps > 0`` and, with ``quantize``, one after it. ``structure``: the callback's
+    ``structure``, ``structure_sparsity`` and ``structure_method`` (heads and channels removed
+    first)."""
     from lightning.pytorch import Callback
 
     from ditprune.callbacks import DiTPruning
@@ -102,6 +104,11 @@ def recover_and_quantize(dense: nn.Module, calibration: list[dict], evaluator, *
         from .pruning import prune
         from .quantize import quantize as quantize_
 
+        if structure:
+            from .structuring import prune_structured
+
+            prune_structured(model, calibration, structure["structure"], structure["structure_sparsity"],
+                             structure["structure_method"], progress=progress)
         report = prune(model, calibration, method, **setting, **prune_kwargs)
         if quantize:
             quantize_(model, quantize, targets=[r.name for r in report.layers])
@@ -115,7 +122,7 @@ def recover_and_quantize(dense: nn.Module, calibration: list[dict], evaluator, *
             rows.append(row(label))
 
     callback = DiTPruning(method, **setting, calibration=calibration, distill=distill, quantize=quantize,
-                          **prune_kwargs)
+                          **(structure or {}), **prune_kwargs)
     trainer = Trainer(max_steps=steps, callbacks=[_Measure(), callback], accelerator="cpu", logger=False,
                       enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False)
     with warnings.catch_warnings():  # the reference DiT trains in eval mode on purpose (no label dropout)

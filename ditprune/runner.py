@@ -67,9 +67,24 @@ def recipe_prune_kwargs(pruning: DictConfig, method: str) -> dict[str, Any]:
     return kw
 
 
+def _structure(model, calibration, pruning: DictConfig, progress: bool):
+    """The recipe's structured step (heads and channels removed), before the unstructured prune."""
+    if pruning.structure:
+        from .structuring import prune_structured
+
+        return prune_structured(model, calibration, pruning.structure, pruning.structure_sparsity,
+                                pruning.structure_method, offload=pruning.offload, progress=progress)
+    return None
+
+
 def _recipe_plan(model, pruning: DictConfig) -> PrunePlan:
     """The recipe's prune of ``model`` in steps; building it checks targets and N:M against the
-    model without touching it (``offload`` is an argument of ``calibrate``, read from the recipe)."""
+    model without touching it (``offload`` is an argument of ``calibrate``, read from the recipe),
+    and the structured step's settings when the recipe has one."""
+    if pruning.structure:
+        from .structuring import check
+
+        check(model, pruning.structure, pruning.structure_sparsity, pruning.structure_method)
     kw = recipe_prune_kwargs(pruning, pruning.method)
     kw.pop("offload")
     return PrunePlan(model, pruning.method, **pruning_setting(pruning), **kw)
@@ -195,6 +210,10 @@ def _run_pipeline(recipe: DictConfig, out, progress: bool, fabric=None, checkpoi
     calibration = pipeline_calibration(pipe, [prompts[i] for i in mine], c.steps, c.guidance, c.resolution, c.seed,
                                        progress=progress, indices=mine)  # kept on the CPU, a batch at a time
     text_modules = release_components(pipe)  # text encoders and VAE off the accelerator while pruning
+    if p.structure:
+        _stage(progress, f"removing {p.structure_sparsity:g} of the {p.structure} ({p.structure_method})")
+        log.info("%s", _structure(pipe.transformer, calibration, p, progress).summary())
+        plan = _recipe_plan(pipe.transformer, p)  # the unstructured prune of what remains
     plan.attach()
     _stage(progress, f"pruning {len(plan.settings)} layers with {p.method}")
     if plan.by_block is None:
@@ -302,7 +321,8 @@ def _run_reference(recipe: DictConfig, out: OutputDir, progress: bool) -> dict:
     candidates = [Candidate("dense", None), Candidate(main_label, p.method)]
     candidates += [Candidate(m, m) for m in ev["compare"] if m != p.method]
 
-    def prune_fn(model, calibration, method, **kw):
+    def prune_fn(model, calibration, method, **kw):  # every candidate after the same structured step
+        _structure(model, calibration, p, False)
         return prune(model, calibration, method, **kw, **recipe_prune_kwargs(p, method))
 
     _stage(progress, f"loading {kind}, recording its calibration ({recipe.calibration.num_prompts} prompts x "
@@ -323,7 +343,9 @@ def _run_reference(recipe: DictConfig, out: OutputDir, progress: bool) -> dict:
         model, extra = recover_and_quantize(bench.dense, bench.calibration, bench.evaluator, method=p.method,
                                             setting=pruning_setting(p), prune_kwargs=recipe_prune_kwargs(p, p.method),
                                             steps=r.steps, lr=r.lr, batch_size=r.batch_size, distill=r.distill,
-                                            quantize=recipe.quantization.config, progress=progress)
+                                            quantize=recipe.quantization.config, progress=progress,
+                                            structure=dict(structure=p.structure, structure_sparsity=p.structure_sparsity,
+                                                           structure_method=p.structure_method) if p.structure else None)
         rows.extend(extra)
     _stage(progress, f"saving the transformer ({recipe.export.format})")
     save_transformer(model, out / "transformer", recipe.export.format)

@@ -21,7 +21,7 @@ from .errors import InputError, InputTypeError
 from .stats import observe
 from .surgery import Unit, group_cols, group_rows, put_back, shrink, units
 
-__all__ = ["STRUCTURES", "StructuredReport", "prune_structured", "check"]
+__all__ = ["STRUCTURES", "StructuredReport", "prune_structured", "check", "check_settings"]
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +57,8 @@ class StructuredReport:
                 f"({self.params_after / max(self.params_before, 1):.3f}x) in {self.seconds:.1f} s")
 
 
-def check(model: nn.Module, structure, fraction, method) -> list[tuple[str, nn.Module, list[Unit]]]:
-    """(block name, block, its units of the requested kinds) for every block, after validating
-    every argument against the model; nothing is touched."""
+def check_settings(structure, fraction, method) -> None:
+    """The arguments alone, before any model is at hand."""
     if structure not in STRUCTURES:
         raise InputError(f"structure must be one of {list(STRUCTURES)}, got {structure!r}")
     if method not in S.STRUCTURE_METHODS:
@@ -68,6 +67,12 @@ def check(model: nn.Module, structure, fraction, method) -> list[tuple[str, nn.M
         raise InputTypeError(f"sparsity must be a number, got {type(fraction).__name__}")
     if not 0 <= fraction < 1:
         raise InputError(f"sparsity must be in [0, 1) (the fraction of heads / channels removed), got {fraction}")
+
+
+def check(model: nn.Module, structure, fraction, method) -> list[tuple[str, nn.Module, list[Unit]]]:
+    """(block name, block, its units of the requested kinds) for every block, after validating
+    every argument against the model; nothing is touched."""
+    check_settings(structure, fraction, method)
     blocks = models.blocks(model)
     if not blocks:
         raise InputError(f"{type(model).__name__} has no transformer blocks: structured pruning needs them")

@@ -222,3 +222,61 @@ def test_flux_dev_parameters_after_a_quarter_of_heads_and_channels_by_hand():
     single = 3 * h * (d + 1) + h * d + 3072 * (d + 1) + 3072 * d  # q k v, proj_out's columns; proj_mlp, proj_out
     assert dense["params"] == 11_901_408_320
     assert dense["params"] - quarter["params"] == 19 * double + 38 * single
+
+
+@pytest.mark.parametrize("where", ["reference", "pipeline"])
+def test_a_recipe_removes_heads_and_channels_then_prunes_what_remains_then_quantizes(where, tmp_path, capsys,
+                                                                                   request):
+    from ditprune.cli import main
+
+    out = tmp_path / "out"
+    keys = ["pruning.method=wanda", "pruning.structure=heads+mlp", "pruning.structure_sparsity=0.5",
+            "quantization.config=int8_weight_only", "export.format=compressed", f"export.output_dir={out}"]
+    if where == "reference":
+        keys += ["calibration.num_prompts=1", "calibration.steps=1", "evaluation.n_samples=2", "evaluation.steps=1",
+                 "evaluation.compare=[]", "recovery.steps=2", "recovery.batch_size=4"]
+    else:
+        pipe = request.getfixturevalue("tiny_pipeline_dir")
+        keys = ["configs/dit_xl_256.yaml", f"model.source={pipe}", "model.device=cpu", "calibration.num_prompts=2",
+                "calibration.steps=1", *keys]
+    code = main(["-q", "prune", *keys])
+    assert code == 0, capsys.readouterr().err
+    model = ditprune.load_transformer(out / "transformer")
+    record = model.config["_ditprune"]
+    assert record["structure"]["structure"] == "heads+mlp" and record["quantization"] == "int8_weight_only"
+    ff = [m for n, m in model.named_modules() if n.endswith("ff.net.2")]
+    assert ff and all(m.in_features == m.out_features * 2 for m in ff)  # 4x width MLP, half its channels gone
+    assert all(float((m.weight.dequantize() == 0).float().mean()) >= 0.5 for m in ff)
+
+
+@pytest.mark.parametrize("keys, message", [
+    (["pruning.structure=columns"], "structure must be one of"),
+    (["pruning.structure=heads", "pruning.structure_sparsity=1.5"], r"in \[0, 1\)"),
+    (["pruning.structure=heads", "quantization.config=int8_weight_only"], "export.format must be 'compressed'"),
+])
+def test_a_bad_structured_recipe_fails_before_any_work(tmp_path, capsys, keys, message):
+    import re
+
+    from ditprune.cli import main
+
+    out = tmp_path / "out"
+    code = main(["-q", "prune", *keys, f"export.output_dir={out}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and re.search(message, err[0]), err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_quantized_structured_model_is_saved_compressed_or_refused(tmp_path):
+    from ditprune.quantize import quantize
+
+    model = tiny_model("flux").eval()
+    calib = tiny_batches(model)
+    ditprune.prune(model, calib, structure="heads+mlp", sparsity=0.5)
+    quantize(model, "int8_weight_only")
+    with pytest.raises(InputError, match="format='compressed'"):
+        ditprune.save_transformer(model, tmp_path / "d", format="diffusers")
+    assert not (tmp_path / "d").exists()
+    ditprune.save_transformer(model, tmp_path / "c", format="compressed")
+    back = ditprune.load_transformer(tmp_path / "c")
+    with torch.no_grad():
+        torch.testing.assert_close(back(**calib[0]).sample, model(**calib[0]).sample)
