@@ -213,7 +213,7 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--accelerator", default="auto", help="with --devices: cpu, cuda or auto")
     b = sub.add_parser("bench", parents=[common], help="every method x sparsity x reference model, one table and plot",
                        epilog="durations on 2 CPU cores: the default comparison about 70 minutes; --ablation about 25; "
-                              "--deploy about 3; --structured about 30 (--quick: speed only, 1); --cost more than an hour (--cost --quick, one 3072x3072 layer "
+                              "--deploy about 3; --structured about 12 (--quick: speed and parameters only, 3); --cost more than an hour (--cost --quick, one 3072x3072 layer "
                               "table and the blocks once: tens of minutes)")
     b.add_argument("--out", default="outputs/bench", help="where the table and plot go")
     b.add_argument("--ablation", action="store_true",
@@ -227,7 +227,7 @@ def _parser() -> argparse.ArgumentParser:
                         "...; about 3 minutes)")
     b.add_argument("--structured", action="store_true",
                    help="heads and MLP channels removed: forward speed at FLUX shapes, FLUX.1-dev's parameters, "
-                        "quality on the reference models (about 30 minutes)")
+                        "quality on the reference models (about 12 minutes; --quick: without the quality)")
     b.add_argument("--images", type=int, default=1, help="--cost: samples per calibration call of the block runs")
     b.add_argument("--device", default="cpu", help="--cost: where to run (cpu, cuda)")
     b.add_argument("--dtype", default="bfloat16",

@@ -152,9 +152,9 @@ def render(speed: list[dict], counts: list[dict], quality: list[dict]) -> str:
 
 
 def run_structured(out: Path, quick: bool = False, progress: bool = True, device: str = "cpu") -> dict:
-    speed = speed_rows(3 if quick else 9, device, torch.float32, full_width=not quick)
+    speed = speed_rows(9, device, torch.float32)
     if device != "cpu":
-        speed += speed_rows(3 if quick else 9, device, torch.bfloat16, full_width=not quick)
+        speed += speed_rows(9, device, torch.bfloat16)
     counts = flux_dev_counts()
     quality = [] if quick else [r for kind in ("flux", "dit") for r in _quality_rows(kind, 100, progress)]
     table = render(speed, counts, quality)
