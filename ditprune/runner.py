@@ -210,9 +210,11 @@ def _run_pipeline(recipe: DictConfig, out, progress: bool, fabric=None, checkpoi
     calibration = pipeline_calibration(pipe, [prompts[i] for i in mine], c.steps, c.guidance, c.resolution, c.seed,
                                        progress=progress, indices=mine)  # kept on the CPU, a batch at a time
     text_modules = release_components(pipe)  # text encoders and VAE off the accelerator while pruning
+    structured = None
     if p.structure:
         _stage(progress, f"removing {p.structure_sparsity:g} of the {p.structure} ({p.structure_method})")
-        log.info("%s", _structure(pipe.transformer, calibration, p, progress).summary())
+        structured = _structure(pipe.transformer, calibration, p, progress)
+        log.info("%s", structured.summary())
         plan = _recipe_plan(pipe.transformer, p)  # the unstructured prune of what remains
     plan.attach()
     _stage(progress, f"pruning {len(plan.settings)} layers with {p.method}")
@@ -234,12 +236,15 @@ def _run_pipeline(recipe: DictConfig, out, progress: bool, fabric=None, checkpoi
     removed = sorted(r.info["removed"] for r in report.layers if "removed" in r.info)
     summary = {"method": p.method, "sparsity": report.sparsity, "layers": len(report.layers),
                "calibration_batches": len(calibration), "ranks": world, "seconds": report.seconds}
+    if structured is not None:  # what the structured step kept of the transformer's parameters
+        summary["params_kept"] = structured.params_after / structured.params_before
     if removed:  # a signal of quality without a CLIP: output energy lost per layer, on the calibration
         summary.update(removed_median=removed[len(removed) // 2], removed_worst=removed[-1])
     _write(out, report, summary)
     outputs = {"model": "transformer", "layers": "report.txt", "metrics": "metrics.json"}
     outputs.update(_plot_allocation(recipe, report, out, m.source))
-    heads = {"calibration_batches": "batches", "removed_median": "removed (median)", "removed_worst": "removed (worst)"}
+    heads = {"calibration_batches": "batches", "removed_median": "removed (median)", "removed_worst": "removed (worst)",
+             "params_kept": "params kept"}
     table = "| " + " | ".join(heads.get(k, k) for k in summary) + " |\n|" + "---|" * len(summary) + "\n| " + " | ".join(
         f"{v:.4f}" if isinstance(v, float) else str(v) for v in summary.values()) + " |"
     if job is not None:
