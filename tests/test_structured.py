@@ -283,3 +283,33 @@ def test_a_quantized_structured_model_is_saved_compressed_or_refused(tmp_path):
     back = ditprune.load_transformer(tmp_path / "c")
     with torch.no_grad():
         torch.testing.assert_close(back(**calib[0]).sample, model(**calib[0]).sample)
+
+
+def test_two_processes_remove_what_one_process_removes_on_the_union(tmp_path):
+    """Each rank decides from the statistics summed over both ranks: the ranks agree exactly, and
+    with one process on the union of their shards (same heads and channels; weights up to the
+    float32 summation order of the statistics)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    worker = Path(__file__).parent / "ddp_structured_worker.py"
+    done = subprocess.run([sys.executable, str(worker), str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r0, r1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
+    assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
+    sys.path.insert(0, str(worker.parent))
+    from ddp_structured_worker import shards
+
+    a, b = shards()
+    model = ditprune.load_reference("dit")
+    ditprune.prune_structured(model, b + a, "heads+mlp", 0.5)
+    one = model.state_dict()
+    assert one.keys() == r0.keys()
+    dense = ditprune.load_reference("dit").state_dict()
+    assert any(one[k].shape != dense[k].shape for k in one)  # something was removed
+    for k, v in one.items():
+        assert v.shape == r0[k].shape, k  # the same heads and channels kept
+        torch.testing.assert_close(r0[k], v, rtol=1e-3, atol=1e-4)
