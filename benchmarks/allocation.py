@@ -7,7 +7,7 @@ method on the same dense model, calibration (16 prompts x 10 steps) and evaluati
 A variant is an allocation, with ``:none`` for ``auto`` without the measured output gains
 (``allocation_options={"gains": "none"}``: every layer's relative error counts alike),
 ``:blocks`` for gains measured for a block's layers together (``{"gains": "blocks"}``, see
-``ditprune.allocating.output_gains``; the default measures every layer alone) and
+``ditprune.gains.output_gains``; the default measures every layer alone) and
 ``:obs`` for ``auto`` with Optimal Brain Surgeon removal curves (``{"curve": "obs"}``),
 ``:sgpt`` for ``auto`` with curves SparseGPT measures on sampled rows (``{"curve": "sparsegpt"}``) and
 ``:dense0.1`` for ``auto`` with ``max_dense=0.1`` (with an N:M setting, e.g. ``--sparsities 2:4``:

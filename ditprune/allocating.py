@@ -10,13 +10,14 @@ import torch
 from torch import nn
 
 from . import allocation as A
-from . import distributed, models, saliency
+from . import distributed
 from .calibration import run_block_sequential, run_whole_model
 from .errors import InputError
 from .granularity import nm_mask, row_mask
+from .gains import gain_groups, output_gains
 from .stats import observe
 
-__all__ = ["check", "allocate", "output_gains", "gain_groups", "layer_curve"]
+__all__ = ["check", "allocate", "layer_curve"]
 
 log = logging.getLogger(__name__)
 
@@ -69,120 +70,6 @@ def layer_curve(weight: torch.Tensor, stats, curve: str, lo: float, hi: float) -
         return A.sparsegpt_curve(weight, stats.gram, lo, hi)
     held = stats.holdout()
     return A.sparsegpt_curve(weight, held[0], lo, hi, judge=held[1]) if held else A.removal_curve(weight, stats.energy)
-
-
-def _sq(out, ref=None) -> float:
-    """Sum of squares of every floating tensor in a block's output (tensor, tuple or list), or
-    of its difference from ``ref``'s."""
-    outs = out if isinstance(out, (tuple, list)) else (out,)
-    refs = ref if isinstance(ref, (tuple, list)) else (ref,) * len(outs)
-    return sum(float((o.float() - (r.float() if r is not None else 0)).pow(2).sum()) for o, r in zip(outs, refs)
-               if torch.is_tensor(o) and o.is_floating_point())
-
-
-def gain_groups(model: nn.Module, names: list[str], per: str = "layers") -> list[tuple[nn.Module | None, list[str]]]:
-    """How :func:`output_gains` measures ``names``: ``per="layers"`` (the default): every layer
-    alone; ``per="blocks"``: the layers of each transformer block together (the block's module,
-    its layers), a layer outside every block alone."""
-    inside = {}
-    if per == "blocks":
-        for b, module in models.blocks(model):
-            for n in names:
-                if n.startswith(b + "."):
-                    inside.setdefault(b, (module, []))[1].append(n)
-    grouped = {n for _, ns in inside.values() for n in ns}
-    return list(inside.values()) + [(None, [n]) for n in names if n not in grouped]
-
-
-@torch.no_grad()
-def output_gains(model: nn.Module, groups, energies: dict, removed: dict, keep_of, batches: list[dict],
-                 sync: bool = False) -> dict[str, float]:
-    """Layer name -> how much of its relative output error reaches the model's output, on
-    ``batches``: the relative change of the model's output when that layer is pruned
-    (``keep_of(wanda_scores)``: Wanda's mask at the target sparsity or pattern), over
-    ``removed[name]``, the fraction of the layer's output energy that this mask removes.
-
-    ``groups`` (:func:`gain_groups`): a layer alone is pruned alone and the model run (one
-    forward per layer and batch). The layers of a block are measured together: the model runs
-    once per batch with all of them pruned (change R_b at the output), and on the block's own
-    (dense) inputs the block runs with each layer pruned alone (change r_l of the block's
-    output) and with all (r_b); the layer's gain is R_b r_l / r_b over ``removed``: within a
-    block each layer's share of the block's error, across blocks how much a block's error
-    reaches the output (assumed: alike whichever of its layers caused it). That costs one model
-    forward per block instead of per layer (about 9x fewer on FLUX.1-dev), but the assumption
-    fails where a block's layers feed different streams (FLUX's text-stream errors reach the
-    output only through later attention): on flux-layout at 70% it kept 0.70x of uniform's
-    error for ``dit`` with ``reconstruct=True`` where per-layer gains keep 0.53x
-    (``benchmarks/results/allocation_gains_blocks_flux.md``), so it is opt-in. With ``sync`` every
-    rank's sums are added, so every rank measures alike. The layers carry torch.ao
-    parametrizations (their ``original`` is pruned for the measurement and put back)."""
-
-    def output(batch):
-        out = model(**batch)
-        out = getattr(out, "sample", out[0] if isinstance(out, (tuple, list)) else out)
-        return out.float()
-
-    dense = [output(b) for b in batches]
-    originals = {n: model.get_submodule(n).parametrizations.weight.original for g in groups for n in g[1]}
-    sums = []  # per group: model change, then (block groups) each layer's and all layers' block change
-    for block, layer_names in groups:
-        keeps = {n: keep_of(saliency.wanda(originals[n], energies[n])) for n in layer_names}
-        saved = {n: originals[n].detach().clone() for n in layer_names}
-
-        def prune(which):
-            for n in which:
-                originals[n].data.masked_fill_(~keeps[n], 0)
-
-        def restore():
-            for n in layer_names:
-                originals[n].data.copy_(saved[n])
-
-        local = [0.0] * (len(layer_names) + 1)
-        busy = []
-
-        def measure_block(module, args, kwargs):  # on the block's dense inputs, before the pruned run
-            if busy:
-                return None
-            busy.append(1)
-            try:
-                restore()
-                ref = module(*args, **kwargs)
-                for i, n in enumerate(layer_names):
-                    prune([n])
-                    local[i] += _sq(module(*args, **kwargs), ref)
-                    restore()
-                prune(layer_names)
-                local[-1] += _sq(module(*args, **kwargs), ref)
-            finally:
-                busy.clear()
-            return None
-
-        hook = (block.register_forward_pre_hook(measure_block, with_kwargs=True)
-                if block is not None and len(layer_names) > 1 else None)
-        try:
-            prune(layer_names)
-            sums.append(sum(float((output(b) - d).pow(2).sum()) for b, d in zip(batches, dense)))
-        finally:
-            if hook is not None:
-                hook.remove()
-            restore()
-        if hook is not None:
-            sums += local
-    sums.append(sum(float(d.pow(2).sum()) for d in dense))
-    if sync:
-        sums = distributed.sum_over_ranks(sums)
-    norm = max(sums[-1], 1e-30)
-    gains, at = {}, 0
-    for block, layer_names in groups:
-        change = sums[at] / norm
-        if block is not None and len(layer_names) > 1:
-            local, at = sums[at + 1 : at + 2 + len(layer_names)], at + 2 + len(layer_names)
-            shares = [x / local[-1] if local[-1] > 0 else 0.0 for x in local[:-1]]
-        else:
-            shares, at = [1.0], at + 1
-        for n, share in zip(layer_names, shares):
-            gains[n] = change * share / removed[n] if removed[n] > 0 else 0.0
-    return gains
 
 
 def allocate(model: nn.Module, names: list[str], allocation: str, sparsity: float, spread: float, options: dict,

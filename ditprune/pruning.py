@@ -482,8 +482,9 @@ def prune(
             measures what it needs. Override layers keep their setting and stay out of the budget.
         allocation_options: OWL's ``m`` (outlier threshold, default 5) and ``lam`` (default 0.08);
             auto's ``gains`` (``"layers"``: each layer's effect on the output measured alone, the
-            default; ``"blocks"``: a block's layers together, cheaper and measured worse, see
-            :func:`ditprune.allocating.output_gains`; ``"none"``), ``gain_batches`` (default 4) and
+            default; ``"blocks"``: a block's layers together per stream, cheaper and measured
+            somewhat worse, see
+            :func:`ditprune.gains.output_gains`; ``"none"``), ``gain_batches`` (default 4) and
             ``curve`` (``"sparsegpt"``, the default for methods that update weights: what
             SparseGPT loses on sampled rows; ``"wanda"``, the default otherwise; ``"obs"``).
         max_dense: with ``pattern`` and ``allocation="auto"``: the fraction of the (non-override)

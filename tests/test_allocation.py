@@ -355,23 +355,27 @@ def test_a_method_that_updates_weights_allocates_by_sparsegpt_curves(monkeypatch
 
 
 @torch.no_grad()
-def test_block_gains_are_the_blocks_output_change_shared_by_its_layers_block_changes():
-    """output_gains with a block's layers measured together, recomputed by hand: the model's
-    output change with the whole block pruned, shared by each layer's change of the block's
-    output (on the block's dense inputs) over the whole block's."""
+@pytest.mark.parametrize("family", ["dit", "flux"])
+def test_block_gains_are_each_streams_reach_shared_by_its_layers_changes(family):
+    """output_gains with a block's layers measured together, recomputed by hand: per output
+    stream of the block, the model's output change with that stream pruned (all the block's
+    layers) and the rest dense, shared by each layer's change of that stream (on the block's
+    dense inputs) over the whole block's."""
     from torch import nn
     from torch.nn.utils import parametrize
 
     from ditprune import saliency
-    from ditprune.allocating import gain_groups, output_gains
+    from ditprune.gains import gain_groups, output_gains
     from ditprune.granularity import row_mask
     from ditprune.models import blocks
     from ditprune.models.tiny import tiny_batches, tiny_model
 
-    model = tiny_model("dit").eval()
+    model = tiny_model(family).eval()
     batches = tiny_batches(model, n=2)
-    names = [n for b in ("transformer_blocks.0.", "transformer_blocks.1.") for n in
-             [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(b) and ".emb." not in n][:3]]
+    first = [b for b, _ in blocks(model)][:2]
+    names = [n for b in first for n in
+             [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(b + ".")
+              and ".emb." not in n][:3]]
     for n in names:  # the prune's layers carry torch.ao parametrizations; output_gains edits their original
         parametrize.register_parametrization(model.get_submodule(n), "weight", nn.Identity())
     rng = torch.Generator().manual_seed(0)
@@ -379,16 +383,23 @@ def test_block_gains_are_the_blocks_output_change_shared_by_its_layers_block_cha
     removed = {n: 0.1 + 0.05 * i for i, n in enumerate(names)}
     keep_of = lambda sc: row_mask(sc, 0.5)  # noqa: E731
     groups = gain_groups(model, names, "blocks")
-    assert [(block, ls) for block, ls in groups] == [(dict(blocks(model))[b], names[i : i + 3])
-                                                    for i, b in ((0, "transformer_blocks.0"), (3, "transformer_blocks.1"))]
+    assert [(block, ls) for block, ls in groups] == [(dict(blocks(model))[b], names[3 * i : 3 * i + 3])
+                                                    for i, b in enumerate(first)]
     gains = output_gains(model, groups, energies, removed, keep_of, batches)
 
-    def run():
-        out = [model(**b).sample.float() for b in batches]
-        return out
+    def run(hook_block=None, hook=None):
+        h = hook_block.register_forward_hook(hook) if hook_block is not None else None
+        try:
+            return [model(**b).sample.float() for b in batches]
+        finally:
+            if h is not None:
+                h.remove()
 
     def weight(n):
         return model.get_submodule(n).parametrizations.weight.original
+
+    def streams(out):
+        return list(out) if isinstance(out, tuple) else [out]
 
     dense = run()
     norm = sum(float(d.pow(2).sum()) for d in dense)
@@ -400,32 +411,37 @@ def test_block_gains_are_the_blocks_output_change_shared_by_its_layers_block_cha
         saved = {n: weight(n).detach().clone() for n in layer_names}
         masks = {n: row_mask(saliency.wanda(saved[n], energies[n]), 0.5) for n in layer_names}
 
-        def block_change(which):
+        def outputs(which):  # the block's output on each captured (dense) input, ``which`` pruned
             for n in which:
                 weight(n).data.mul_(masks[n])
-            change = 0.0
-            for a, k in inputs:
-                for n in which:
-                    weight(n).data.copy_(saved[n])
-                ref = block(*a, **k)
-                ref = ref if isinstance(ref, tuple) else (ref,)
-                for n in which:
-                    weight(n).data.mul_(masks[n])
-                out = block(*a, **k)
-                out = out if isinstance(out, tuple) else (out,)
-                change += sum(float((o - r).pow(2).sum()) for o, r in zip(out, ref) if torch.is_tensor(o))
+            outs = [block(*a, **k) for a, k in inputs]
             for n in which:
                 weight(n).data.copy_(saved[n])
-            return change
+            return outs
 
-        whole = block_change(layer_names)
+        ref, whole = outputs([]), outputs(layer_names)
+        n_streams = len(streams(ref[0]))
+        assert n_streams == (2 if family == "flux" else 1)
+
+        def change(outs, s):
+            return sum(float((streams(o)[s] - streams(r)[s]).pow(2).sum()) for o, r in zip(outs, ref))
+
+        reach = []
+        for s in range(n_streams):
+            calls = iter(range(len(inputs)))
+
+            def swap(m, a, out, s=s):
+                i = next(calls)
+                if n_streams == 1:
+                    return whole[i]
+                mixed = list(ref[i])
+                mixed[s] = streams(whole[i])[s]
+                return tuple(mixed)
+
+            reach.append(sum(float((o - d).pow(2).sum()) for o, d in zip(run(block, swap), dense)) / norm)
         for n in layer_names:
-            weight(n).data.mul_(masks[n])
-        model_change = sum(float((o - d).pow(2).sum()) for o, d in zip(run(), dense)) / norm
-        for n in layer_names:
-            weight(n).data.copy_(saved[n])
-        for n in layer_names:
-            expected = model_change * block_change([n]) / whole / removed[n]
+            own = outputs([n])
+            expected = sum(reach[s] * change(own, s) / change(whole, s) for s in range(n_streams)) / removed[n]
             assert gains[n] == pytest.approx(expected, rel=1e-4)
     # every layer alone: the model's output change with that layer pruned
     alone = output_gains(model, gain_groups(model, names, "layers"), energies, removed, keep_of, batches)
