@@ -14,7 +14,7 @@ fraction of zeros over all targeted weights (:func:`fit_budget` makes it exact).
   under the budget. Measured on the calibration inputs: e_l(s), the fraction of layer l's output
   energy that per-row pruning removes at sparsity s, by the diagonal of its input statistics
   (:func:`removal_curve`: Wanda's scores, sorted, squared, summed), and g_l, how much of that
-  relative error reaches the model's output (``ditprune.pruning`` prunes each layer alone with
+  relative error reaches the model's output (:mod:`ditprune.gains` prunes each layer alone with
   Wanda's mask at s on a few calibration batches and divides the relative change of the model's
   output by e_l(s); ``gains="none"``: every g_l = 1). For a method that reconstructs (SparseGPT,
   ``dit`` with ``reconstruct=True``), which loses less than Wanda's curve and unequally across
