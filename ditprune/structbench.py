@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import copy
-import statistics
 import time
 from pathlib import Path
 

@@ -10,13 +10,13 @@ block's ``proj_out``, which reads the attention's output and the MLP's concatena
 offset). Recognised by structure, not by class name: diffusers' ``Attention`` and
 ``FluxAttention`` (anything with ``to_q``/``to_k``/``to_v``), ``FeedForward`` (``net[0].proj``
 then a Linear), FLUX single blocks (``proj_mlp`` + ``proj_out``). Per-head norms of q and k
-(over ``head_dim``, as FLUX and SD3 have) need nothing; a norm across all heads is sliced too.
+(over ``head_dim``, as FLUX and SD3 have) need nothing; an attention that normalises q or k
+across all heads is refused.
 """
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -34,7 +34,6 @@ class Unit:
     width: int  # rows / columns per group (head_dim, or 1)
     producers: list[tuple[str, list[int]]]  # (Linear, row offsets: group g owns offset + g * width + i)
     consumers: list[tuple[str, int]]  # (Linear, column offset)
-    norms: list[str] = field(default_factory=list)  # norms across all heads' features, sliced like the rows
 
 
 def group_rows(unit: Unit, offsets: list[int], groups) -> list[int]:
@@ -78,10 +77,13 @@ def units(block: nn.Module, prefix: str) -> list[Unit]:
             raise InputError(f"attention '{path}' has no output projection this ditprune can shrink")
         if len({o for _, o in consumers}) > 1:
             raise InputError(f"attention '{path}': its outputs are read at different offsets")
-        norms = [f"{path}.{n}" for n in ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
-                 if getattr(getattr(m, n, None), "weight", None) is not None
-                 and getattr(m, n).weight.shape[0] == q.out_features != head_dim]
-        found.append(Unit("heads", path, count, head_dim, producers, consumers, norms))
+        across = [n for n in ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
+                  if getattr(getattr(m, n, None), "weight", None) is not None
+                  and getattr(m, n).weight.shape[0] == q.out_features != head_dim]
+        if across:
+            raise InputError(f"attention '{path}' normalises q/k across all heads ({across[0]}); structured pruning "
+                             "of its heads is not supported")
+        found.append(Unit("heads", path, count, head_dim, producers, consumers))
     for name, m in block.named_modules():
         net = getattr(m, "net", None)
         if not isinstance(net, nn.ModuleList) or not len(net) or _linear(net[0], "proj") is None:
@@ -118,26 +120,17 @@ def shrink(model: nn.Module, removals: list[tuple[Unit, list[int]]],
             continue
         for p, offsets in unit.producers:
             rows.setdefault(p, set()).update(group_rows(unit, offsets, groups))
-        for n in unit.norms:
-            rows.setdefault(n, set()).update(group_rows(unit, [0], groups))
         for c, offset in unit.consumers:
             cols.setdefault(c, set()).update(group_cols(unit, offset, groups))
     swapped = {}
     for name, drop in rows.items():
         old = model.get_submodule(name)
-        keep = torch.tensor([i for i in range(old.weight.shape[0]) if i not in drop], device=old.weight.device)
-        if isinstance(old, nn.Linear):
-            new = nn.Linear(old.in_features, len(keep), bias=old.bias is not None, device=old.weight.device,
-                            dtype=old.weight.dtype)
-            new.weight.copy_(old.weight[keep])
-            if old.bias is not None:
-                new.bias.copy_(old.bias[keep])
-        else:  # a norm across heads: same class, its affine parameters sliced
-            new = copy.deepcopy(old)
-            for pname in ("weight", "bias"):
-                p = getattr(old, pname, None)
-                if p is not None:
-                    setattr(new, pname, nn.Parameter(p[keep].clone(), requires_grad=p.requires_grad))
+        keep = torch.tensor([i for i in range(old.out_features) if i not in drop], device=old.weight.device)
+        new = nn.Linear(old.in_features, len(keep), bias=old.bias is not None, device=old.weight.device,
+                        dtype=old.weight.dtype)
+        new.weight.copy_(old.weight[keep])
+        if old.bias is not None:
+            new.bias.copy_(old.bias[keep])
         swapped[name] = (old, new)
     for name, drop in cols.items():
         old = model.get_submodule(name)
@@ -188,29 +181,20 @@ def put_back(model: nn.Module, swapped: dict[str, tuple[nn.Module, nn.Module]], 
 
 
 def resize(model: nn.Module, shapes: dict[str, tuple[int, ...]], blocks: list[tuple[str, nn.Module]]) -> None:
-    """Give the Linears (and norms across heads) of the heads and channels of ``blocks`` the
+    """Give the Linears of the heads and channels of ``blocks`` the
     weight shapes ``shapes`` (tensor name -> shape, e.g. a checkpoint's), as :func:`shrink` left
     them, on the device and in the dtype they have (``meta`` while a loader builds the model);
     nothing outside those units changes, so a checkpoint that does not fit elsewhere still fails
     to load."""
     found = [u for name, b in blocks for u in units(b, name)]
-    names = {n for u in found for n in [p for p, _ in u.producers] + [c for c, _ in u.consumers] + u.norms}
+    names = {n for u in found for n in [p for p, _ in u.producers] + [c for c, _ in u.consumers]}
     for name in sorted(names):
         old = model.get_submodule(name)
         shape = tuple(shapes.get(f"{name}.weight", old.weight.shape))
         if shape == tuple(old.weight.shape):
             continue
-        w = old.weight
-        if isinstance(old, nn.Linear):
-            if len(shape) != 2:
-                raise InputError(f"'{name}.weight' is stored with shape {shape}; a Linear's weight has two dimensions")
-            new = nn.Linear(shape[1], shape[0], bias=old.bias is not None, device=w.device, dtype=w.dtype)
-        else:
-            new = copy.deepcopy(old)
-            for pname in ("weight", "bias"):
-                p = getattr(old, pname, None)
-                if p is not None:
-                    setattr(new, pname, nn.Parameter(torch.empty(shape, device=p.device, dtype=p.dtype),
-                                                     requires_grad=p.requires_grad))
+        if len(shape) != 2:
+            raise InputError(f"'{name}.weight' is stored with shape {shape}; a Linear's weight has two dimensions")
+        new = nn.Linear(shape[1], shape[0], bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
         _set(model, name, new)
     _sync(model, found)

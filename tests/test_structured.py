@@ -313,3 +313,13 @@ def test_two_processes_remove_what_one_process_removes_on_the_union(tmp_path):
     for k, v in one.items():
         assert v.shape == r0[k].shape, k  # the same heads and channels kept
         torch.testing.assert_close(r0[k], v, rtol=1e-3, atol=1e-4)
+
+
+def test_an_attention_normalising_across_heads_is_refused():
+    from diffusers.models.attention_processor import Attention
+    from torch import nn
+
+    block = nn.Module()
+    block.attn = Attention(32, heads=4, kv_heads=4, dim_head=8, qk_norm="rms_norm_across_heads")
+    with pytest.raises(InputError, match="across all heads"):
+        units(block, "b")
