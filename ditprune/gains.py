@@ -73,6 +73,10 @@ def output_gains(model: nn.Module, groups, energies: dict, removed: dict, keep_o
         return out.float()
 
     dense = [output(b) for b in batches]
+
+    def change() -> float:  # the model's output change on the batches, as the model now is
+        return sum(float((output(b) - d).pow(2).sum()) for b, d in zip(batches, dense))
+
     originals = {n: model.get_submodule(n).parametrizations.weight.original for g in groups for n in g[1]}
     sums, streams = [], []  # per group: its sums (see below); per block group: its number of streams
     for block, layer_names in groups:
@@ -87,55 +91,16 @@ def output_gains(model: nn.Module, groups, energies: dict, removed: dict, keep_o
             for n in layer_names:
                 originals[n].data.copy_(saved[n])
 
-        if block is None or len(layer_names) == 1:  # alone: the model's change with it pruned
-            try:
-                prune(layer_names)
-                sums.append(sum(float((output(b) - d).pow(2).sum()) for b, d in zip(batches, dense)))
-            finally:
-                restore()
-            continue
-        local: dict[tuple[int, int], float] = {}  # (layer index or -1 for all, stream) -> block change
-        state = {"stream": 0, "busy": False, "ref": None}
-
-        def measure_block(module, args, kwargs):  # on the block's dense inputs (earlier blocks are dense)
-            if state["busy"]:
-                return None
-            state["busy"] = True
-            try:
-                ref = module(*args, **kwargs)
-                state["ref"] = ref
-                for i, n in enumerate(layer_names + [None]):
-                    prune([n] if n else layer_names)
-                    out = module(*args, **kwargs)
-                    restore()
-                    if state["stream"] == 0:  # the block's own changes, once
-                        for k, (o, r) in enumerate(zip(_floats(out), _floats(ref))):
-                            key = (i if n else -1, k)
-                            local[key] = local.get(key, 0.0) + float((o.float() - r.float()).pow(2).sum())
-                    state["pruned"] = out
-            finally:
-                state["busy"] = False
-            return None
-
-        def replace_output(module, args, kwargs, out):  # the block's stream s, pruned; the rest dense
-            return None if state["busy"] else _mix(state["ref"], state["pruned"], state["stream"])
-
-        hooks = [block.register_forward_pre_hook(measure_block, with_kwargs=True),
-                 block.register_forward_hook(replace_output, with_kwargs=True)]
         try:
-            changes, n_streams, s = [], 1, 0
-            while s < n_streams:
-                state["stream"] = s
-                changes.append(sum(float((output(b) - d).pow(2).sum()) for b, d in zip(batches, dense)))
-                n_streams = len(_floats(state["ref"]))
-                s += 1
+            if block is None or len(layer_names) == 1:  # alone: the model's change with it pruned
+                prune(layer_names)
+                sums.append(change())
+            else:
+                n_streams, block_sums = _block_sums(block, layer_names, prune, restore, change)
+                streams.append(n_streams)
+                sums += block_sums
         finally:
-            for h in hooks:
-                h.remove()
             restore()
-        streams.append(n_streams)
-        sums += changes + [local.get((i, k), 0.0) for i in list(range(len(layer_names))) + [-1]
-                           for k in range(n_streams)]
     sums.append(sum(float(d.pow(2).sum()) for d in dense))
     if sync:
         sums = distributed.sum_over_ranks(sums)
@@ -156,3 +121,49 @@ def output_gains(model: nn.Module, groups, energies: dict, removed: dict, keep_o
             g = sum(reach[k] / norm * local[i * S + k] / whole[k] for k in range(S) if whole[k] > 0)
             gains[n] = g / removed[n] if removed[n] > 0 else 0.0
     return gains
+
+
+def _block_sums(block: nn.Module, layer_names: list[str], prune, restore, change) -> tuple[int, list[float]]:
+    """(S, the sums of one block group): R_s for each of the block's S output streams (the
+    model's change with stream s all-pruned, the rest dense), then the block's own change r_ls
+    of stream s for each layer l pruned alone, then r_s with all of them (see
+    :func:`output_gains`). ``prune(names)`` / ``restore()`` edit the layers' weights."""
+    local: dict[tuple[int, int], float] = {}  # (layer index or -1 for all, stream) -> block change
+    state = {"stream": 0, "busy": False, "ref": None, "pruned": None}
+
+    def measure_block(module, args, kwargs):  # on the block's dense inputs (earlier blocks are dense)
+        if state["busy"]:
+            return None
+        state["busy"] = True
+        try:
+            ref = state["ref"] = module(*args, **kwargs)
+            for i, n in enumerate(layer_names + [None]):
+                prune([n] if n else layer_names)
+                out = module(*args, **kwargs)
+                restore()
+                if state["stream"] == 0:  # the block's own changes, once
+                    for k, (o, r) in enumerate(zip(_floats(out), _floats(ref))):
+                        key = (i if n else -1, k)
+                        local[key] = local.get(key, 0.0) + float((o.float() - r.float()).pow(2).sum())
+                if n is None:
+                    state["pruned"] = out
+        finally:
+            state["busy"] = False
+        return None
+
+    def replace_output(module, args, kwargs, out):  # the block's stream s, pruned; the rest dense
+        return None if state["busy"] else _mix(state["ref"], state["pruned"], state["stream"])
+
+    hooks = [block.register_forward_pre_hook(measure_block, with_kwargs=True),
+             block.register_forward_hook(replace_output, with_kwargs=True)]
+    try:
+        reach, n_streams = [], 1
+        while len(reach) < n_streams:
+            state["stream"] = len(reach)
+            reach.append(change())
+            n_streams = len(_floats(state["ref"]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return n_streams, reach + [local.get((i, k), 0.0) for i in list(range(len(layer_names))) + [-1]
+                               for k in range(n_streams)]
