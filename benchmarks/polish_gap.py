@@ -18,7 +18,8 @@ import torch
 
 from ditprune.costbench import synthetic_stats
 from ditprune.ditmask import plain_mask
-from ditprune.sparsegpt import obs_prune, polish
+from ditprune.lsq import polish
+from ditprune.sparsegpt import obs_prune
 
 ITERS = (0, 1, 2, 4, 8, 16, 32)
 

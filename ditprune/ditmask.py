@@ -19,7 +19,8 @@ import torch
 from . import granularity as G
 from .refine import row_output_error
 from .saliency import energy_balanced, wanda
-from .sparsegpt import obs_prune, polish
+from .lsq import polish
+from .sparsegpt import obs_prune
 
 __all__ = ["groupings", "plain_mask", "choose", "build", "fall_back", "removed_rows", "reconstruct"]
 
@@ -135,7 +136,8 @@ def reconstruct(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor, it
         pick = torch.full((weight.shape[0],), list(options).index(best))
     else:
         options = _fits(weight, keep, gram, iters, nm)
-        pick = torch.stack([removed_rows(weight, w, k, gram) for w, k in options.values()]).argmin(0)
+        pick = (torch.stack([removed_rows(weight, w, k, gram) for w, k in options.values()]).argmin(0)
+                if len(options) > 1 else torch.zeros(weight.shape[0], dtype=torch.long))
     names = list(options)
     sel = pick.to(weight.device).unsqueeze(1)
     new_w, new_keep = options[names[0]]

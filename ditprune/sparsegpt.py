@@ -23,7 +23,7 @@ import torch
 
 from .granularity import prune_count
 
-__all__ = ["obs_prune", "inverse_cholesky", "polish"]
+__all__ = ["obs_prune", "inverse_cholesky"]
 
 log = logging.getLogger(__name__)
 
@@ -122,46 +122,3 @@ def _block_counts(rows: int, cols: int, blocksize: int, sparsity: float) -> list
     for j in sorted(range(len(sizes)), key=lambda j: counts[j] - exact[j])[:short]:
         counts[j] += 1
     return counts
-
-
-@torch.no_grad()
-def polish(weight: torch.Tensor, start: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor, iters: int = 8,
-           percdamp: float = 0.01, tol: float = 1e-6, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Least-squares reconstruction of the kept weights for a fixed mask: minimise
-    tr((W - V) H_d (W - V)^T) over V zero outside ``keep`` (H_d = H + percdamp * mean(diag H) I,
-    the dampening OBS uses), by conjugate gradients with a Jacobi preconditioner on all rows at
-    once (rows are independent), starting from ``start`` (``W * keep``: on the inputs measured,
-    an OBS start was no better after 4 iterations and costs a Cholesky factorisation and about
-    one product). Every iteration lowers the objective and costs one (out x in) @ (in x in)
-    product, in ``dtype``. float64 by default: damped H is ill-conditioned on real activations,
-    and in float32 the iterates drift from the float64 ones by up to 9e-3 after 8 iterations on
-    the reference dit (mean |weight| 0.07), enough that a one-ulp change of H (another summation
-    order, as on several processes) changes the masks of the blocks that follow; float32 halves
-    the time on a CPU and is the caller's choice. A row stops once its preconditioned residual
-    falls below ``tol`` of its start. Returns V in ``weight``'s dtype."""
-    W = weight.to(dtype)
-    H = gram.to(dtype=dtype, device=W.device)
-    H = H + percdamp * torch.diagonal(H).mean() * torch.eye(H.shape[0], device=W.device, dtype=dtype)
-    m = keep.to(device=W.device, dtype=dtype)
-    V = start.to(dtype) * m
-    d = torch.diagonal(H).clamp_min(1e-12)
-    R = ((W - V) @ H).mul_(m)  # minus half the gradient, on the kept weights
-    Z = R / d
-    P = Z.clone()
-    rz = (R * Z).sum(1, dtype=torch.float64)
-    stop = tol * rz.clamp_min(0)  # per row: a converged row stops, before rounding noise drives it
-    for _ in range(iters):
-        live = rz > stop
-        if not live.any():
-            break
-        Q = (P @ H).mul_(m)
-        pq = (P * Q).sum(1, dtype=torch.float64)
-        a = torch.where(live & (pq > 0), rz / pq.clamp_min(1e-300), torch.zeros_like(pq)).to(dtype)
-        V.addcmul_(a.unsqueeze(1), P)
-        R.addcmul_(a.unsqueeze(1), Q, value=-1)
-        torch.div(R, d, out=Z)
-        rz_new = torch.where(live, (R * Z).sum(1, dtype=torch.float64), rz)
-        beta = (rz_new / rz.clamp_min(1e-300)).to(dtype)  # a stopped row's direction is never used again (a = 0)
-        P.mul_(beta.unsqueeze(1)).add_(Z)
-        rz = rz_new
-    return V.mul_(m).to(weight.dtype)
