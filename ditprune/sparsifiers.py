@@ -324,7 +324,7 @@ class DiTPruningSparsifier(SaliencySparsifier):
     ``method: dit``, ``sparsity: 0.5``, ``alpha: auto``, ``alphas: [0.3, 0.4, 0.5]``,
     ``granularity: clusters``, ``max_clusters: 6``, ``refine: 8`` (4 with ``reconstruct``: rounds
     beyond 4 lowered the no-update error the refit then replaces, and changed the refitted
-    model's denoiser error by under 3% on both reference models), ``shortlist: 12``,
+    model's denoiser error by at most 3.5% on both reference models), ``shortlist: 12``,
     ``sample_rows: 256``, ``reconstruct: false``, ``polish: 6``, ``holdout: true`` (false: trust the
     search on few tokens too, as the ablation does to measure what the safeguard costs).
 
