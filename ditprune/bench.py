@@ -38,7 +38,7 @@ def _ablation(kind: str, quick: bool, progress: bool) -> list[dict]:
              C("dit timestep_weighting=log_decrease", "dit", {"timestep_weighting": "log_decrease"}),
              C("dit whole-model calibration", "dit", {"block_sequential": False})]
     grid += [C("dit reconstruct, polish=4", "dit", {"reconstruct": True, "polish": 4}),
-             C("dit reconstruct (polish=8)", "dit", {"reconstruct": True}),
+             C("dit reconstruct (polish=6)", "dit", {"reconstruct": True}),
              C("dit reconstruct, polish=16", "dit", {"reconstruct": True, "polish": 16})]
     rows = compare(kind, grid if not quick else grid[:4], settings, progress=progress)
     for n_prompts, steps in ([(4, 2), (16, 10)] if quick else [(4, 2), (4, 10), (16, 2), (16, 10), (32, 10)]):

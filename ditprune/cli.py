@@ -87,8 +87,6 @@ def _fabric(args: argparse.Namespace):
         raise InputError(f"--accelerator must be one of {list(accelerators)}, got {args.accelerator!r}")
     if args.devices < 1:
         raise InputError(f"--devices must be >= 1, got {args.devices}")
-    import os
-
     import torch
 
     gpu = args.accelerator in ("cuda", "gpu") or (args.accelerator == "auto" and torch.cuda.is_available())

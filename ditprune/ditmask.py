@@ -104,7 +104,7 @@ def removed_rows(weight: torch.Tensor, new_weight: torch.Tensor, keep: torch.Ten
 
 def _fits(weight, keep, gram, iters, nm) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{name: (weight, keep)}: the ``dit`` mask with its kept weights refitted by least squares
-    (:func:`~ditprune.sparsegpt.polish`, ``iters`` conjugate-gradient steps from ``weight * keep``)
+    (:func:`~ditprune.lsq.polish`, ``iters`` conjugate-gradient steps from ``weight * keep``)
     and, for N:M, SparseGPT's own N:M mask and OBS update (float64) refitted the same way: its
     mask, chosen while compensating, often suits a refit better than a mask chosen without one."""
     out = {"dit": (polish(weight, weight * keep, keep, gram, iters), keep)}

@@ -87,8 +87,14 @@ def spectral_preconditioner(Hd: torch.Tensor, keep: torch.Tensor, rank: int):
     G = G + G.mT
     G.diagonal(dim1=1, dim2=2).mul_(0.5).add_(c / (lam - c))
     eye = torch.eye(k, dtype=dtype, device=U.device).expand_as(G)
-    Li = torch.linalg.solve_triangular(torch.linalg.cholesky(G), eye, upper=False).mul_(c**-0.5)  # G c = (Li^T Li)^-1
-    del G
+    L, info = torch.linalg.cholesky_ex(G)
+    for ridge in (1e-4, 1e-2, 1.0):  # rounding, or a row keeping fewer weights than k: a ridge on G only
+        if not info.any():  # weakens the correction, so the preconditioner stays positive definite
+            break
+        bad = info > 0
+        L[bad], info[bad] = torch.linalg.cholesky_ex(G[bad] + ridge * eye[: int(bad.sum())])
+    Li = torch.linalg.solve_triangular(L, eye, upper=False).mul_(c**-0.5)  # (G c)^-1 = Li^T Li
+    del G, L
     Us = U * s.unsqueeze(1)  # H_d's units on both sides: D^-1/2 U
 
     def apply(R: torch.Tensor) -> torch.Tensor:

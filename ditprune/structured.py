@@ -25,6 +25,8 @@ from typing import Sequence
 
 import torch
 
+from .lsq import damped
+
 __all__ = ["STRUCTURE_METHODS", "damped", "select_obs", "select_by_score", "magnitude_scores", "activation_scores",
            "refit", "removal_count"]
 
@@ -35,14 +37,6 @@ def removal_count(groups: int, fraction: float) -> int:
     """How many of ``groups`` a fraction removes (rounded down: the fraction is an upper bound),
     never all of them."""
     return min(int(math.floor(groups * fraction + 1e-9)), groups - 1)
-
-
-def damped(gram: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
-    """H + percdamp * mean(diag H) I in float64 (a dead input gets a unit diagonal)."""
-    H = gram.to(torch.float64).clone()
-    d = torch.diagonal(H)
-    d[d == 0] = 1.0
-    return H + percdamp * d.mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
 
 
 @torch.no_grad()

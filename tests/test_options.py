@@ -242,6 +242,26 @@ def test_the_shipped_polish_is_within_one_percent_of_the_exact_solution(tokens):
     assert loss(polish(w, w * keep, keep, h, iters, rank=0)) > 1.01 * loss(exact)  # Jacobi alone is not
 
 
+def test_the_polish_handles_rows_that_keep_fewer_weights_than_its_rank():
+    """At 99% (10 of 1024 kept, rank 64) and with a row that keeps nothing, the per-row r x r
+    matrices are singular up to the model's diagonal: the polish still lowers the objective in
+    every row, keeps zeros outside the mask and returns finite weights."""
+    from ditprune.costbench import synthetic_stats
+    from ditprune.lsq import damped, polish
+
+    n = 1024
+    h = synthetic_stats(n, 512).gram
+    hd = damped(h).float()
+    w = torch.randn(16, n, generator=torch.Generator().manual_seed(2)) / n**0.5
+    keep = G.row_mask(w.abs(), 0.99)
+    keep[3] = False
+    v = polish(w, w * keep, keep, h)
+    before = (((w - w * keep) @ hd) * (w - w * keep)).sum(1)
+    after = (((w - v) @ hd) * (w - v)).sum(1)
+    assert torch.isfinite(v).all() and (v[~keep] == 0).all()
+    assert (after <= before * (1 + 1e-5)).all() and (after[:3] < 0.999 * before[:3]).all()
+
+
 def test_the_spectral_preconditioner_is_the_exact_inverse_of_its_model_on_each_kept_set():
     """apply(R) = D^-1/2 (S_KK)^-1 D^-1/2 R per row, S = c I + U (diag(lam) - c) U^T built from
     the top eigenpairs of the Jacobi-scaled damped H (torch.linalg.eigh here, not the solver's
