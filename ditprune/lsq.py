@@ -11,9 +11,9 @@ factorisation per row (out x in^3 / 3 for a layer: about 10x SparseGPT at FLUX.1
 widths), so :func:`polish` runs conjugate gradients on all rows at once, each iteration one
 (out x in) @ (in x in) product.
 
-On activations, H_d is ill-conditioned along a few directions (a handful of outlier directions
-carry most of the energy), and the masked CG converges slowly with a diagonal (Jacobi)
-preconditioner: 8 iterations left 1.03-1.27x the exact error. The preconditioner here
+On activations, H_d is ill-conditioned along a few directions, and the masked CG converges
+slowly with a diagonal (Jacobi) preconditioner: 8 iterations left 1.03-1.12x the exact error on
+the cost bench's inputs (``benchmarks/polish_gap.py``). The preconditioner here
 (:func:`spectral_preconditioner`) models the Jacobi-scaled S = D^-1/2 H_d D^-1/2 as
 c I + U (diag(lam) - c) U^T, with U, lam its top ``rank`` eigenpairs (randomised subspace
 iteration, a fixed seed) and c the mean of the other eigenvalues, and applies the *exact*
@@ -52,15 +52,16 @@ def default_rank(inputs: int) -> int:
     return max(1, min(inputs // 2, round(2 * math.sqrt(inputs))))
 
 
-def _top_eigen(S: torch.Tensor, rank: int, power: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(eigenvalues descending, orthonormal vectors) of the top ``rank`` eigenpairs of symmetric
-    PSD ``S``, by randomised subspace iteration with ``rank // 2`` extra columns and Rayleigh-Ritz."""
-    n = S.shape[0]
+def _top_eigen(S, n: int, rank: int, like: torch.Tensor, power: int = 4, seed: int = 0
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eigenvalues descending, orthonormal vectors) of the top ``rank`` eigenpairs of the
+    symmetric PSD n x n matrix that ``S(X)`` multiplies by, by randomised subspace iteration with
+    ``rank // 2`` extra columns and Rayleigh-Ritz (dtype and device of ``like``)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    Q = torch.randn(n, min(n, rank + max(8, rank // 2)), generator=g, dtype=S.dtype).to(S.device)
+    Q = torch.randn(n, min(n, rank + max(8, rank // 2)), generator=g).to(like)
     for _ in range(power):
-        Q = torch.linalg.qr(S @ Q).Q
-    lam, E = torch.linalg.eigh(Q.T @ S @ Q)
+        Q = torch.linalg.qr(S(Q)).Q
+    lam, E = torch.linalg.eigh(Q.T @ S(Q))
     return lam.flip(0)[:rank], (Q @ E).flip(1)[:, :rank]
 
 
@@ -68,13 +69,13 @@ def spectral_preconditioner(Hd: torch.Tensor, keep: torch.Tensor, rank: int):
     """``apply(R) -> Z``: the per-row preconditioner described in the module docstring, for
     residuals R (out x in) that are zero outside ``keep``."""
     dtype = Hd.dtype
-    s = torch.diagonal(Hd).rsqrt()
-    S = Hd * s.unsqueeze(0) * s.unsqueeze(1)
-    n = S.shape[0]
-    lam, U = _top_eigen(S, min(rank, n - 1))
+    s = torch.diagonal(Hd).rsqrt().unsqueeze(1)
+    n = Hd.shape[0]
+    lam, U = _top_eigen(lambda X: s * (Hd @ (s * X)), n, min(rank, n - 1), Hd)  # S = D^-1/2 H_d D^-1/2
     c = ((n - lam.sum()) / (n - len(lam))).clamp_min(1e-12)  # trace(S) = n
     live = lam > c * (1 + 1e-6)  # a direction no stiffer than the rest needs no special treatment
     lam, U = lam[live], U[:, live]
+    s = s.squeeze(1)
     m = keep.to(dtype)
     k = U.shape[1]
     d = s.pow(2) / c  # the model's inverse on the flat rest, in H_d's units
@@ -117,10 +118,10 @@ def polish(weight: torch.Tensor, start: torch.Tensor, keep: torch.Tensor, gram: 
     problem), by ``iters`` iterations of conjugate gradients on all rows at once with the spectral
     preconditioner (``rank`` directions, default :func:`default_rank`; 0: Jacobi only), from
     ``start`` (``W * keep`` in the ``dit`` method). Every iteration lowers the objective. A row
-    stops once its preconditioned residual falls below ``tol`` of its start. Math in ``dtype``
-    (H_d is formed in float64 first). Returns V in ``weight``'s dtype."""
+    stops once its preconditioned residual falls below ``tol`` of its start. Math in ``dtype``.
+    Returns V in ``weight``'s dtype."""
     W = weight.to(dtype)
-    H = damped(gram.to(W.device), percdamp).to(dtype)
+    H = damped(gram.to(W.device), percdamp, dtype)
     rank = default_rank(H.shape[0]) if rank is None else rank
     m = keep.to(device=W.device, dtype=dtype)
     if rank:
