@@ -66,14 +66,23 @@ def recipe_prune_kwargs(pruning: DictConfig, method: str) -> dict[str, Any]:
     return kw
 
 
+def _structure_settings(pruning: DictConfig) -> dict | None:
+    """The recipe's structured step as the callback's keywords (None: the recipe has none)."""
+    if not pruning.structure:
+        return None
+    return {"structure": pruning.structure, "structure_sparsity": pruning.structure_sparsity,
+            "structure_method": pruning.structure_method}
+
+
 def _structure(model, calibration, pruning: DictConfig, progress: bool):
     """The recipe's structured step (heads and channels removed), before the unstructured prune."""
-    if pruning.structure:
-        from .structuring import prune_structured
+    s = _structure_settings(pruning)
+    if s is None:
+        return None
+    from .structuring import prune_structured
 
-        return prune_structured(model, calibration, pruning.structure, pruning.structure_sparsity,
-                                pruning.structure_method, offload=pruning.offload, progress=progress)
-    return None
+    return prune_structured(model, calibration, s["structure"], s["structure_sparsity"], s["structure_method"],
+                            offload=pruning.offload, progress=progress)
 
 
 def _recipe_plan(model, pruning: DictConfig) -> PrunePlan:
@@ -348,8 +357,7 @@ def _run_reference(recipe: DictConfig, out: OutputDir, progress: bool) -> dict:
                                             setting=pruning_setting(p), prune_kwargs=recipe_prune_kwargs(p, p.method),
                                             steps=r.steps, lr=r.lr, batch_size=r.batch_size, distill=r.distill,
                                             quantize=recipe.quantization.config, progress=progress,
-                                            structure=dict(structure=p.structure, structure_sparsity=p.structure_sparsity,
-                                                           structure_method=p.structure_method) if p.structure else None)
+                                            structure=_structure_settings(p))
         rows.extend(extra)
     _stage(progress, f"saving the transformer ({recipe.export.format})")
     save_transformer(model, out / "transformer", recipe.export.format)
