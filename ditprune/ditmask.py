@@ -102,12 +102,13 @@ def removed_rows(weight: torch.Tensor, new_weight: torch.Tensor, keep: torch.Ten
     return ((d @ gram.float()) * d).sum(1).cpu()
 
 
-def _fits(weight, keep, gram, iters, nm) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _fits(weight, keep, gram, iters, nm, residual=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{name: (weight, keep)}: the ``dit`` mask with its kept weights refitted by least squares
     (:func:`~ditprune.lsq.polish`, ``iters`` conjugate-gradient steps from ``weight * keep``)
     and, for N:M, SparseGPT's own N:M mask and OBS update (float64) refitted the same way: its
-    mask, chosen while compensating, often suits a refit better than a mask chosen without one."""
-    out = {"dit": (polish(weight, weight * keep, keep, gram, iters), keep)}
+    mask, chosen while compensating, often suits a refit better than a mask chosen without one.
+    ``residual``: the swap search's (W * ~keep) @ gram, if it has it (one product fewer)."""
+    out = {"dit": (polish(weight, weight * keep, keep, gram, iters, residual=residual), keep)}
     if nm is not None:
         w, k, _ = obs_prune(weight, gram, 1 - nm[0] / nm[1], nm, dtype=torch.float64)
         out["sparsegpt"] = (polish(weight, w, k, gram, iters), k)
@@ -115,8 +116,8 @@ def _fits(weight, keep, gram, iters, nm) -> dict[str, tuple[torch.Tensor, torch.
 
 
 def reconstruct(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor, iters: int, nm=None,
-                held: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+                held: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
     """(keep mask, updated weight or None, info). The kept weights of ``keep`` are refitted by
     least squares on ``gram`` (see :func:`_fits`; for N:M, SparseGPT's mask and update is the
     other candidate and the one that loses less output energy wins per row, every row keeping
@@ -124,7 +125,8 @@ def reconstruct(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor, it
     ``gram``'s tokens. With few tokens, ``held`` = (row indices, their mask fitted without the
     held-out tokens, H of the fit tokens, H of the held-out tokens): the candidates, and no
     update at all, are fitted on those rows and fit tokens and judged per layer on the held-out
-    tokens alone; the winner is then fitted again on all rows and all tokens."""
+    tokens alone; the winner is then fitted again on all rows and all tokens. ``residual``:
+    (W * ~keep) @ gram if the caller has it (see :func:`ditprune.refine.refine_mask`)."""
     if held is not None:
         rows, keep_rows, fit, judge = held
         w_rows = weight[rows.to(weight.device)]
@@ -132,10 +134,10 @@ def reconstruct(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor, it
         best = min(trial, key=lambda k: float(removed_rows(w_rows, *trial[k], judge).sum()))
         if best == "none":
             return keep, None, {"reconstruct": "skipped: no gain on held-out tokens"}
-        options = _fits(weight, keep, gram, iters, nm)
+        options = _fits(weight, keep, gram, iters, nm, residual)
         pick = torch.full((weight.shape[0],), list(options).index(best))
     else:
-        options = _fits(weight, keep, gram, iters, nm)
+        options = _fits(weight, keep, gram, iters, nm, residual)
         pick = (torch.stack([removed_rows(weight, w, k, gram) for w, k in options.values()]).argmin(0)
                 if len(options) > 1 else torch.zeros(weight.shape[0], dtype=torch.long))
     names = list(options)

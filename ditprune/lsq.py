@@ -94,13 +94,14 @@ def spectral_preconditioner(Hd: torch.Tensor, keep: torch.Tensor, rank: int):
             break
         bad = info > 0
         L[bad], info[bad] = torch.linalg.cholesky_ex(G[bad] + ridge * eye[: int(bad.sum())])
-    Li = torch.linalg.solve_triangular(L, eye, upper=False).mul_(c**-0.5)  # (G c)^-1 = Li^T Li
-    del G, L
+    Li = torch.linalg.solve_triangular(L, eye, upper=False)
+    Gi = torch.bmm(Li.mT, Li).div_(c)  # (G c)^-1, formed once: one small product per row and iteration
+    del G, L, Li
     Us = U * s.unsqueeze(1)  # H_d's units on both sides: D^-1/2 U
 
     def apply(R: torch.Tensor) -> torch.Tensor:
-        t = torch.bmm(Li.mT, torch.bmm(Li, (R @ Us).unsqueeze(2))).squeeze(2)
-        return torch.mul(R, d).sub_((t @ Us.T).mul_(m))
+        t = torch.bmm(Gi, (R @ Us).unsqueeze(2)).squeeze(2)
+        return torch.addcmul(R * d, t @ Us.T, m, value=-1)
 
     return apply
 
@@ -113,13 +114,15 @@ def _dot(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def polish(weight: torch.Tensor, start: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor, iters: int = 6,
            percdamp: float = 0.01, tol: float = 1e-6, dtype: torch.dtype = torch.float32,
-           rank: int | None = None) -> torch.Tensor:
+           rank: int | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """V minimising tr((W - V) H_d (W - V)^T) over V zero outside ``keep`` (the module docstring's
     problem), by ``iters`` iterations of conjugate gradients on all rows at once with the spectral
     preconditioner (``rank`` directions, default :func:`default_rank`; 0: Jacobi only), from
     ``start`` (``W * keep`` in the ``dit`` method). Every iteration lowers the objective. A row
     stops once its preconditioned residual falls below ``tol`` of its start. Math in ``dtype``.
-    Returns V in ``weight``'s dtype."""
+    ``residual``: (W - start) @ gram (undamped) if the caller has it (the swap search keeps it),
+    which saves one (out x in) @ (in x in) product; it may be overwritten. Returns V in
+    ``weight``'s dtype."""
     W = weight.to(dtype)
     H = damped(gram.to(W.device), percdamp, dtype)
     rank = default_rank(H.shape[0]) if rank is None else rank
@@ -130,7 +133,11 @@ def polish(weight: torch.Tensor, start: torch.Tensor, keep: torch.Tensor, gram: 
         d = torch.diagonal(H).clone()
         precondition = lambda R: R / d  # noqa: E731
     V = start.to(dtype) * m
-    R = ((W - V) @ H).mul_(m)  # minus half the gradient, on the kept weights
+    if residual is None:
+        R = ((W - V) @ H).mul_(m)  # minus half the gradient, on the kept weights
+    else:  # H_d - H is diagonal: the damping (and a dead input's unit diagonal)
+        extra = torch.diagonal(H) - torch.diagonal(gram).to(H)
+        R = residual.to(dtype).addcmul_(W - V, extra).mul_(m)
     Z = precondition(R)
     P = Z.clone()
     rz = _dot(R, Z)

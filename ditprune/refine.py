@@ -47,11 +47,6 @@ def _gather_block(hflat: torch.Tensor, S: torch.Tensor, n: int) -> torch.Tensor:
     return hflat[(S * n).unsqueeze(2) + S.unsqueeze(1)]
 
 
-def _columns(HS: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """(R, L): column idx_r of each row's block."""
-    return torch.gather(HS, 2, idx.view(-1, 1, 1).expand(HS.shape[0], HS.shape[1], 1)).squeeze(2)
-
-
 @torch.no_grad()
 def refine_mask(
     weight: torch.Tensor,
@@ -62,31 +57,39 @@ def refine_mask(
     group: int | None = None,
     min_gain: float = 1e-3,
     chunk: int = 256,
-) -> tuple[torch.Tensor, dict]:
+    residual: bool = False,
+) -> tuple[torch.Tensor, dict] | tuple[torch.Tensor, dict, torch.Tensor]:
     """Swap search (see the module docstring) over blocks of ``chunk`` rows (rows are independent;
     a block's working set stays in cache). Returns (keep mask, {"swaps", "rounds"}), rounds being
-    the most any block used."""
+    the most any block used, and with ``residual`` the search's g = (W * ~keep) @ gram for the
+    returned mask (float32; kept exactly through the swaps, so a least-squares refit of that
+    mask can start from it instead of a product of its own)."""
     w = weight.float()
     h = gram.float().to(w.device)
     keep = keep.clone()
-    if rounds <= 0 or shortlist <= 0:
-        return keep, {"swaps": 0, "rounds": 0}
-    hflat = h.reshape(-1)
-    dh = torch.diagonal(h)
+    g = torch.empty_like(w) if residual else None
     swaps = used_rounds = 0
-    for r0 in range(0, w.shape[0], chunk):
-        sl = slice(r0, min(r0 + chunk, w.shape[0]))
-        n_sw, n_rd = _refine_rows(w[sl], keep[sl], h, hflat, dh, rounds, shortlist, group, min_gain)
-        swaps += n_sw
-        used_rounds = max(used_rounds, n_rd)
-    return keep, {"swaps": swaps, "rounds": used_rounds}
+    if rounds > 0 and shortlist > 0:
+        hflat = h.reshape(-1)
+        dh = torch.diagonal(h)
+        for r0 in range(0, w.shape[0], chunk):
+            sl = slice(r0, min(r0 + chunk, w.shape[0]))
+            n_sw, n_rd = _refine_rows(w[sl], keep[sl], h, hflat, dh, rounds, shortlist, group, min_gain,
+                                      None if g is None else g[sl])
+            swaps += n_sw
+            used_rounds = max(used_rounds, n_rd)
+    elif residual:
+        torch.mm(w * ~keep, h, out=g)
+    info = {"swaps": swaps, "rounds": used_rounds}
+    return (keep, info, g) if residual else (keep, info)
 
 
-def _refine_rows(w, keep, h, hflat, dh, rounds, shortlist, group, min_gain) -> tuple[int, int]:
-    """Rounds of swaps on a block of rows; ``keep`` (a view) is updated in place."""
+def _refine_rows(w, keep, h, hflat, dh, rounds, shortlist, group, min_gain, g=None) -> tuple[int, int]:
+    """Rounds of swaps on a block of rows; ``keep`` (a view) is updated in place, and so is the
+    residual ``g`` (a view) when given."""
     out, n = w.shape
     s = w * w * dh  # w_j^2 H_jj, fixed
-    g = (w * ~keep) @ h
+    g = (w * ~keep) @ h if g is None else torch.mm(w * ~keep, h, out=g)
     error = (g * (w * ~keep)).sum(1)  # per row
     active = torch.arange(out, device=w.device)
     swaps, done = 0, 0
@@ -126,10 +129,11 @@ def _refine_rows(w, keep, h, hflat, dh, rounds, shortlist, group, min_gain) -> t
     return swaps, done
 
 
-def _round_unstructured(wa, ka, ga, sa, hflat, n, shortlist, pairs=16):
+def _round_unstructured(wa, ka, ga, sa, hflat, n, shortlist):
     R = wa.shape[0]
     k = min(shortlist, wa.shape[1])
     t = wa * ga
+    tol = 1e-9 * t.abs().sum(1).clamp_min(1e-30)  # a step must lower the row's error by more than this
     t.mul_(2)
     qi = torch.where(ka | (wa == 0), _INF, sa - t).topk(k, 1, largest=False).indices  # cheapest revivals
     pi = torch.where(ka, sa + t, _INF).topk(k, 1, largest=False).indices  # cheapest prunings
@@ -137,40 +141,54 @@ def _round_unstructured(wa, ka, ga, sa, hflat, n, shortlist, pairs=16):
     S = torch.cat([qi, pi], 1)
     HS = _gather_block(hflat, S, n)
     wS, gl, sS = wa.gather(1, S), ga.gather(1, S), sa.gather(1, S)
-    delta = torch.zeros_like(wS)
     # a row with fewer than k pruned (or kept) weights fills its list with others: never candidates
-    used = torch.cat([ka.gather(1, qi) | (wa.gather(1, qi) == 0), ~ka.gather(1, pi)], 1)
-    moved = torch.zeros_like(used)
-    live = torch.ones(R, dtype=torch.bool, device=wa.device)
-    tol = 1e-9 * (wa * ga).abs().sum(1).clamp_min(1e-30)
-    rr = torch.arange(R, device=wa.device)
-    P = min(pairs, k)
-    gain = torch.zeros(R, device=wa.device)
+    barred = torch.cat([ka.gather(1, qi) | (wa.gather(1, qi) == 0), ~ka.gather(1, pi)], 1)
+    barred = torch.zeros_like(wS).masked_fill_(barred, _INF)  # inf once a slot is barred or taken
+    cross = (2 * wS[:, :k]).unsqueeze(2) * wS[:, k:].unsqueeze(1) * HS[:, :k, k:]  # (R, q, p), fixed in a round
+    steps = _Steps(wS, HS, tol)
     for _ in range(k):
-        rev = (sS[:, :k] - 2 * wS[:, :k] * gl[:, :k]).masked_fill(used[:, :k], _INF)
-        pru = (sS[:, k:] + 2 * wS[:, k:] * gl[:, k:]).masked_fill(used[:, k:], _INF)
-        rv, a = rev.topk(P, 1, largest=False)  # the P cheapest revivals and prunings right now
-        pv, b = pru.topk(P, 1, largest=False)
-        hab = torch.gather(HS[:, :k, k:], 1, a.unsqueeze(2).expand(R, P, k)).gather(2, b.unsqueeze(1).expand(R, P, P))
-        wa_, wb_ = wS.gather(1, a), wS.gather(1, k + b)
-        change_ab = rv.unsqueeze(2) + pv.unsqueeze(1) - 2 * wa_.unsqueeze(2) * wb_.unsqueeze(1) * hab
-        change, ij = change_ab.view(R, P * P).min(1)  # the best pair, with its exact cross term
-        ok = live & torch.isfinite(change) & (change < -tol)
-        if not ok.any():
+        rev = (sS[:, :k] - 2 * wS[:, :k] * gl[:, :k]).add_(barred[:, :k])
+        pru = (sS[:, k:] + 2 * wS[:, k:] * gl[:, k:]).add_(barred[:, k:])
+        change, ij = (rev.unsqueeze(2) + pru.unsqueeze(1) - cross).view(R, k * k).min(1)  # the best pair, exact
+        slots = torch.stack([ij // k, k + ij % k], 1)
+        if not steps.take(change, slots, barred):
             break
-        qa, pb = a[rr, ij // P], k + b[rr, ij % P]
-        dq, dp = -wS[rr, qa] * ok, wS[rr, pb] * ok
-        gl = gl + _columns(HS, qa) * dq.unsqueeze(1) + _columns(HS, pb) * dp.unsqueeze(1)
-        r = ok.nonzero().squeeze(1)
-        delta[r, qa[r]] = dq[r]
-        delta[r, pb[r]] = dp[r]
-        used[r, qa[r]] = True
-        used[r, pb[r]] = True
-        moved[r, qa[r]] = True
-        moved[r, pb[r]] = True
-        gain += torch.where(ok, change, 0.0)
-        live &= ok
-    return S, moved, delta, gain
+        gl = steps.update(gl)
+    return S, steps.moved.bool(), steps.delta, steps.gain
+
+
+class _Steps:
+    """The bookkeeping of a round's sequential swaps over each row's shortlist S (R, L): which
+    slots moved, their weight changes ``delta`` (the weight removed: +w pruned, -w revived) and
+    the exact gain; a row stops at its first step that does not lower its error by ``tol``."""
+
+    def __init__(self, wS: torch.Tensor, HS: torch.Tensor, tol: torch.Tensor):
+        self.wS, self.HT, self.tol = wS, HS.transpose(1, 2), tol  # HT[r, j] = column j of row r's block
+        self.delta, self.moved = torch.zeros_like(wS), torch.zeros_like(wS)
+        self.live = torch.ones(wS.shape[0], dtype=torch.bool, device=wS.device)
+        self.gain = torch.zeros(wS.shape[0], device=wS.device)
+        self.sign = torch.tensor([-1.0, 1.0], device=wS.device)  # revive q, prune p
+
+    def take(self, change: torch.Tensor, slots: torch.Tensor, barred: torch.Tensor) -> bool:
+        """Makes, in every live row whose ``change`` is below -tol, the swap of its (q, p) ``slots``
+        (R, 2); bars both slots; False when no row moves."""
+        ok = self.live & (change < -self.tol)  # an inf change (nothing left) is never taken
+        if not ok.any():
+            return False
+        okf = ok.to(self.wS.dtype).unsqueeze(1)
+        self.d = self.wS.gather(1, slots) * self.sign * okf  # zero in rows that do not move
+        self.slots = slots
+        self.delta.scatter_add_(1, slots, self.d)
+        self.moved.scatter_add_(1, slots, okf.expand(-1, 2))
+        barred.scatter_add_(1, slots, torch.where(okf > 0, _INF, 0.0).expand(-1, 2))
+        self.gain += torch.where(ok, change, 0.0)
+        self.live &= ok
+        return True
+
+    def update(self, gl: torch.Tensor) -> torch.Tensor:
+        """The shortlist's residual after the last swaps: gl + H_S[:, q] d_q + H_S[:, p] d_p."""
+        cols = self.HT.gather(1, self.slots.unsqueeze(2).expand(-1, -1, self.HT.shape[2]))
+        return gl + torch.bmm(self.d.unsqueeze(1), cols).squeeze(1)
 
 
 def _round_groups(wa, ka, ga, sa, h, hflat, n, shortlist, m):
@@ -180,22 +198,22 @@ def _round_groups(wa, ka, ga, sa, h, hflat, n, shortlist, m):
     R = wa.shape[0]
     G = n // m
     t = wa * ga
+    tol = 1e-9 * t.abs().sum(1).clamp_min(1e-30)  # a step must lower the row's error by more than this
     t.mul_(2)
     rev = torch.where(ka | (wa == 0), _INF, sa - t).view(R, G, m)
     pru = torch.where(ka, sa + t, _INF).view(R, G, m)
     del t
-    blocks = h.view(G, m, G, m).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (G, m, m): H within each group
-    wg = wa.view(R, G, m)
-    # only pruned-kept pairs are moves: order each group's slots pruned first (every group of an
-    # N:M mask prunes the same count), then score the (m - n) x n pairs with their cross term
+    # a move pairs a pruned slot q with a kept slot p of one group (every group of an N:M mask
+    # prunes the same count): the j-th pruned slot of a group is where its running count passes j
     kg = ka.view(R, G, m)
     npr = int((~kg[0, 0]).sum())
-    order = kg.to(torch.uint8).argsort(dim=2, stable=True)
-    qs, ps = order[..., :npr], order[..., npr:]
-    hq = torch.gather(blocks.unsqueeze(0).expand(R, G, m, m), 2, qs.unsqueeze(3).expand(R, G, npr, m))
-    hqp = torch.gather(hq, 3, ps.unsqueeze(2).expand(R, G, npr, m - npr))
+    qs, ps = (torch.stack([(c <= j).sum(2) for j in range(count)], 2)
+              for c, count in (((~kg).cumsum(2), npr), (kg.cumsum(2), m - npr)))  # (R, G, q), (R, G, p)
+    blocks = h.view(G, m, G, m).diagonal(dim1=0, dim2=2).permute(2, 0, 1).reshape(-1)  # H within each group
+    at = torch.arange(G, device=wa.device).view(1, G, 1, 1) * (m * m) + qs.unsqueeze(3) * m + ps.unsqueeze(2)
+    wg = wa.view(R, G, m)
     pair = (rev.gather(2, qs).unsqueeze(3) + pru.gather(2, ps).unsqueeze(2)
-            - 2 * wg.gather(2, qs).unsqueeze(3) * wg.gather(2, ps).unsqueeze(2) * hqp)  # (R, G, q, p)
+            - 2 * wg.gather(2, qs).unsqueeze(3) * wg.gather(2, ps).unsqueeze(2) * blocks[at])  # (R, G, q, p)
     best, arg = pair.view(R, G, -1).min(2)
     arg = qs.gather(2, (arg // (m - npr)).unsqueeze(2)).squeeze(2) * m + ps.gather(2, (arg % (m - npr)).unsqueeze(2)).squeeze(2)
     k = min(shortlist, G)
@@ -205,28 +223,15 @@ def _round_groups(wa, ka, ga, sa, h, hflat, n, shortlist, m):
     S = torch.cat([qi, pi], 1)
     HS = _gather_block(hflat, S, n)
     wS, gl, sS = wa.gather(1, S), ga.gather(1, S), sa.gather(1, S)
-    hqp = HS[:, :k, k:].diagonal(dim1=1, dim2=2)  # H_qp of each move
-    delta = torch.zeros_like(wS)
-    used = torch.zeros_like(wS, dtype=torch.bool)
-    live = torch.ones(R, dtype=torch.bool, device=wa.device)
-    tol = 1e-9 * (wa * ga).abs().sum(1).clamp_min(1e-30)
-    rr = torch.arange(R, device=wa.device)
-    gain = torch.zeros(R, device=wa.device)
+    wq, wp = wS[:, :k], wS[:, k:]
+    # the fixed part of each move's change; inf once it is taken (or where a group has no move)
+    base = (sS[:, :k] + sS[:, k:] - 2 * wq * wp * HS[:, :k, k:].diagonal(dim1=1, dim2=2))
+    base.masked_fill_(~torch.isfinite(gv), _INF)
+    steps = _Steps(wS, HS, tol)
+    barred = torch.zeros_like(wS)
     for _ in range(k):
-        wq, wp = wS[:, :k], wS[:, k:]
-        c = (sS[:, :k] - 2 * wq * gl[:, :k]) + (sS[:, k:] + 2 * wp * gl[:, k:]) - 2 * wq * wp * hqp
-        c = c.masked_fill(used[:, :k] | ~torch.isfinite(gv), _INF)
-        change, j = c.min(1)
-        ok = live & torch.isfinite(change) & (change < -tol)
-        if not ok.any():
+        change, j = (base + 2 * (wp * gl[:, k:] - wq * gl[:, :k])).add_(barred[:, :k]).min(1)
+        if not steps.take(change, torch.stack([j, k + j], 1), barred):
             break
-        dq, dp = -wS[rr, j] * ok, wS[rr, k + j] * ok
-        gl = gl + _columns(HS, j) * dq.unsqueeze(1) + _columns(HS, k + j) * dp.unsqueeze(1)
-        r = ok.nonzero().squeeze(1)
-        delta[r, j[r]] = dq[r]
-        delta[r, k + j[r]] = dp[r]
-        used[r, j[r]] = True
-        used[r, k + j[r]] = True
-        gain += torch.where(ok, change, 0.0)
-        live &= ok
-    return S, used, delta, gain
+        gl = steps.update(gl)
+    return S, steps.moved.bool(), steps.delta, steps.gain

@@ -391,16 +391,17 @@ class DiTPruningSparsifier(SaliencySparsifier):
         plain_fit = lambda w: D.plain_mask(w, fit_energy, sparsity, nm)  # noqa: E731
         swaps = []
 
-        def search(h, rounds):
+        def search(h, rounds, residual=False):
             if damp and h is not None:
                 h = h + damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], device=h.device)
 
             def run(w, keep):
                 if not rounds:
                     return keep
-                keep, found = refine_mask(w, keep, h, rounds, shortlist, nm[1] if nm is not None else None)
+                keep, found, *g = refine_mask(w, keep, h, rounds, shortlist, nm[1] if nm is not None else None,
+                                              residual=residual)
                 swaps.append(found["swaps"])
-                return keep
+                return (keep, g[0]) if residual else keep
             return run
 
         if granularity == "clusters":
@@ -425,8 +426,12 @@ class DiTPruningSparsifier(SaliencySparsifier):
         swaps.clear()  # count the swaps of the mask that is kept
         keep = D.build(weight, energy, labels, choice, groups, plain)
         searched = _rows_of(labels, choice, fallback=False).to(weight.device)
+        residual = None
         if refine and searched.any():  # all tokens: the final mask
-            keep[searched] = search(gram, refine)(weight[searched], keep[searched])
+            # the search's residual (W * ~keep) @ H starts the refit when it covers every row
+            whole = reconstruct and not damp and bool(searched.all())
+            found = search(gram, refine, whole)(weight[searched], keep[searched])
+            keep[searched], residual = found if whole else (found, None)
         for c in choice:
             c["rows"] = int((labels == c["cluster"]).sum())
         info = {"clusters": choice, "swaps": sum(swaps)}
@@ -434,7 +439,8 @@ class DiTPruningSparsifier(SaliencySparsifier):
             info["held_out_tokens"] = stats.held_count
         if not reconstruct:
             return keep, None, info
-        keep, new_weight, extra = D.reconstruct(weight, keep, gram, polish, nm, None if held is None else (rows, fitted, *held))
+        keep, new_weight, extra = D.reconstruct(weight, keep, gram, polish, nm, None if held is None else (rows, fitted, *held),
+                                                residual)
         return keep, new_weight, {**info, **extra}
 
 

@@ -242,6 +242,26 @@ def test_the_shipped_polish_is_within_one_percent_of_the_exact_solution(tokens):
     assert loss(polish(w, w * keep, keep, h, iters, rank=0)) > 1.01 * loss(exact)  # Jacobi alone is not
 
 
+def test_the_polish_started_from_the_search_residual_is_the_polish():
+    """``residual`` = (W - start) @ H (the swap search's, undamped) replaces the polish's first
+    product: the damping, and a dead input's unit diagonal, are added by the polish itself, so
+    the result is the one it computes alone (float32 rounding apart)."""
+    from ditprune.lsq import polish
+
+    g = torch.Generator().manual_seed(4)
+    d = 96
+    x = torch.randn(400, d, generator=g) @ torch.randn(d, d, generator=g)
+    x[:, 5] = 0  # a dead input
+    h = x.T @ x / 400
+    w = torch.randn(20, d, generator=g)
+    keep = G.row_mask(w.abs(), 0.6)
+    start = 0.7 * w * keep  # not W * keep: the damping then acts on the kept weights too
+    alone = polish(w, start, keep, h)
+    started = polish(w, start, keep, h, residual=(w - start) @ h)
+    assert (started[~keep] == 0).all()
+    torch.testing.assert_close(started, alone, rtol=0, atol=1e-4 * float(alone.abs().max()))
+
+
 def test_the_polish_handles_rows_that_keep_fewer_weights_than_its_rank():
     """At 99% (10 of 1024 kept, rank 64) and with a row that keeps nothing, the per-row r x r
     matrices are singular up to the model's diagonal: the polish still lowers the objective in

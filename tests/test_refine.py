@@ -126,3 +126,20 @@ def test_counts_kept_on_weights_with_exact_zeros(group):
     else:
         assert (keep.sum(1) == start.sum(1)).all()
     assert int(((w * keep) == 0).sum()) <= int(((w * start) == 0).sum())  # no zero kept in place of a weight
+
+
+@pytest.mark.parametrize("group,rounds", [(None, 4), (4, 4), (None, 0)])
+def test_the_residual_it_returns_is_the_one_of_the_mask_it_returns(group, rounds):
+    """``residual=True``: the g = (W * ~keep) @ H the search kept up to date through its swaps
+    (what the least-squares refit starts from) equals the product recomputed for the returned
+    mask, and the mask is the one the search returns without it."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(70, 64, generator=g)
+    x = torch.randn(300, 64, generator=g) @ torch.randn(64, 64, generator=g)
+    h = x.T @ x / 300
+    start = G.row_mask(w.abs(), 0.5) if group is None else G.nm_mask(w.abs(), 2, 4)
+    keep, info, res = refine_mask(w, start, h, rounds=rounds, group=group, chunk=32, residual=True)
+    assert torch.equal(keep, refine_mask(w, start, h, rounds=rounds, group=group, chunk=32)[0])
+    assert (info["swaps"] > 0) == (rounds > 0)
+    recomputed = (w.double() * ~keep) @ h.double()
+    torch.testing.assert_close(res.double(), recomputed, rtol=0, atol=1e-5 * float(recomputed.abs().max()))
