@@ -42,7 +42,7 @@ def test_choice_and_search_are_fitted_without_the_held_out_tokens_and_judged_on_
     fit, held, full, n_held = _split(x)
     searched, judged = [], []
     real_refine, real_choose, real_fall_back = sparsifiers.refine_mask, ditmask.choose, ditmask.fall_back
-    monkeypatch.setattr(sparsifiers, "refine_mask", lambda w, k, h, *a: searched.append(h) or real_refine(w, k, h, *a))
+    monkeypatch.setattr(sparsifiers, "refine_mask", lambda w, k, h, *a, **kw: searched.append(h) or real_refine(w, k, h, *a, **kw))
     monkeypatch.setattr(sparsifiers.D, "choose",
                         lambda w, e, lab, al, gr, se, judge: judged.append((e, judge)) or real_choose(w, e, lab, al, gr, se, judge))
     monkeypatch.setattr(sparsifiers.D, "fall_back",
