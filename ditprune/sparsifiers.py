@@ -440,7 +440,7 @@ class DiTPruningSparsifier(SaliencySparsifier):
         if not reconstruct:
             return keep, None, info
         keep, new_weight, extra = D.reconstruct(weight, keep, gram, polish, nm, None if held is None else (rows, fitted, *held),
-                                                residual)
+                                                residual=residual)
         return keep, new_weight, {**info, **extra}
 
 

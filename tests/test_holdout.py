@@ -79,9 +79,9 @@ def test_reconstruct_candidates_are_fitted_and_judged_apart(monkeypatch):
     seen = {}
     real = ditmask.reconstruct
 
-    def spy(weight, keep, gram, iters, nm, held_arg=None):
+    def spy(weight, keep, gram, iters, nm, held_arg=None, **kw):
         seen["gram"], seen["held"] = gram, held_arg
-        return real(weight, keep, gram, iters, nm, held_arg)
+        return real(weight, keep, gram, iters, nm, held_arg, **kw)
 
     monkeypatch.setattr(sparsifiers.D, "reconstruct", spy)
     model = OneLinear()
