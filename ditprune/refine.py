@@ -203,19 +203,12 @@ def _round_groups(wa, ka, ga, sa, h, hflat, n, shortlist, m):
     rev = torch.where(ka | (wa == 0), _INF, sa - t).view(R, G, m)
     pru = torch.where(ka, sa + t, _INF).view(R, G, m)
     del t
-    # a move pairs a pruned slot q with a kept slot p of one group (every group of an N:M mask
-    # prunes the same count): the j-th pruned slot of a group is where its running count passes j
-    kg = ka.view(R, G, m)
-    npr = int((~kg[0, 0]).sum())
-    qs, ps = (torch.stack([(c <= j).sum(2) for j in range(count)], 2)
-              for c, count in (((~kg).cumsum(2), npr), (kg.cumsum(2), m - npr)))  # (R, G, q), (R, G, p)
-    blocks = h.view(G, m, G, m).diagonal(dim1=0, dim2=2).permute(2, 0, 1).reshape(-1)  # H within each group
-    at = torch.arange(G, device=wa.device).view(1, G, 1, 1) * (m * m) + qs.unsqueeze(3) * m + ps.unsqueeze(2)
+    blocks = h.view(G, m, G, m).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (G, m, m): H within each group
     wg = wa.view(R, G, m)
-    pair = (rev.gather(2, qs).unsqueeze(3) + pru.gather(2, ps).unsqueeze(2)
-            - 2 * wg.gather(2, qs).unsqueeze(3) * wg.gather(2, ps).unsqueeze(2) * blocks[at])  # (R, G, q, p)
-    best, arg = pair.view(R, G, -1).min(2)
-    arg = qs.gather(2, (arg // (m - npr)).unsqueeze(2)).squeeze(2) * m + ps.gather(2, (arg % (m - npr)).unsqueeze(2)).squeeze(2)
+    # every (q, p) pair of a group with its exact cross term; one not (pruned, kept) is inf
+    pair = (rev.unsqueeze(3) + pru.unsqueeze(2)).sub_(2 * wg.unsqueeze(3) * wg.unsqueeze(2) * blocks)  # (R, G, q, p)
+    best, arg = pair.view(R, G, m * m).min(2)
+    del pair
     k = min(shortlist, G)
     gv, gi = best.topk(k, 1, largest=False)  # the k groups with the best moves
     ga_ = arg.gather(1, gi)
