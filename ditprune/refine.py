@@ -8,11 +8,12 @@ loses e_i = dW H dW^T (H = X X^T / N). With the residual g = H dW (one matmul fo
     pruning a kept p changes e by     w_p^2 H_pp + 2 w_p g_p
 
 A *round* takes, in every row, the ``shortlist`` cheapest revivals and the ``shortlist``
-cheapest prunings, then makes swaps among them one after another: revive the best candidate,
-prune the best candidate given that revival, keep the pair only if their exact joint change is
-negative, and carry the residual of the shortlisted weights forward exactly (with the shortlist's
-block of H), so the cross terms between the swaps of a round are all counted. After the round, g
-is updated exactly for the swaps made (a sparse product). Rows that made no swap drop out; rounds
+cheapest prunings, then makes swaps among them one after another: each the (revival, pruning)
+pair of the shortlist whose exact joint change (cross term included) is the most negative, taken
+only if it is negative; the residual of the shortlisted weights is carried forward exactly (with
+the shortlist's block of H), so the cross terms between the swaps of a round are all counted; a
+row's round ends at its first step that would not lower its error. After the round, g is
+updated exactly for the swaps made (a sparse product). Rows that made no swap drop out; rounds
 stop after ``rounds``; a row also stops once a round lowers its error by less than ``min_gain``
 of it (so rows never depend on each other, and the search can run on any block of rows).
 Counts per row (and per group of M inputs for N:M, where a swap stays inside its group) never
