@@ -428,10 +428,9 @@ class DiTPruningSparsifier(SaliencySparsifier):
         searched = _rows_of(labels, choice, fallback=False).to(weight.device)
         residual = None
         if refine and searched.any():  # all tokens: the final mask
-            # the search's residual (W * ~keep) @ H starts the refit when it covers every row, and not
-            # with few tokens: there H is singular (rank below its inputs) and the refit amplifies
-            # the rounding the residual gathered through the swaps along H's near-null directions
-            # (2 DDP processes and one on the union then pruned 0.5% of later masks differently)
+            # the search's residual (W * ~keep) @ H starts the refit when it covers every row, but not
+            # on few-token layers: there 2 DDP processes and one on the union of their shards then
+            # pruned 0.5% of the reference model's mask entries differently (0 without; tests/test_ddp.py)
             whole = reconstruct and not damp and held is None and bool(searched.all())
             found = search(gram, refine, whole)(weight[searched], keep[searched])
             keep[searched], residual = found if whole else (found, None)
