@@ -151,10 +151,9 @@ def _round_unstructured(wa, ka, ga, sa, hflat, n, shortlist):
         rev = (sS[:, :k] - 2 * wS[:, :k] * gl[:, :k]).add_(barred[:, :k])
         pru = (sS[:, k:] + 2 * wS[:, k:] * gl[:, k:]).add_(barred[:, k:])
         change, ij = (rev.unsqueeze(2) + pru.unsqueeze(1) - cross).view(R, k * k).min(1)  # the best pair, exact
-        slots = torch.stack([ij // k, k + ij % k], 1)
-        if not steps.take(change, slots, barred):
+        gl = steps.take(change, torch.stack([ij // k, k + ij % k], 1), barred, gl)
+        if gl is None:
             break
-        gl = steps.update(gl)
     return S, steps.moved.bool(), steps.delta, steps.gain
 
 
@@ -170,26 +169,23 @@ class _Steps:
         self.gain = torch.zeros(wS.shape[0], device=wS.device)
         self.sign = torch.tensor([-1.0, 1.0], device=wS.device)  # revive q, prune p
 
-    def take(self, change: torch.Tensor, slots: torch.Tensor, barred: torch.Tensor) -> bool:
+    def take(self, change: torch.Tensor, slots: torch.Tensor, barred: torch.Tensor, gl: torch.Tensor
+             ) -> torch.Tensor | None:
         """Makes, in every live row whose ``change`` is below -tol, the swap of its (q, p) ``slots``
-        (R, 2); bars both slots; False when no row moves."""
+        (R, 2), bars both slots and returns the shortlist's residual after it,
+        gl + H_S[:, q] d_q + H_S[:, p] d_p; None when no row moves."""
         ok = self.live & (change < -self.tol)  # an inf change (nothing left) is never taken
         if not ok.any():
-            return False
+            return None
         okf = ok.to(self.wS.dtype).unsqueeze(1)
-        self.d = self.wS.gather(1, slots) * self.sign * okf  # zero in rows that do not move
-        self.slots = slots
-        self.delta.scatter_add_(1, slots, self.d)
+        d = self.wS.gather(1, slots) * self.sign * okf  # zero in rows that do not move
+        self.delta.scatter_add_(1, slots, d)
         self.moved.scatter_add_(1, slots, okf.expand(-1, 2))
         barred.scatter_add_(1, slots, torch.where(okf > 0, _INF, 0.0).expand(-1, 2))
         self.gain += torch.where(ok, change, 0.0)
         self.live &= ok
-        return True
-
-    def update(self, gl: torch.Tensor) -> torch.Tensor:
-        """The shortlist's residual after the last swaps: gl + H_S[:, q] d_q + H_S[:, p] d_p."""
-        cols = self.HT.gather(1, self.slots.unsqueeze(2).expand(-1, -1, self.HT.shape[2]))
-        return gl + torch.bmm(self.d.unsqueeze(1), cols).squeeze(1)
+        cols = self.HT.gather(1, slots.unsqueeze(2).expand(-1, -1, self.HT.shape[2]))
+        return gl + torch.bmm(d.unsqueeze(1), cols).squeeze(1)
 
 
 def _round_groups(wa, ka, ga, sa, h, hflat, n, shortlist, m):
@@ -225,7 +221,7 @@ def _round_groups(wa, ka, ga, sa, h, hflat, n, shortlist, m):
     barred = torch.zeros_like(wS)
     for _ in range(k):
         change, j = (base + 2 * (wp * gl[:, k:] - wq * gl[:, :k])).add_(barred[:, :k]).min(1)
-        if not steps.take(change, torch.stack([j, k + j], 1), barred):
+        gl = steps.take(change, torch.stack([j, k + j], 1), barred, gl)
+        if gl is None:
             break
-        gl = steps.update(gl)
     return S, steps.moved.bool(), steps.delta, steps.gain
