@@ -25,7 +25,7 @@ from .sparsegpt import obs_prune
 __all__ = ["groupings", "plain_mask", "choose", "build", "fall_back", "removed_rows", "reconstruct"]
 
 Grouping = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Search = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (weight rows, keep) -> better keep
+Search = Callable[[torch.Tensor, torch.Tensor], object]  # (weight rows, keep) -> better keep, or (keep, its residual)
 
 
 def groupings(sparsity: float, nm, granularity: str) -> dict[str, Grouping]:
@@ -69,14 +69,21 @@ def choose(weight: torch.Tensor, energy: torch.Tensor, labels: torch.Tensor, alp
            search: Search, judge: torch.Tensor) -> list[dict]:
     """Error-guided balance on the rows given: every (alpha, grouping) candidate is masked with
     ``energy``, improved by ``search`` and judged by the output energy it removes on ``judge``,
-    tr(dW H dW^T); each cluster takes the candidate with the least error on its rows."""
+    tr(dW H dW^T); each cluster takes the candidate with the least error on its rows. A search
+    may return (keep, g) with g = (W * ~keep) @ judge (the swap search's own residual, when it
+    searched on ``judge``): the error is then read from g, without a product of its own."""
     clusters = labels.unique().tolist()
     best = {c: (float("inf"), alphas[0], next(iter(groups))) for c in clusters}
     lab = labels.to(weight.device)
     for alpha in alphas:
         scores = energy_balanced(weight, energy, alpha)
         for name, fn in groups.items():
-            err = row_output_error(weight, search(weight, fn(scores, lab)), judge).cpu()
+            found = search(weight, fn(scores, lab))
+            if isinstance(found, tuple):
+                keep, g = found
+                err = (g * (weight.float() * ~keep)).sum(1).cpu()
+            else:
+                err = row_output_error(weight, found, judge).cpu()
             for c in clusters:
                 e = float(err[labels == c].sum())
                 if e < best[c][0]:

@@ -76,15 +76,41 @@ def _prune_lowest(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
     return _lowest(scores, n_prune)
 
 
+_LONG = 1 << 18  # a row this long (a pooled or layer-wide group) has its threshold bracketed first
+_SAMPLE = 1 << 14
+
+
+def _kth_lowest(s: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th lowest value (1-based) of the 1-D ``s``, exactly ``s.kthvalue(k)``'s value. A long
+    ``s`` is bracketed first by a seeded sample of its entries (six standard deviations of the
+    sample's rank either side), so the exact selection runs on the few entries inside the
+    bracket; where the bracket misses (the counts say so), a full ``kthvalue``."""
+    n = s.numel()
+    if n < _LONG:
+        return s.kthvalue(k).values
+    idx = torch.randint(n, (_SAMPLE,), generator=torch.Generator().manual_seed(0)).to(s.device)
+    sample = s[idx].sort().values
+    at, margin = (k - 1) * _SAMPLE // n, 3 * math.isqrt(_SAMPLE)  # rank sd <= sqrt(sample) / 2
+    lo, hi = sample[max(0, at - margin)], sample[min(_SAMPLE - 1, at + margin)]
+    below = int(torch.count_nonzero(s < lo))
+    band = s[(s >= lo) & (s <= hi)]
+    if below < k <= below + band.numel():
+        return band.kthvalue(k - below).values
+    return s.kthvalue(k).values
+
+
 def _lowest(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
     s = scores.float()
-    thr = s.kthvalue(n_prune, dim=-1, keepdim=True).values
-    below = s < thr
-    tie = s == thr
-    need = n_prune - below.sum(-1, keepdim=True)
-    if bool((tie.sum(-1, keepdim=True) == need).all()):  # no surplus tie anywhere: the usual case
-        return ~(below | tie)
-    return ~(below | (tie & (tie.cumsum(-1) <= need)))
+    if s.dim() == 2 and s.shape[0] == 1:  # one pool (a cluster's rows or the whole layer)
+        thr = _kth_lowest(s[0], n_prune).view(1, 1)
+    else:
+        thr = s.kthvalue(n_prune, dim=-1, keepdim=True).values
+    keep = s > thr
+    if bool((torch.count_nonzero(keep, dim=-1) == s.shape[-1] - n_prune).all()):  # no surplus tie: the usual case
+        return keep
+    tie = s == thr  # keep the ties after the first ``need`` of each row
+    need = n_prune - torch.count_nonzero(s < thr, dim=-1).unsqueeze(-1)
+    return keep | (tie & (tie.cumsum(-1) > need))
 
 
 def layer_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:

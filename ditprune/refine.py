@@ -92,6 +92,7 @@ def _refine_rows(w, keep, h, hflat, dh, rounds, shortlist, group, min_gain, g=No
     s = w * w * dh  # w_j^2 H_jj, fixed
     g = (w * ~keep) @ h if g is None else torch.mm(w * ~keep, h, out=g)
     error = (g * (w * ~keep)).sum(1)  # per row
+    cross = None if group is None else _group_cross(w, h, group)  # fixed: the weights never change
     active = torch.arange(out, device=w.device)
     swaps, done = 0, 0
     for done in range(1, rounds + 1):
@@ -101,7 +102,7 @@ def _refine_rows(w, keep, h, hflat, dh, rounds, shortlist, group, min_gain, g=No
         if group is None:
             S, moved, delta, gain = _round_unstructured(wa, ka, ga, sa, hflat, n, shortlist)
         else:
-            S, moved, delta, gain = _round_groups(wa, ka, ga, sa, h, hflat, n, shortlist, group)
+            S, moved, delta, gain = _round_groups(wa, ka, ga, sa, pick(cross), hflat, n, shortlist, group)
         changed = moved.any(1)
         if not changed.any():
             break
@@ -188,10 +189,21 @@ class _Steps:
         return gl + torch.bmm(d.unsqueeze(1), cols).squeeze(1)
 
 
-def _round_groups(wa, ka, ga, sa, h, hflat, n, shortlist, m):
-    """N:M: a move revives q and prunes p inside one group of m inputs. Every group proposes its
-    best move (exact pair change); the ``shortlist`` best groups of each row are then taken one
-    after another with exact cross terms between the moves."""
+def _group_cross(w: torch.Tensor, h: torch.Tensor, m: int) -> torch.Tensor:
+    """(R, G, m, m): 2 w_q w_p H_qp for every pair (q, p) inside each group of m inputs, the
+    cross term of a move that revives q and prunes p (fixed through the search)."""
+    R, n = w.shape
+    G = n // m
+    blocks = h.view(G, m, G, m).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (G, m, m): H within each group
+    wg = w.view(R, G, m)
+    return (2 * wg).unsqueeze(3).mul(wg.unsqueeze(2)).mul_(blocks)
+
+
+def _round_groups(wa, ka, ga, sa, cross, hflat, n, shortlist, m):
+    """N:M: a move revives q and prunes p inside one group of m inputs (``cross``: the pairs'
+    cross terms, :func:`_group_cross`). Every group proposes its best move (exact pair change);
+    the ``shortlist`` best groups of each row are then taken one after another with exact cross
+    terms between the moves."""
     R = wa.shape[0]
     G = n // m
     t = wa * ga
@@ -200,10 +212,8 @@ def _round_groups(wa, ka, ga, sa, h, hflat, n, shortlist, m):
     rev = torch.where(ka | (wa == 0), _INF, sa - t).view(R, G, m)
     pru = torch.where(ka, sa + t, _INF).view(R, G, m)
     del t
-    blocks = h.view(G, m, G, m).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (G, m, m): H within each group
-    wg = wa.view(R, G, m)
     # every (q, p) pair of a group with its exact cross term; one not (pruned, kept) is inf
-    pair = (rev.unsqueeze(3) + pru.unsqueeze(2)).sub_(2 * wg.unsqueeze(3) * wg.unsqueeze(2) * blocks)  # (R, G, q, p)
+    pair = (rev.unsqueeze(3) + pru.unsqueeze(2)).sub_(cross)  # (R, G, q, p)
     best, arg = pair.view(R, G, m * m).min(2)
     del pair
     k = min(shortlist, G)

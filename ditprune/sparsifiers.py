@@ -414,7 +414,8 @@ class DiTPruningSparsifier(SaliencySparsifier):
         w_s, lab_s = weight[rows.to(weight.device)], labels[rows]
         if alpha == "auto":  # on a sample each candidate gets a quarter of the rounds
             rounds = refine if sample is None else (max(1, refine // 4) if refine else 0)
-            choice = D.choose(w_s, fit_energy, lab_s, alphas, groups, search(fit, rounds), judge)
+            # searched on the judge's own H (plenty of tokens, no damping): errors from the search's residual
+            choice = D.choose(w_s, fit_energy, lab_s, alphas, groups, search(fit, rounds, held is None and not damp), judge)
         else:
             choice = [{"cluster": c, "alpha": alpha, "grouping": next(iter(groups))} for c in labels.unique().tolist()]
         fitted = None

@@ -81,3 +81,24 @@ def test_clusters_deterministic_for_a_seed():
     g = torch.Generator().manual_seed(1)
     f = torch.randn(100, 2, generator=g) + torch.tensor([[4.0, 0.0]]) * (torch.arange(100) % 2).unsqueeze(1)
     assert torch.equal(G.cluster_rows(f, seed=3), G.cluster_rows(f, seed=3))
+
+
+@pytest.mark.parametrize("kind", ["uniform", "heavy", "ties", "sorted", "zeros"])
+def test_long_pool_threshold_is_kthvalue_exactly(kind):
+    """A pool long enough to have its threshold bracketed from a sample gets exactly
+    ``kthvalue``'s value: in the middle (the bracket holds it) and at both ends (the sample's
+    extremes bracket nothing below the minimum or above the maximum, so the full selection runs);
+    and the pooled mask keeps every tie the stable order keeps."""
+    g = torch.Generator().manual_seed(1)
+    n = G._LONG + 12345
+    s = {"uniform": torch.rand(n, generator=g), "heavy": torch.randn(n, generator=g).exp().pow(3),
+         "ties": torch.randint(0, 7, (n,), generator=g).float(), "sorted": torch.arange(n).float(),
+         "zeros": torch.cat([torch.zeros(n // 2), torch.rand(n - n // 2, generator=g)])}[kind]
+    for k in (1, 2, n // 3, n // 2, n // 2 + 1, n - 1, n):
+        assert torch.equal(G._kth_lowest(s, k), s.kthvalue(k).values), k
+    k = n // 2
+    keep = G._prune_lowest(s.view(1, -1), k)[0]
+    order = torch.sort(s, stable=True).indices  # the reference: the k first in stable order go
+    expected = torch.ones(n, dtype=torch.bool)
+    expected[order[:k]] = False
+    assert torch.equal(keep, expected)

@@ -143,3 +143,45 @@ def test_the_residual_it_returns_is_the_one_of_the_mask_it_returns(group, rounds
     assert (info["swaps"] > 0) == (rounds > 0)
     recomputed = (w.double() * ~keep) @ h.double()
     torch.testing.assert_close(res.double(), recomputed, rtol=0, atol=1e-5 * float(recomputed.abs().max()))
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_choose_reads_the_error_from_the_search_residual(nm):
+    """The alpha/grouping choice takes each candidate's error from the swap search's residual
+    when the search hands one back (plenty of tokens): it chooses what the errors recomputed
+    independently, one product per candidate, choose; a residual that lies changes the choice
+    (so it is the residual that is read)."""
+    from ditprune import ditmask as D
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(96, 64, generator=g) * torch.rand(96, 1, generator=g)
+    x = (torch.randn(400, 64, generator=g) @ torch.randn(64, 64, generator=g)) * torch.rand(64, generator=g).exp()
+    h = x.T @ x / 400
+    energy = torch.diagonal(h)
+    labels = torch.arange(96) % 3
+    alphas = (0.3, 0.4, 0.5)
+    groups = D.groupings(0.5, nm, "clusters")
+    grp = None if nm is None else nm[1]
+
+    def with_residual(wr, keep):
+        keep, _, res = refine_mask(wr, keep, h, rounds=2, group=grp, residual=True)
+        return keep, res
+
+    def plain(wr, keep):
+        return refine_mask(wr, keep, h, rounds=2, group=grp)[0]
+
+    expected = {}
+    for alpha in alphas:  # by hand: each candidate's removed energy dW H dW^T, summed per cluster
+        scores = saliency.energy_balanced(w, energy, alpha)
+        for name, fn in groups.items():
+            dw = (w * ~plain(w, fn(scores, labels))).double()
+            err = ((dw @ h.double()) * dw).sum(1)
+            for c in range(3):
+                e = float(err[labels == c].sum())
+                if c not in expected or e < expected[c][0]:
+                    expected[c] = (e, alpha, name)
+    want = [{"cluster": c, "alpha": a, "grouping": n} for c, (_, a, n) in sorted(expected.items())]
+    assert D.choose(w, energy, labels, alphas, groups, with_residual, h) == want
+    assert D.choose(w, energy, labels, alphas, groups, plain, h) == want
+    liar = lambda wr, keep: (lambda k, r: (k, -r))(*with_residual(wr, keep))  # noqa: E731
+    assert D.choose(w, energy, labels, alphas, groups, liar, h) != want
