@@ -93,16 +93,21 @@ def _refine_rows(w, keep, h, hflat, dh, rounds, shortlist, group, min_gain, g=No
     g = (w * ~keep) @ h if g is None else torch.mm(w * ~keep, h, out=g)
     error = (g * (w * ~keep)).sum(1)  # per row
     cross = None if group is None else _group_cross(w, h, group)  # fixed: the weights never change
+    pairs = None if group is None else torch.empty_like(cross).view(-1)  # one buffer for every round
+    # barriers, added to a move's cost: 0 where a weight may be revived (pruned, not an exact zero)
+    # or pruned (kept), inf elsewhere; an add is several times cheaper than a boolean select
+    bar_rev = torch.zeros_like(w).masked_fill_(keep | (w == 0), _INF)
+    bar_pru = torch.zeros_like(w).masked_fill_(~keep, _INF)
     active = torch.arange(out, device=w.device)
     swaps, done = 0, 0
     for done in range(1, rounds + 1):
         full = len(active) == out
-        pick = (lambda t: t) if full else (lambda t: t[active])
-        wa, ka, ga, sa = pick(w), pick(keep), pick(g), pick(s)
+        pick = (lambda t: t) if full else (lambda t: t[..., active, :])  # rows are the second-last dim
+        wa, ga, sa, bars = pick(w), pick(g), pick(s), (pick(bar_rev), pick(bar_pru))
         if group is None:
-            S, moved, delta, gain = _round_unstructured(wa, ka, ga, sa, hflat, n, shortlist)
+            S, moved, delta, gain = _round_unstructured(wa, ga, sa, bars, hflat, n, shortlist)
         else:
-            S, moved, delta, gain = _round_groups(wa, ka, ga, sa, pick(cross), hflat, n, shortlist, group)
+            S, moved, delta, gain = _round_groups(wa, ga, sa, bars, pick(cross), pairs, hflat, n, shortlist, group)
         changed = moved.any(1)
         if not changed.any():
             break
@@ -110,10 +115,12 @@ def _refine_rows(w, keep, h, hflat, dh, rounds, shortlist, group, min_gain, g=No
         rows = active[rc]
         Sc, uc, dc = S[rc], moved[rc], delta[rc]
         L = S.shape[1] // 2
-        flat = keep.view(-1)
         at = rows.unsqueeze(1) * n + Sc
-        flat[at[:, :L][uc[:, :L]]] = True  # revived
-        flat[at[:, L:][uc[:, L:]]] = False  # pruned
+        revived, pruned = at[:, :L][uc[:, :L]], at[:, L:][uc[:, L:]]
+        keep.view(-1)[revived], keep.view(-1)[pruned] = True, False
+        bar_rev.view(-1)[revived], bar_pru.view(-1)[revived] = _INF, 0.0
+        bar_pru.view(-1)[pruned] = _INF
+        bar_rev.view(-1)[pruned] = torch.where(w.reshape(-1)[pruned] == 0, _INF, 0.0)  # a kept zero stays dead
         swaps += int(uc[:, :L].sum())
         nnz = uc.sum(1)
         crow = torch.cat([nnz.new_zeros(1), nnz.cumsum(0)])
@@ -131,21 +138,21 @@ def _refine_rows(w, keep, h, hflat, dh, rounds, shortlist, group, min_gain, g=No
     return swaps, done
 
 
-def _round_unstructured(wa, ka, ga, sa, hflat, n, shortlist):
+def _round_unstructured(wa, ga, sa, bars, hflat, n, shortlist):
     R = wa.shape[0]
     k = min(shortlist, wa.shape[1])
     t = wa * ga
     tol = 1e-9 * t.abs().sum(1).clamp_min(1e-30)  # a step must lower the row's error by more than this
     t.mul_(2)
-    qi = torch.where(ka | (wa == 0), _INF, sa - t).topk(k, 1, largest=False).indices  # cheapest revivals
-    pi = torch.where(ka, sa + t, _INF).topk(k, 1, largest=False).indices  # cheapest prunings
+    qi = (sa - t).add_(bars[0]).topk(k, 1, largest=False).indices  # cheapest revivals
+    pi = (sa + t).add_(bars[1]).topk(k, 1, largest=False).indices  # cheapest prunings
     del t
     S = torch.cat([qi, pi], 1)
     HS = _gather_block(hflat, S, n)
     wS, gl, sS = wa.gather(1, S), ga.gather(1, S), sa.gather(1, S)
-    # a row with fewer than k pruned (or kept) weights fills its list with others: never candidates
-    barred = torch.cat([ka.gather(1, qi) | (wa.gather(1, qi) == 0), ~ka.gather(1, pi)], 1)
-    barred = torch.zeros_like(wS).masked_fill_(barred, _INF)  # inf once a slot is barred or taken
+    # a row with fewer than k pruned (or kept) weights fills its list with others: never candidates;
+    # inf once a slot is barred or taken
+    barred = torch.cat([bars[0].gather(1, qi), bars[1].gather(1, pi)], 1)
     cross = (2 * wS[:, :k]).unsqueeze(2) * wS[:, k:].unsqueeze(1) * HS[:, :k, k:]  # (R, q, p), fixed in a round
     steps = _Steps(wS, HS, tol)
     for _ in range(k):
@@ -189,36 +196,39 @@ class _Steps:
         return gl + torch.bmm(d.unsqueeze(1), cols).squeeze(1)
 
 
+def _by_slot(x: torch.Tensor, m: int) -> torch.Tensor:
+    """(R, n) -> (m, R, n / m), contiguous: entry [j, r, i] is row r's slot j of group i."""
+    return x.view(x.shape[0], -1, m).permute(2, 0, 1).contiguous()
+
+
 def _group_cross(w: torch.Tensor, h: torch.Tensor, m: int) -> torch.Tensor:
-    """(R, G, m, m): 2 w_q w_p H_qp for every pair (q, p) inside each group of m inputs, the
-    cross term of a move that revives q and prunes p (fixed through the search)."""
-    R, n = w.shape
-    G = n // m
-    blocks = h.view(G, m, G, m).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (G, m, m): H within each group
-    wg = w.view(R, G, m)
-    return (2 * wg).unsqueeze(3).mul(wg.unsqueeze(2)).mul_(blocks)
+    """(m, m, R, G): 2 w_q w_p H_qp for every pair (q, p) of slots inside each group of m
+    inputs, the cross term of a move that revives q and prunes p (fixed through the search)."""
+    G = w.shape[1] // m
+    blocks = h.view(G, m, G, m).diagonal(dim1=0, dim2=2).unsqueeze(2)  # (m, m, 1, G): H within each group
+    wg = _by_slot(w, m)
+    return (2 * wg).unsqueeze(1).mul(wg.unsqueeze(0)).mul_(blocks)
 
 
-def _round_groups(wa, ka, ga, sa, cross, hflat, n, shortlist, m):
+def _round_groups(wa, ga, sa, bars, cross, pairs, hflat, n, shortlist, m):
     """N:M: a move revives q and prunes p inside one group of m inputs (``cross``: the pairs'
-    cross terms, :func:`_group_cross`). Every group proposes its best move (exact pair change);
-    the ``shortlist`` best groups of each row are then taken one after another with exact cross
-    terms between the moves."""
+    cross terms, :func:`_group_cross`; ``pairs``: a buffer as large). Every group proposes its
+    best move (exact pair change); the ``shortlist`` best groups of each row are then taken one
+    after another with exact cross terms between the moves."""
     R = wa.shape[0]
     G = n // m
     t = wa * ga
     tol = 1e-9 * t.abs().sum(1).clamp_min(1e-30)  # a step must lower the row's error by more than this
     t.mul_(2)
-    rev = torch.where(ka | (wa == 0), _INF, sa - t).view(R, G, m)
-    pru = torch.where(ka, sa + t, _INF).view(R, G, m)
+    rev = _by_slot((sa - t).add_(bars[0]), m)
+    pru = _by_slot((sa + t).add_(bars[1]), m)
     del t
-    # every (q, p) pair of a group with its exact cross term; one not (pruned, kept) is inf
-    pair = (rev.unsqueeze(3) + pru.unsqueeze(2)).sub_(cross)  # (R, G, q, p)
-    best, arg = pair.view(R, G, m * m).min(2)
-    del pair
+    # every (q, p) pair of a group with its exact cross term, slot-major; one not (pruned, kept) is inf
+    pair = torch.add(rev.unsqueeze(1), pru.unsqueeze(0), out=pairs[: m * m * R * G].view(m, m, R, G))
+    pair = pair.sub_(cross).view(m * m, R, G)
     k = min(shortlist, G)
-    gv, gi = best.topk(k, 1, largest=False)  # the k groups with the best moves
-    ga_ = arg.gather(1, gi)
+    gv, gi = pair.amin(0).topk(k, 1, largest=False)  # the k groups with the best moves
+    ga_ = pair.gather(2, gi.unsqueeze(0).expand(m * m, R, k)).argmin(0)  # each one's best (q, p)
     qi, pi = gi * m + ga_ // m, gi * m + ga_ % m
     S = torch.cat([qi, pi], 1)
     HS = _gather_block(hflat, S, n)
