@@ -13,7 +13,8 @@ time and memory do not depend on the values).
    observed (timed per sample: the block's forward and the statistics), then every layer given
    the statistics regime the real run gives it (adaLN: 64 x 28 = 1792 sampled tokens, the
    few-token path; the others: plenty) and the masks computed (timed). Memory is measured while
-   it runs (:class:`ditprune.memory.LiveBytes` on the CPU, the allocator on a GPU), by kind.
+   it runs (:class:`ditprune.memory.LiveBytes` on the CPU, the allocator on a GPU), by kind; on
+   the CPU the block times therefore include the byte counter's bookkeeping (an upper bound).
 3. An *extrapolation* to the whole transformer (19 double + 38 single blocks: mask seconds and
    calibration seconds per sample, times the blocks and the real run's samples; the Gram
    accumulation also in FLOPs) and a *memory account* of a ``configs/flux_dev.yaml`` run composed
@@ -207,6 +208,8 @@ def _real_regime(plan, adaln_tokens: int, device) -> None:
     Linears see one token per sample and step (``adaln_tokens``, sampled: the few-token path with
     its held-out tokens); every other layer sees millions (a synthetic covariance: the plenty
     path). Layers that shared statistics keep sharing them."""
+    from . import memory
+
     sp = plan.sparsifier
     swapped: dict[int, object] = {}
     for g in sp.groups:
@@ -216,7 +219,8 @@ def _real_regime(plan, adaln_tokens: int, device) -> None:
         if id(st) not in swapped:
             d = st.sq_sum.numel()
             tokens = adaln_tokens if _is_adaln(g["module_fqn"]) else None
-            swapped[id(st)] = synthetic_stats(d, tokens, seed=d, device=device, need_gram=st.gram_sum is not None)
+            with memory.region("statistics"):  # what the layer holds in a real run, not the forward's
+                swapped[id(st)] = synthetic_stats(d, tokens, seed=d, device=device, need_gram=st.gram_sum is not None)
         sp.state[g["tensor_fqn"]]["stats"] = swapped[id(st)]
 
 
@@ -377,7 +381,7 @@ def render(layer_rows, block_rows, whole, memory, machine: str, dtype: str = "bf
                       "adaLN layers with 64 x 28 = 1792 sampled tokens (the few-token path), the others with plenty "
                       "(a covariance); calibration measured on real calls and scaled per sample. Memory measured "
                       "while it runs: the peak above the block's weights, and each kind's own peak (MiB):", "",
-                  "| block | method | Linears | weights MiB | calibration s / sample | mask seconds | peak above weights "
+                  "| block | method | Linears | weights MiB | calibration s / sample | mask seconds (counter on) | peak above weights "
                   "| masks | statistics | workspace | forward |",
                   
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -387,7 +391,9 @@ def render(layer_rows, block_rows, whole, memory, machine: str, dtype: str = "bf
                          f"{r['observe_seconds_per_sample']:.2f} | {r['mask_seconds']:.1f} | {r['extra_mb']:.0f} | "
                          f"{k['masks']:.0f} | {k['statistics']:.0f} | {k['workspace']:.0f} | {k['forward']:.0f} |")
         lines += ["", "Whole transformer (19 double + 38 single blocks), extrapolated from the block runs above on the "
-                      "same machine: masks = measured block seconds x blocks; calibration = measured forward and "
+                      "same machine: masks = measured block seconds x blocks (timed with the byte counter on, whose "
+                      "bookkeeping per operation slows code of many small operations: an upper bound; the first table "
+                      "times plain runs); calibration = measured forward and "
                       f"statistics per sample x 1792 samples x blocks. Gram accumulation alone: {gram_flops():.1e} FLOPs "
                       "(about a minute at 1e15 FLOP/s). Left out: the text encoders, the sampler's own steps, "
                       "loading and saving.", "",
