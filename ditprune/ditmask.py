@@ -79,11 +79,8 @@ def choose(weight: torch.Tensor, energy: torch.Tensor, labels: torch.Tensor, alp
         scores = energy_balanced(weight, energy, alpha)
         for name, fn in groups.items():
             found = search(weight, fn(scores, lab))
-            if isinstance(found, tuple):
-                keep, g = found
-                err = (g * (weight.float() * ~keep)).sum(1).cpu()
-            else:
-                err = row_output_error(weight, found, judge).cpu()
+            keep, g = found if isinstance(found, tuple) else (found, None)
+            err = row_output_error(weight, keep, judge, g).cpu()
             for c in clusters:
                 e = float(err[labels == c].sum())
                 if e < best[c][0]:

@@ -36,11 +36,13 @@ __all__ = ["row_output_error", "refine_mask"]
 _INF = float("inf")
 
 
-def row_output_error(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+def row_output_error(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor | None,
+                     residual: torch.Tensor | None = None) -> torch.Tensor:
     """Per output row, the energy the mask removes from the layer's output on the calibration
-    data: ||(W_i - (W*M)_i) X||^2 / N = dW_i H dW_i^T. Summed over rows: tr(dW H dW^T)."""
+    data: ||(W_i - (W*M)_i) X||^2 / N = dW_i H dW_i^T. Summed over rows: tr(dW H dW^T).
+    ``residual``: dW @ H if the caller has it (the swap search keeps it), instead of the product."""
     dw = weight.float() * (~keep)
-    return ((dw @ gram.float()) * dw).sum(1)
+    return ((dw @ gram.float() if residual is None else residual) * dw).sum(1)
 
 
 def _gather_block(hflat: torch.Tensor, S: torch.Tensor, n: int) -> torch.Tensor:
@@ -91,7 +93,7 @@ def _refine_rows(w, keep, h, hflat, dh, rounds, shortlist, group, min_gain, g=No
     out, n = w.shape
     s = w * w * dh  # w_j^2 H_jj, fixed
     g = (w * ~keep) @ h if g is None else torch.mm(w * ~keep, h, out=g)
-    error = (g * (w * ~keep)).sum(1)  # per row
+    error = row_output_error(w, keep, None, g)
     cross = None if group is None else _group_cross(w, h, group)  # fixed: the weights never change
     pairs = None if group is None else torch.empty_like(cross).view(-1)  # one buffer for every round
     # barriers, added to a move's cost: 0 where a weight may be revived (pruned, not an exact zero)
