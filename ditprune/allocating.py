@@ -21,7 +21,7 @@ __all__ = ["check", "allocate", "layer_curve"]
 
 log = logging.getLogger(__name__)
 
-OPTIONS = {"m", "lam", "gains", "gain_batches", "curve"}
+OPTIONS = {"m", "lam", "gains", "gain_batches", "curve", "batches"}
 CURVES = ("wanda", "obs", "sparsegpt")
 GAINS = ("layers", "blocks", "none")
 
@@ -36,17 +36,18 @@ def check(allocation, spread, options, pattern, max_dense=0.0) -> str:
     unknown = sorted(set(options or {}) - OPTIONS)
     if unknown:
         raise InputError(f"allocation_options: unknown {unknown}; OWL takes 'm' (outlier threshold) and 'lam', "
-                         "auto 'gains' ('layers', 'blocks' or 'none'), 'gain_batches' and 'curve' ('wanda', 'obs' or "
-                         "'sparsegpt')")
+                         "auto 'gains' ('layers', 'blocks' or 'none'), 'gain_batches', 'curve' ('wanda', 'obs' or "
+                         "'sparsegpt') and 'batches' (how many calibration batches the allocation pass reads)")
     gains = (options or {}).get("gains", "layers")
     if gains not in GAINS:
         raise InputError(f"allocation_options.gains must be one of {list(GAINS)}, got {gains!r}")
     curve = (options or {}).get("curve", "wanda")
     if curve not in CURVES:
         raise InputError(f"allocation_options.curve must be one of {list(CURVES)}, got {curve!r}")
-    gb = (options or {}).get("gain_batches", 4)
-    if isinstance(gb, bool) or not isinstance(gb, int) or gb < 1:
-        raise InputError(f"allocation_options.gain_batches must be a positive integer, got {gb!r}")
+    for key, default in (("gain_batches", 4), ("batches", 1)):
+        n = (options or {}).get(key, default)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise InputError(f"allocation_options.{key} must be a positive integer, got {n!r}")
     if isinstance(max_dense, bool) or not isinstance(max_dense, (int, float)) or not 0 <= max_dense < 1:
         raise InputError(f"max_dense must be a number in [0, 1) (the fraction of targeted weights that may stay "
                          f"dense), got {max_dense!r}")
@@ -85,8 +86,15 @@ def allocate(model: nn.Module, names: list[str], allocation: str, sparsity: floa
     rows; with an N:M pattern ``nm``, :func:`~ditprune.allocation.keep_dense` chooses the
     layers that stay dense. ``curve`` defaults to ``sparsegpt`` for a method that ``updates``
     its weights (its own reconstruction is what the allocation should predict) and to
-    ``wanda`` otherwise."""
+    ``wanda`` otherwise. ``batches`` (default: all) limits the pass to the first calibration
+    batches, counted over ranks as ``gain_batches``: it costs a calibration pass of its own
+    (see ``ditprune bench --cost``)."""
     curve = options.get("curve", "sparsegpt" if updates else "wanda")
+    world = distributed.world_size() if sync else 1
+    # batches and gain_batches count over all ranks: each reads its first share, so N processes on
+    # the shards of a dataset read the batches one process takes first from it
+    share = lambda n: calibration[:-(-n // world)]  # noqa: E731
+    observed = share(options["batches"]) if "batches" in options else calibration
     gram = nm is None and allocation == "auto" and curve != "wanda"  # these curves need the Gram matrices
     lo, hi = A.bounds(sparsity, spread)
     energy_of: dict[str, torch.Tensor] = {}
@@ -107,19 +115,17 @@ def allocate(model: nn.Module, names: list[str], allocation: str, sparsity: floa
 
     if blocks is not None:
         layers_in = {b: ls for b, _, ls in blocks}
-        run_block_sequential(model, [(b, m) for b, m, _ in blocks], calibration,
+        run_block_sequential(model, [(b, m) for b, m, _ in blocks], observed,
                              lambda b, _block, replay: gather(layers_in[b], replay) if layers_in[b] else None,
                              offload, progress, weights)
     else:
-        gather(names, lambda: run_whole_model(model, calibration, progress, weights))
+        gather(names, lambda: run_whole_model(model, observed, progress, weights))
     weights_of = [model.get_submodule(n).weight.detach() for n in names]
     energies = [energy_of[n] for n in names]
     sizes = [w.numel() for w in weights_of]
     per = options.get("gains", "layers")
     groups = gain_groups(model, names, per) if per != "none" else None
-    # gain_batches counts over all ranks: each measures on its first share, so N processes on
-    # the shards of a dataset measure on the batches one process takes first from it
-    batches = calibration[:-(-options.get("gain_batches", 4) // (distributed.world_size() if sync else 1))]
+    batches = share(options.get("gain_batches", 4))
     if nm is not None:
         removed = [A.nm_removed(w, e, *nm) for w, e in zip(weights_of, energies)]
         gains = (_gains(model, groups, names, energies, removed, lambda sc: nm_mask(sc, *nm), batches, sync)

@@ -32,6 +32,9 @@ from typing import Callable
 
 import torch
 
+from . import alloccost
+from .fluxshapes import FLUX_DEV, REAL_RUN, block_batches, flux_blocks, is_adaln, synthetic_stats
+
 __all__ = ["SHAPES", "FLUX_DEV", "synthetic_stats", "layer_costs", "block_costs", "memory_account", "run_cost"]
 
 # (name, out_features, in_features, calibration tokens: None = plenty)
@@ -42,8 +45,6 @@ SHAPES = [
     ("norm1.linear (adaLN)", 18432, 3072, 64 * 28),
     ("single proj_out", 3072, 15360, None),
 ]
-FLUX_DEV = {"double": 19, "single": 38, "dim": 3072, "heads": 24, "head_dim": 128, "text_tokens": 512,
-            "params": 11.90e9}
 METHODS = [  # (label, method, options, pattern)
     ("wanda", "wanda", {}, None),
     ("sparsegpt", "sparsegpt", {}, None),
@@ -77,41 +78,6 @@ def measure(fn: Callable[[], object], device: torch.device, memory: bool = True)
 
 
 # -- inputs -------------------------------------------------------------------------------------
-def _basis(d: int, seed: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    rank = min(d, 256)
-    basis = (torch.randn(rank, d, generator=g) / rank**0.5).to(device)
-    spectrum = torch.logspace(0, -2, rank).to(device)
-    scale = torch.exp(torch.randn(d, generator=g)).to(device)  # heavy-tailed channel scales
-    return basis, spectrum, scale
-
-
-def synthetic_stats(d: int, tokens: int | None, seed: int = 0, device="cpu", need_gram: bool = True):
-    """:class:`~ditprune.stats.InputStats` of correlated inputs: x = (z * spectrum) @ basis + 0.05 e,
-    times per-channel scales. ``tokens=None``: the population covariance itself, counted as a
-    million tokens; else that many sampled tokens (the few-token path, with held-out statistics)."""
-    from .stats import InputStats
-
-    basis, spectrum, scale = _basis(d, seed, device)
-    stats = InputStats("synthetic", d, need_gram, device=device)
-    if tokens is None:
-        n = 1_000_000
-        cov = (basis.T * spectrum.pow(2)) @ basis + 0.05**2 * torch.eye(d, device=device)
-        cov = cov * scale.unsqueeze(0) * scale.unsqueeze(1)
-        stats.sq_sum = torch.diagonal(cov).clone() * n
-        if need_gram:
-            stats.gram_sum, stats.held_sum = cov * n, None
-        stats.count, stats.weight_sum = n, float(n)
-        return stats
-    g = torch.Generator(device=device).manual_seed(seed + 1)
-    for start in range(0, tokens, 1024):
-        k = min(1024, tokens - start)
-        z = torch.randn(k, basis.shape[0], generator=g, device=device) * spectrum
-        x = (z @ basis + 0.05 * torch.randn(k, d, generator=g, device=device)) * scale
-        stats.update(x)
-    return stats
-
-
 # -- 1. single layers ---------------------------------------------------------------------------
 def layer_costs(shapes=SHAPES, methods=METHODS, repeats: int = 2, device="cpu", progress: bool = True) -> list[dict]:
     from tqdm import tqdm
@@ -150,57 +116,9 @@ def layer_costs(shapes=SHAPES, methods=METHODS, repeats: int = 2, device="cpu", 
 
 
 # -- 2. shape-true blocks -----------------------------------------------------------------------
-def flux_blocks(device="cpu", dtype=torch.float32, dims: dict | None = None):
-    """A full-width FLUX.1-dev double block and single block, random weights (``dims``: other
-    ``dim``/``heads``/``head_dim``, for tests)."""
-    from ._quiet import diffusers as _diffusers
-
-    _diffusers()
-    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
-
-    f = {**FLUX_DEV, **(dims or {})}
-    torch.manual_seed(0)
-    double = FluxTransformerBlock(f["dim"], f["heads"], f["head_dim"]).to(device, dtype).eval()
-    single = FluxSingleTransformerBlock(f["dim"], f["heads"], f["head_dim"]).to(device, dtype).eval()
-    return double, single
-
-
-def block_batches(images: int, image_tokens: int = 1024, calls: int = 2, device="cpu", dtype=torch.float32,
-                  seed: int = 0, dims: dict | None = None) -> list[dict]:
-    """Block inputs of ``calls`` transformer calls with ``images`` samples each (512x512: 1024
-    image tokens; 1024x1024: 4096), correlated like the synthetic layer inputs."""
-    from ._quiet import diffusers as _diffusers
-
-    _diffusers()
-    from diffusers.models.transformers.transformer_flux import FluxPosEmbed
-
-    f = {**FLUX_DEV, **(dims or {})}
-    basis, spectrum, scale = _basis(f["dim"], seed, device)
-    g = torch.Generator(device=device).manual_seed(seed + 2)
-
-    def tokens(n):
-        z = torch.randn(images, n, basis.shape[0], generator=g, device=device) * spectrum
-        return ((z @ basis + 0.05 * torch.randn(images, n, f["dim"], generator=g, device=device)) * scale).to(dtype)
-
-    side = int(math.isqrt(image_tokens))
-    img_ids = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1).reshape(-1, 2)
-    ids = torch.cat([torch.zeros(f["text_tokens"], 3), torch.cat([torch.zeros(len(img_ids), 1), img_ids], 1)]).to(device)
-    rotary = FluxPosEmbed(theta=10000, axes_dim=[f["head_dim"] // 8, 7 * f["head_dim"] // 16, 7 * f["head_dim"] // 16])(ids)
-    return [{"hidden_states": tokens(image_tokens), "encoder_hidden_states": tokens(f["text_tokens"]),
-             "temb": torch.randn(images, f["dim"], generator=g, device=device).to(dtype), "image_rotary_emb": rotary}
-            for _ in range(calls)]
-
-
 # dit with reconstruct=True in the block runs: its memory (every polish iteration reuses the same
 # tensors, so one iteration reaches the peak), not its time (see the single-layer table).
 MEMORY_ONLY = ("dit reconstruct (memory; polish=1)", "dit", {"reconstruct": True, "polish": 1}, None)
-
-# The real run this bench accounts for: configs/flux_dev.yaml (64 prompts x 28 steps, batch 4).
-REAL_RUN = {"prompts": 64, "steps": 28, "batch": 4, "image_tokens": 1024}
-
-
-def _is_adaln(name: str) -> bool:
-    return ".linear" in name and "norm" in name  # norm1.linear, norm1_context.linear, norm.linear
 
 
 def _real_regime(plan, adaln_tokens: int, device) -> None:
@@ -218,7 +136,7 @@ def _real_regime(plan, adaln_tokens: int, device) -> None:
             continue
         if id(st) not in swapped:
             d = st.sq_sum.numel()
-            tokens = adaln_tokens if _is_adaln(g["module_fqn"]) else None
+            tokens = adaln_tokens if is_adaln(g["module_fqn"]) else None
             with memory.region("statistics"):  # what the layer holds in a real run, not the forward's
                 swapped[id(st)] = synthetic_stats(d, tokens, seed=d, device=device, need_gram=st.gram_sum is not None)
         sp.state[g["tensor_fqn"]]["stats"] = swapped[id(st)]
@@ -356,20 +274,23 @@ def run_cost(out: Path, quick: bool = False, repeats: int = 2, images: int = 1, 
     block_rows = block_costs(METHODS[:3] + [MEMORY_ONLY], images, calls=1 if quick else 2, device=device,
                              progress=progress, dtype=getattr(torch, dtype))
     whole = extrapolate([r for r in block_rows if r["method"] != MEMORY_ONLY[0]])
+    curve_rows = alloccost.curve_costs(device, getattr(torch, dtype), progress=progress)
+    allocation = alloccost.allocation_cost(block_rows, curve_rows, whole)
     memory = [memory_account(block_rows, method=m) for m in dict.fromkeys(r["method"] for r in block_rows)]
     machine = (torch.cuda.get_device_name(device) if torch.device(device).type == "cuda"
                else f"CPU, {torch.get_num_threads()} threads")
-    text = render(layer_rows, block_rows, whole, memory, machine, dtype)
+    text = render(layer_rows, block_rows, whole, memory, machine, dtype, allocation)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_file(out / "cost.md") as tmp:
         tmp.write_text(text + "\n")
     with atomic_file(out / "cost.json") as tmp:
         tmp.write_text(json.dumps({"machine": machine, "block_dtype": dtype, "layers": layer_rows, "blocks": block_rows, "transformer": whole,
-                                   "memory": memory, "gram_flops": gram_flops()}, indent=1, default=str) + "\n")
+                                   "allocation_curves": curve_rows, "allocation": allocation, "memory": memory, "gram_flops": gram_flops()}, indent=1, default=str) + "\n")
     return {"table": text, "outputs": {"table": str(out / "cost.md"), "json": str(out / "cost.json")}}
 
 
-def render(layer_rows, block_rows, whole, memory, machine: str, dtype: str = "bfloat16") -> str:
+def render(layer_rows, block_rows, whole, memory, machine: str, dtype: str = "bfloat16",
+           allocation: list[dict] | None = None) -> str:
     lines = [f"Machine: {machine}. Random weights, real shapes; statistics as described in "
              "`ditprune/costbench.py`. Peak: live tensor bytes the call created (CPU), the allocator's peak (GPU).", "",
              "| shape (out x in) | tokens | method | seconds | x Wanda | x SparseGPT | peak MiB |", "|---|---|---|---|---|---|---|"]
@@ -400,6 +321,8 @@ def render(layer_rows, block_rows, whole, memory, machine: str, dtype: str = "bf
                   "| method | masks (h) | calibration (h) | total (h) |", "|---|---|---|---|"]
         lines += [f"| {w['method']} | {w['mask_hours']:.2f} | {w['calibration_hours']:.2f} | {w['total_hours']:.2f} |"
                   for w in whole]
+    if allocation:
+        lines += alloccost.render(allocation)
     if memory:
         lines += ["", "Device memory of `configs/flux_dev.yaml` (bf16, block by block, `offload: cpu`), composed "
                       "from the measured block runs (GiB): weights (bf16) + masks (1 bit per weight) + the most a "

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .costbench import FLUX_DEV
+from .fluxshapes import FLUX_DEV
 
 __all__ = ["run_deploy", "render", "flux_dev_shaped", "flux_dev_bytes", "flux_dev_total", "resident_bytes"]
 

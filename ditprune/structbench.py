@@ -83,7 +83,7 @@ def flux_dev_counts() -> list[dict]:
 
     from . import models
     from ._quiet import diffusers as _diffusers
-    from .costbench import FLUX_DEV
+    from .fluxshapes import FLUX_DEV
     from .structured import removal_count
     from .surgery import shrink, units
 

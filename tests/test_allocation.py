@@ -123,6 +123,7 @@ def test_override_layers_keep_their_setting_and_leave_the_budget():
     ({"allocation": "auto", "allocation_range": 1.5}, "allocation_range must be a number in"),
     ({"allocation": "owl", "allocation_options": {"lamda": 1}}, "unknown \\['lamda'\\]"),
     ({"allocation": "auto", "allocation_options": {"gain_batches": 0}}, "gain_batches must be a positive integer"),
+    ({"allocation": "auto", "allocation_options": {"batches": 1.5}}, "batches must be a positive integer"),
     ({"allocation": "owl", "pattern": "2:4"}, "with a pattern every pruned layer keeps it"),
     ({"allocation": "auto", "max_dense": 0.1}, "max_dense chooses layers to keep dense under an N:M pattern"),
     ({"allocation": "uniform", "pattern": "2:4", "max_dense": 0.1}, "max_dense chooses layers"),
@@ -336,6 +337,26 @@ def test_block_by_block_allocation_pass_allocates_as_the_whole_model_pass():
         targets[block_sequential] = {r.name: r.target for r in report.layers}
     assert targets[True] == targets[False]
     assert len(set(targets[True].values())) > 1
+
+
+@pytest.mark.parametrize("block_sequential", [True, False])
+def test_batches_limits_the_allocation_pass_to_the_first_batches(block_sequential):
+    """``batches=2`` allocates as a run whose whole calibration is those 2 batches, and not as the
+    pass over all 4 (the prune itself still reads all of them)."""
+    import ditprune
+    from ditprune.models.tiny import tiny_batches, tiny_model
+
+    def targets(calibration, options):
+        model = tiny_model("flux")
+        report = ditprune.prune(model, calibration, method="sparsegpt", sparsity=0.7, allocation="auto",
+                                allocation_options={"gain_batches": 1, **options}, block_sequential=block_sequential)
+        return {r.name: r.target for r in report.layers}
+
+    batches = tiny_batches(tiny_model("flux"))
+    assert len(batches) == 4
+    first_two = targets(batches, {"batches": 2})
+    assert first_two == targets(batches[:2], {})
+    assert first_two != targets(batches, {})
 
 
 def test_a_method_that_updates_weights_allocates_by_sparsegpt_curves(monkeypatch):

@@ -102,3 +102,40 @@ def ditprune_targets(model):
     from ditprune import resolve_targets
 
     return list(resolve_targets(model).values())
+
+
+def test_allocation_cost_counts_what_auto_runs():
+    """Hand-made block rates and curve seconds: the pass is the calibration per sample of the curve's
+    statistics, the gains are output_gains' forwards (per layer: one model forward per layer and
+    batch; per block: one per block and stream, each with the block alone layers + 2 times), both
+    after one dense forward per batch."""
+    from ditprune.alloccost import SETTINGS, allocation_cost
+
+    rate = {("wanda", "double"): 0.5, ("wanda", "single"): 0.25, ("sparsegpt", "double"): 2.0,
+            ("sparsegpt", "single"): 1.0}
+    blocks = [{"method": m, "block": b, "observe_seconds_per_sample": v} for (m, b), v in rate.items()]
+    curves = [{"block": "double", "layers": 14, "streams": 2, "curve_seconds": {"sparsegpt": 10.0, "wanda": 1.0}},
+              {"block": "single", "layers": 6, "streams": 2, "curve_seconds": {"sparsegpt": 4.0, "wanda": 0.5}}]
+    prunes = [{"method": "wanda", "total_hours": 10.0}, {"method": "sparsegpt", "total_hours": 50.0}]
+    rows = {(r["method"], r["setting"]): r for r in allocation_cost(blocks, curves, prunes)}
+    assert len(rows) == 2 * len(SETTINGS)
+    samples, batch, model = 64 * 28, 4, 19 * 0.5 + 38 * 0.25  # model forward per sample: the wanda rates
+    sgpt = [rows[("sparsegpt", label)] for label, _ in SETTINGS]
+    assert sgpt[0]["pass_hours"] == pytest.approx(samples * (19 * 2.0 + 38 * 1.0) / 3600)
+    assert sgpt[0]["curve_hours"] == pytest.approx((19 * 10.0 + 38 * 4.0) / 3600)
+    assert sgpt[0]["gain_hours"] == pytest.approx(4 * batch * (1 + 19 * 14 + 38 * 6) * model / 3600)
+    local = 19 * 2 * 16 * 0.5 + 38 * 2 * 8 * 0.25  # streams x (layers + 2) block forwards, per block
+    assert sgpt[1]["gain_hours"] == pytest.approx(batch * ((1 + 19 * 2 + 38 * 2) * model + local) / 3600)
+    assert sgpt[2]["pass_hours"] == pytest.approx(32 * batch * (19 * 2.0 + 38 * 1.0) / 3600)
+    for r in sgpt:
+        assert r["fraction"] == pytest.approx((r["pass_hours"] + r["curve_hours"] + r["gain_hours"]) / 50.0)
+    wanda = rows[("wanda", SETTINGS[0][0])]
+    assert wanda["curve"] == "wanda" and wanda["pass_hours"] == pytest.approx(samples * (19 * 0.5 + 38 * 0.25) / 3600)
+
+
+def test_curve_costs_time_every_linear_of_both_blocks():
+    from ditprune.alloccost import curve_costs
+
+    rows = curve_costs(dims=SMALL, progress=False)
+    assert [(r["block"], r["layers"], r["streams"]) for r in rows] == [("double", 14, 2), ("single", 6, 2)]
+    assert all(r["curve_seconds"]["sparsegpt"] > 0 and r["curve_seconds"]["wanda"] > 0 for r in rows)

@@ -1,0 +1,147 @@
+"""What ``allocation="auto"`` adds to a FLUX.1-dev prune (part of ``ditprune bench --cost``).
+
+``auto`` costs three things beyond the prune it steers (:mod:`ditprune.allocating`):
+
+1. *the allocation pass*: the dense model over the calibration, block by block as the prune,
+   gathering each layer's statistics (Gram matrices for a method that updates its weights,
+   whose curve is SparseGPT's; the diagonal alone otherwise): as costly per sample as the
+   prune's own calibration with the same statistics, so it is priced with the block runs'
+   measured calibration seconds per sample (the SparseGPT rows with Gram matrices, the Wanda
+   rows without);
+2. *the removal curves*: timed here (:func:`curve_costs`) on every Linear of a shape-true
+   double and single block, through :func:`ditprune.allocating.layer_curve` with the
+   statistics regime of a real run (adaLN: 64 x 28 sampled tokens, the held-out path; the
+   others: plenty);
+3. *the output gains* (:func:`ditprune.gains.output_gains`): model forwards, counted as that
+   function runs them and priced with the block runs' forward seconds per sample (the Wanda
+   rows: forward plus the diagonal statistics, an upper bound of the forward): ``gains=layers``
+   runs the model once per targeted layer and gain batch; ``gains=blocks`` once per block,
+   output stream and gain batch, and for each of those the block alone ``layers + 2`` times.
+   Both run the dense model once per gain batch first.
+
+``allocation_options={"batches": k}`` limits the pass to the first k calibration batches (its
+price scales with them; the curves are timed on the full run's statistics regime, so with
+fewer adaLN tokens their time is overstated).
+
+:func:`allocation_cost` composes them for the whole transformer, for the shipped defaults and
+for a cheaper choice of options, beside the prune's own extrapolated hours. Left out as in
+the prune's extrapolation: the text encoders, the sampler's steps, the embedders and the final
+layer in the gains' forwards.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+__all__ = ["curve_costs", "allocation_cost", "SETTINGS"]
+
+# (label, allocation_options): what the extrapolation prices
+SETTINGS = [("defaults (gains per layer, 4 batches)", {"gains": "layers", "gain_batches": 4}),
+            ("gains per block, 1 batch", {"gains": "blocks", "gain_batches": 1}),
+            ("gains per block, 1 batch, pass on 32 batches", {"gains": "blocks", "gain_batches": 1, "batches": 32})]
+
+
+def curve_costs(device="cpu", dtype=torch.bfloat16, dims: dict | None = None, sparsity: float = 0.7,
+                spread: float = 0.2, progress: bool = True) -> list[dict]:
+    """Per block kind: the seconds of every targeted Linear's removal curve (``sparsegpt``: what
+    an updating method's ``auto`` computes; ``wanda``: the others'), on the real run's
+    statistics regime, and the block's output streams (what ``gains=blocks`` measures per)."""
+    from tqdm import tqdm
+
+    from . import allocation as A
+    from .allocating import layer_curve
+    from .fluxshapes import FLUX_DEV, REAL_RUN, block_batches, flux_blocks, is_adaln, synthetic_stats
+    from .gains import _floats
+
+    device = torch.device(device)
+    real_adaln = REAL_RUN["prompts"] * REAL_RUN["steps"]
+    lo, hi = A.bounds(sparsity, spread)
+    rows = []
+    blocks = flux_blocks(device, dtype, dims)
+    f = {**FLUX_DEV, **(dims or {})}
+    batch = block_batches(1, REAL_RUN["image_tokens"] if dims is None else 16, 1, device, dtype, dims=dims)[0]
+    for kind, block in zip(("double", "single"), blocks):
+        with torch.no_grad():
+            streams = len(_floats(block(**batch)))
+        stats: dict[tuple[int, bool], object] = {}
+        seconds = {"sparsegpt": 0.0, "wanda": 0.0}
+        linears = [(n, m) for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
+        for name, module in tqdm(linears, desc=f"cost: curves ({kind})", disable=not progress):
+            w = module.weight.detach()
+            key = (w.shape[1], is_adaln(name))
+            if key not in stats:
+                stats[key] = synthetic_stats(w.shape[1], real_adaln if key[1] else None, seed=w.shape[1], device=device)
+            st = stats[key]
+            start = time.perf_counter()
+            layer_curve(w, st, "sparsegpt", lo, hi)
+            seconds["sparsegpt"] += time.perf_counter() - start
+            start = time.perf_counter()
+            A.removal_curve(w, st.energy)
+            seconds["wanda"] += time.perf_counter() - start
+        rows.append({"block": kind, "layers": len(linears), "streams": streams,
+                     "curve_seconds": seconds, "dim": f["dim"]})
+        del stats
+    return rows
+
+
+def _gain_forwards(options: dict, layers: dict, streams: dict, blocks: dict) -> tuple[int, dict]:
+    """(model forwards, {block kind: forwards of such a block alone}) per gain batch, as
+    :func:`ditprune.gains.output_gains` runs them."""
+    dense = 1
+    if options["gains"] == "layers":
+        return dense + sum(blocks[k] * layers[k] for k in blocks), {}
+    model = dense + sum(blocks[k] * streams[k] for k in blocks)
+    local = {k: blocks[k] * streams[k] * (layers[k] + 2) for k in blocks}
+    return model, local
+
+
+def allocation_cost(block_rows: list[dict], curve_rows: list[dict], prune_hours: list[dict],
+                    real: dict | None = None) -> list[dict]:
+    """Hours ``auto`` adds to each extrapolated prune (``prune_hours``: rows of
+    :func:`ditprune.costbench.extrapolate`), per setting of :data:`SETTINGS`: the allocation
+    pass (calibration per sample of the statistics the curve needs x the real run's samples x
+    blocks), the curves (measured per block x blocks) and the gains (forwards x the real run's
+    batch x forward seconds per sample); and their sum as a fraction of the prune."""
+    from .fluxshapes import FLUX_DEV, REAL_RUN
+
+    r = {**REAL_RUN, **(real or {})}
+    samples = r["prompts"] * r["steps"]
+    blocks = {"double": FLUX_DEV["double"], "single": FLUX_DEV["single"]}
+    rate = {(row["method"], row["block"]): row["observe_seconds_per_sample"] for row in block_rows}
+    curves = {row["block"]: row for row in curve_rows}
+    layers = {k: curves[k]["layers"] for k in blocks}
+    streams = {k: curves[k]["streams"] for k in blocks}
+    forward = {k: rate[("wanda", k)] for k in blocks}  # forward + the diagonal statistics, per sample
+    model_forward = sum(blocks[k] * forward[k] for k in blocks)
+    out = []
+    for prune in prune_hours:
+        method = prune["method"]
+        curve = "sparsegpt" if method == "sparsegpt" else "wanda"  # dit reconstruct too, not priced here
+        pass_per_sample = sum(blocks[k] * rate[(curve, k)] for k in blocks)
+        curve_s = sum(blocks[k] * curves[k]["curve_seconds"][curve] for k in blocks)
+        for label, options in SETTINGS:
+            pass_s = min(samples, options.get("batches", samples) * r["batch"]) * pass_per_sample
+            model, local = _gain_forwards(options, layers, streams, blocks)
+            per_batch = r["batch"] * (model * model_forward + sum(n * forward[k] for k, n in local.items()))
+            gains_s = options["gain_batches"] * per_batch
+            extra = (pass_s + curve_s + gains_s) / 3600
+            out.append({"method": method, "setting": label, "curve": curve, "pass_hours": pass_s / 3600,
+                        "curve_hours": curve_s / 3600, "gain_hours": gains_s / 3600, "extra_hours": extra,
+                        "prune_hours": prune["total_hours"], "fraction": extra / prune["total_hours"]})
+    return out
+
+
+def render(rows: list[dict]) -> list[str]:
+    """Markdown lines for :func:`allocation_cost`'s rows."""
+    lines = ["", "What `allocation=\"auto\"` adds to those prunes (whole transformer, extrapolated from the block runs "
+                 "above and curves timed on every Linear of a shape-true block; see `ditprune/alloccost.py`). "
+                 "The allocation pass is a second calibration pass with the statistics the curve needs; "
+                 "the gains are model forwards:", "",
+             "| method | options | curve | allocation pass (h) | curves (h) | gains (h) | added (h) | prune (h) | added / prune |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r['setting']} | {r['curve']} | {r['pass_hours']:.2f} | {r['curve_hours']:.2f} | "
+              f"{r['gain_hours']:.2f} | {r['extra_hours']:.2f} | {r['prune_hours']:.2f} | {r['fraction']:.0%} |"
+              for r in rows]
+    return lines
