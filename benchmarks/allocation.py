@@ -11,7 +11,9 @@ A variant is an allocation, with ``:none`` for ``auto`` without the measured out
 ``:obs`` for ``auto`` with Optimal Brain Surgeon removal curves (``{"curve": "obs"}``),
 ``:sgpt`` for ``auto`` with curves SparseGPT measures on sampled rows (``{"curve": "sparsegpt"}``) and
 ``:dense0.1`` for ``auto`` with ``max_dense=0.1`` (with an N:M setting, e.g. ``--sparsities 2:4``:
-which layers stay dense; ``auto:dense0.1+none`` without the gains); ``dit+rec`` is ``dit`` with ``reconstruct=True``. Prints one markdown
+which layers stay dense; ``auto:dense0.1+none`` without the gains), ``:gb1`` for ``gain_batches=1`` and
+``:pass4`` for an allocation pass on 4 calibration batches (``{"batches": 4}``); parts combine with ``+``
+(``auto:blocks+gb1+pass4``); ``dit+rec`` is ``dit`` with ``reconstruct=True``. Prints one markdown
 row per run as it ends.
 
     python benchmarks/allocation.py --model flux --methods wanda,sparsegpt,dit+rec --sparsities 2:4 \\
@@ -43,11 +45,15 @@ def main(argv: list[str] | None = None) -> None:
             allocation, _, variant = v.partition(":")
             options_of = {"": {}, "none": {"gains": "none"}, "blocks": {"gains": "blocks"}, "obs": {"curve": "obs"}, "sgpt": {"curve": "sparsegpt"}}
             extra = {"allocation": allocation}
-            for part in filter(None, variant.split("+")):  # e.g. auto:dense0.1+none
+            for part in filter(None, variant.split("+")):  # e.g. auto:dense0.1+none, auto:blocks+gb1+pass4
                 if part.startswith("dense"):
                     extra["max_dense"] = float(part[len("dense"):])
+                elif part.startswith("gb"):
+                    extra["allocation_options"] = {**extra.get("allocation_options", {}), "gain_batches": int(part[2:])}
+                elif part.startswith("pass"):
+                    extra["allocation_options"] = {**extra.get("allocation_options", {}), "batches": int(part[4:])}
                 else:
-                    extra["allocation_options"] = options_of[part]
+                    extra["allocation_options"] = {**extra.get("allocation_options", {}), **options_of[part]}
             candidates.append(Candidate(f"{m} {v}", method, {**options, **extra}))
     lines = [f"{bench.name}, {args.samples} evaluation samples per row", "",
              "| method, allocation | setting | sparsity | denoiser rel. err [95%] | judge acc [95%] | prune s |",

@@ -17,7 +17,7 @@ from .granularity import nm_mask, row_mask
 from .gains import gain_groups, output_gains
 from .stats import observe
 
-__all__ = ["check", "allocate", "layer_curve"]
+__all__ = ["check", "allocate", "layer_curve", "pick_batches"]
 
 log = logging.getLogger(__name__)
 
@@ -86,15 +86,15 @@ def allocate(model: nn.Module, names: list[str], allocation: str, sparsity: floa
     rows; with an N:M pattern ``nm``, :func:`~ditprune.allocation.keep_dense` chooses the
     layers that stay dense. ``curve`` defaults to ``sparsegpt`` for a method that ``updates``
     its weights (its own reconstruction is what the allocation should predict) and to
-    ``wanda`` otherwise. ``batches`` (default: all) limits the pass to the first calibration
-    batches, counted over ranks as ``gain_batches``: it costs a calibration pass of its own
-    (see ``ditprune bench --cost``)."""
+    ``wanda`` otherwise. The pass costs a calibration pass of its own (``ditprune bench
+    --cost``); ``batches`` (default: all) limits it to that many batches spread over the
+    calibration's timesteps (:func:`pick_batches`)."""
     curve = options.get("curve", "sparsegpt" if updates else "wanda")
-    world = distributed.world_size() if sync else 1
-    # batches and gain_batches count over all ranks: each reads its first share, so N processes on
-    # the shards of a dataset read the batches one process takes first from it
-    share = lambda n: calibration[:-(-n // world)]  # noqa: E731
-    observed = share(options["batches"]) if "batches" in options else calibration
+    observed = calibration
+    if "batches" in options:
+        picked = pick_batches(calibration, options["batches"], sync)
+        observed = [calibration[i] for i in picked]
+        weights = [weights[i] for i in picked] if weights is not None else None
     gram = nm is None and allocation == "auto" and curve != "wanda"  # these curves need the Gram matrices
     lo, hi = A.bounds(sparsity, spread)
     energy_of: dict[str, torch.Tensor] = {}
@@ -113,7 +113,10 @@ def allocate(model: nn.Module, names: list[str], allocation: str, sparsity: floa
                 curve_of[n] = layer_curve(w, st, curve, lo, hi)
         stats.clear()  # a block's Gram matrices go before the next block's
 
-    if blocks is not None:
+    if not observed:  # with batches, a rank may hold none of those picked: it adds zeros to the sums
+        for layer_names in [ls for _, _, ls in blocks if ls] if blocks is not None else [names]:
+            gather(layer_names, lambda: None)
+    elif blocks is not None:
         layers_in = {b: ls for b, _, ls in blocks}
         run_block_sequential(model, [(b, m) for b, m, _ in blocks], observed,
                              lambda b, _block, replay: gather(layers_in[b], replay) if layers_in[b] else None,
@@ -125,7 +128,9 @@ def allocate(model: nn.Module, names: list[str], allocation: str, sparsity: floa
     sizes = [w.numel() for w in weights_of]
     per = options.get("gains", "layers")
     groups = gain_groups(model, names, per) if per != "none" else None
-    batches = share(options.get("gain_batches", 4))
+    # gain_batches counts over all ranks: each measures on its first share, so N processes on
+    # the shards of a dataset measure on the batches one process takes first from it
+    batches = calibration[:-(-options.get("gain_batches", 4) // (distributed.world_size() if sync else 1))]
     if nm is not None:
         removed = [A.nm_removed(w, e, *nm) for w, e in zip(weights_of, energies)]
         gains = (_gains(model, groups, names, energies, removed, lambda sc: nm_mask(sc, *nm), batches, sync)
@@ -153,6 +158,35 @@ def allocate(model: nn.Module, names: list[str], allocation: str, sparsity: floa
     log.info("allocation %s: layer sparsities %.3f-%.3f around %.3f", allocation, min(alloc), max(alloc), sparsity)
     return {n: {"sparsity": a} | ({"predicted": predicted[i]} if predicted else {}) for i, (n, a) in
             enumerate(zip(names, alloc))}
+
+
+def pick_batches(calibration: list[dict], k: int, sync: bool = False) -> list[int]:
+    """The positions of this rank's batches among ``k`` spread evenly over the whole calibration's timesteps:
+    every rank's batches ordered by their mean ``timestep`` (ties, or batches without one, by a
+    fingerprint of their content), and the middle batch of each of k equal strata taken. The
+    choice depends on the batches, not on their order or on how they are sharded, so N
+    processes read the batches one process reads on their union. All of them if k covers the
+    calibration."""
+    keys = [_key(b) for b in calibration]
+    everyone = sorted(distributed.gather_rows(keys) if sync else keys)
+    n = len(everyone)
+    if k >= n:
+        return list(range(len(calibration)))
+    chosen = {everyone[(2 * i + 1) * n // (2 * k)] for i in range(k)}
+    return [i for i, key in enumerate(keys) if key in chosen]
+
+
+def _key(batch: dict) -> tuple[float, float]:
+    """(mean timestep or 0, a fingerprint of the batch's floating tensors) of one batch."""
+    t = batch.get("timestep")
+    step = float(t.double().mean()) if torch.is_tensor(t) and t.numel() else float(t) if isinstance(t, (int, float)) else 0.0
+    mark = 0.0
+    for name in sorted(batch):
+        v = batch[name]
+        if torch.is_tensor(v) and v.is_floating_point() and v.numel():
+            x = v.detach().flatten()[:4096].double().cpu()
+            mark += float((x * torch.arange(1, len(x) + 1, dtype=torch.float64).sin()).sum())
+    return step, mark
 
 
 def _gains(model, groups, names, energies, removed, keep_of, batches, sync) -> list[float]:

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from ditprune.allocating import pick_batches
 from ditprune.allocation import auto, bounds, fit_budget, outlier_ratio, owl, removal_curve
 
 
@@ -341,7 +342,7 @@ def test_block_by_block_allocation_pass_allocates_as_the_whole_model_pass():
 
 @pytest.mark.parametrize("block_sequential", [True, False])
 def test_batches_limits_the_allocation_pass_to_the_first_batches(block_sequential):
-    """``batches=2`` allocates as a run whose whole calibration is those 2 batches, and not as the
+    """``batches=2`` allocates as a run whose whole calibration is the 2 batches :func:`~ditprune.allocating.pick_batches` picks, and not as the
     pass over all 4 (the prune itself still reads all of them)."""
     import ditprune
     from ditprune.models.tiny import tiny_batches, tiny_model
@@ -349,14 +350,29 @@ def test_batches_limits_the_allocation_pass_to_the_first_batches(block_sequentia
     def targets(calibration, options):
         model = tiny_model("flux")
         report = ditprune.prune(model, calibration, method="sparsegpt", sparsity=0.7, allocation="auto",
-                                allocation_options={"gain_batches": 1, **options}, block_sequential=block_sequential)
+                                allocation_options={"gains": "none", **options}, block_sequential=block_sequential)
         return {r.name: r.target for r in report.layers}
 
     batches = tiny_batches(tiny_model("flux"))
     assert len(batches) == 4
-    first_two = targets(batches, {"batches": 2})
-    assert first_two == targets(batches[:2], {})
-    assert first_two != targets(batches, {})
+    chosen = [batches[i] for i in pick_batches(batches, 2)]
+    assert len(chosen) == 2
+    two = targets(batches, {"batches": 2})
+    assert two == targets(chosen, {})
+    assert two != targets(batches, {})
+
+
+def test_pick_batches_takes_the_middle_of_equal_timestep_strata_whatever_the_order():
+    """8 batches at timesteps 1.0, 0.9, ..., 0.3: k = 4 strata of 2 in ascending timestep order,
+    (0.3, 0.4), ..., (0.9, 1.0), and the middle one of each (index 1 of 2): 0.4, 0.6, 0.8, 1.0, in
+    the calibration's order; a shuffled calibration gives the same batches; k >= 8 all of them."""
+    batches = [{"timestep": torch.full((2,), 1.0 - 0.1 * i), "x": torch.randn(3, generator=torch.Generator().manual_seed(i))}
+               for i in range(8)]
+    picked = [batches[i] for i in pick_batches(batches, 4)]
+    assert [round(float(b["timestep"][0]), 6) for b in picked] == [1.0, 0.8, 0.6, 0.4]
+    shuffled = [batches[i] for i in (5, 2, 7, 0, 3, 6, 1, 4)]
+    assert {id(shuffled[i]) for i in pick_batches(shuffled, 4)} == {id(b) for b in picked}
+    assert pick_batches(batches, 8) == pick_batches(batches, 9) == list(range(8))
 
 
 def test_a_method_that_updates_weights_allocates_by_sparsegpt_curves(monkeypatch):

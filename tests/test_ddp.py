@@ -84,15 +84,17 @@ def test_two_processes_prune_as_one_process_on_the_union(tmp_path, options):
     assert e_two == pytest.approx(e_one, rel=1e-3)
 
 
-@pytest.mark.parametrize("setting", [{"allocation_range": 0.2}, {"pattern": "2:4", "max_dense": 0.2}],
-                         ids=["sparsity", "2:4 layers kept dense"])
+@pytest.mark.parametrize("setting", [{"allocation_range": 0.2}, {"pattern": "2:4", "max_dense": 0.2},
+                                     {"allocation_options": {"gain_batches": 2, "batches": 2}}],
+                         ids=["sparsity", "2:4 layers kept dense", "pass on 2 of 4 batches"])
 def test_every_rank_allocates_alike_and_as_one_process_on_the_union(tmp_path, setting):
     """Each rank computes the allocation itself from its shard (statistics and measured gains
     summed over the ranks) before rank 0's masks are broadcast: the two must agree, and agree
     with one process on the union. ``gain_batches=2`` counts over the ranks: each measures its
     first batch, and one process its first two of the shards interleaved (a distributed
     sampler's order); with each rank measuring 2 of its own the union run would differ. With a
-    pattern the allocation is which layers stay dense (sparsity 0)."""
+    pattern the allocation is which layers stay dense (sparsity 0). With ``batches=2`` the pass reads
+    the 2 of the 4 batches that ``pick_batches`` picks from all ranks' batches by timestep."""
     options = {"allocation": "auto", "allocation_options": {"gain_batches": 2}, **setting}
     r0, r1 = _run(tmp_path, "wanda", options)
     a0, a1 = _group(r0, "alloc/"), _group(r1, "alloc/")
