@@ -35,12 +35,13 @@ import time
 
 import torch
 
-__all__ = ["curve_costs", "allocation_cost", "SETTINGS"]
+__all__ = ["curve_costs", "allocation_cost", "rerender", "SETTINGS"]
 
 # (label, allocation_options): what the extrapolation prices
 SETTINGS = [("defaults (gains per layer, 4 batches)", {"gains": "layers", "gain_batches": 4}),
             ("gains per block, 1 batch", {"gains": "blocks", "gain_batches": 1}),
-            ("gains per block, 1 batch, pass on 32 batches", {"gains": "blocks", "gain_batches": 1, "batches": 32})]
+            ("gains per block, 1 batch, pass on 32 batches", {"gains": "blocks", "gain_batches": 1, "batches": 32}),
+            ("gains per layer, 1 batch, pass on 32 batches", {"gains": "layers", "gain_batches": 1, "batches": 32})]
 
 
 def curve_costs(device="cpu", dtype=torch.bfloat16, dims: dict | None = None, sparsity: float = 0.7,
@@ -133,6 +134,27 @@ def allocation_cost(block_rows: list[dict], curve_rows: list[dict], prune_hours:
     return out
 
 
+def rerender(results) -> None:
+    """Recompute the allocation rows of a ``ditprune bench --cost`` run from its stored
+    measurements (``cost.json`` in ``results``) with the current :data:`SETTINGS`, and rewrite
+    ``cost.json`` and ``cost.md`` there: no measurement is redone."""
+    import json
+    from pathlib import Path
+
+    from . import costbench
+    from ._io import atomic_file
+
+    results = Path(results)
+    data = json.loads((results / "cost.json").read_text())
+    data["allocation"] = allocation_cost(data["blocks"], data["allocation_curves"], data["transformer"])
+    text = costbench.render(data["layers"], data["blocks"], data["transformer"], data["memory"], data["machine"],
+                            data["block_dtype"], data["allocation"])
+    with atomic_file(results / "cost.md") as tmp:
+        tmp.write_text(text + "\n")
+    with atomic_file(results / "cost.json") as tmp:
+        tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
+
+
 def render(rows: list[dict]) -> list[str]:
     """Markdown lines for :func:`allocation_cost`'s rows."""
     lines = ["", "What `allocation=\"auto\"` adds to those prunes (whole transformer, extrapolated from the block runs "
@@ -145,3 +167,9 @@ def render(rows: list[dict]) -> list[str]:
               f"{r['gain_hours']:.2f} | {r['extra_hours']:.2f} | {r['prune_hours']:.2f} | {r['fraction']:.0%} |"
               for r in rows]
     return lines
+
+
+if __name__ == "__main__":  # python -m ditprune.alloccost benchmarks/results
+    import sys
+
+    rerender(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results")

@@ -139,3 +139,26 @@ def test_curve_costs_time_every_linear_of_both_blocks():
     rows = curve_costs(dims=SMALL, progress=False)
     assert [(r["block"], r["layers"], r["streams"]) for r in rows] == [("double", 14, 2), ("single", 6, 2)]
     assert all(r["curve_seconds"]["sparsegpt"] > 0 and r["curve_seconds"]["wanda"] > 0 for r in rows)
+
+
+def test_rerender_recomputes_the_allocation_rows_from_a_stored_run(tmp_path):
+    import json
+
+    from ditprune.alloccost import SETTINGS, rerender
+
+    blocks = [{"method": m, "block": b, "observe_seconds_per_sample": 1.0, "layers": 1, "weights_mb": 1.0,
+               "mask_seconds": 1.0, "extra_mb": 1.0, "max_by_kind_mb": {k: 0.0 for k in
+                                                                         ("masks", "statistics", "workspace", "forward")}}
+              for m in ("wanda", "sparsegpt") for b in ("double", "single")]
+    curves = [{"block": b, "layers": 2, "streams": 2, "curve_seconds": {"sparsegpt": 1.0, "wanda": 1.0}}
+              for b in ("double", "single")]
+    stored = {"machine": "test", "block_dtype": "bfloat16", "layers": [], "blocks": blocks,
+              "transformer": [{"method": "sparsegpt", "mask_hours": 1.0, "calibration_hours": 9.0, "total_hours": 10.0}],
+              "allocation_curves": curves, "allocation": [], "memory": []}
+    (tmp_path / "cost.json").write_text(json.dumps(stored))
+    rerender(tmp_path)
+    data = json.loads((tmp_path / "cost.json").read_text())
+    assert [r["setting"] for r in data["allocation"]] == [label for label, _ in SETTINGS]
+    assert data["blocks"] == blocks  # the measurements are kept as they were
+    text = (tmp_path / "cost.md").read_text()
+    assert all(label in text for label, _ in SETTINGS) and "added / prune" in text
