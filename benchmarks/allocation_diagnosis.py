@@ -23,27 +23,10 @@ import argparse
 import torch
 
 
-def hull_curve(xs: list[float], ys: list[float], grid: int = 100) -> torch.Tensor:
-    """The lower convex hull of the points, linear between them, on the allocation's grid."""
-    hull = [0]
-    for j in range(1, len(xs)):
-        while len(hull) >= 2:
-            a, b = hull[-2], hull[-1]
-            if (ys[b] - ys[a]) * (xs[j] - xs[a]) >= (ys[j] - ys[a]) * (xs[b] - xs[a]):
-                hull.pop()
-            else:
-                break
-        hull.append(j)
-    hx = torch.tensor([xs[j] for j in hull], dtype=torch.float64)
-    hy = torch.tensor([ys[j] for j in hull], dtype=torch.float64)
-    g = torch.linspace(0, 1, grid + 1, dtype=torch.float64)
-    seg = (torch.searchsorted(hx, g, right=True) - 1).clamp(0, len(hx) - 2)
-    return (hy[seg] + (hy[seg + 1] - hy[seg]) / (hx[seg + 1] - hx[seg]) * (g - hx[seg])).clamp(0.0, 1.0)
-
-
 def method_curve(weight: torch.Tensor, stats, lo: float, hi: float) -> torch.Tensor:
     """The output energy ``dit`` with ``reconstruct=True`` loses on the whole layer at 9
     sparsities across [lo, hi] (and 0), as a fraction of the layer's, on the Gram matrix."""
+    from ditprune.allocation import hull_curve
     from ditprune.sparsifiers import DiTPruningSparsifier
 
     h, w = stats.gram.double(), weight.double()

@@ -43,7 +43,7 @@ from typing import Sequence
 import torch
 
 __all__ = ["ALLOCATIONS", "bounds", "fit_budget", "whole_rows", "removal_curve", "obs_curve", "outlier_ratio", "owl",
-           "auto", "value_at", "nm_removed", "keep_dense", "sparsegpt_curve"]
+           "auto", "value_at", "nm_removed", "keep_dense", "sparsegpt_curve", "hull_curve"]
 
 ALLOCATIONS = ("uniform", "owl", "auto")
 GRID = 100  # the removal curve's resolution: sparsity in steps of 0.01
@@ -171,7 +171,14 @@ def sparsegpt_curve(weight: torch.Tensor, gram: torch.Tensor, lo: float, hi: flo
     new, keep, _ = obs_prune(w.repeat(len(xs) - 1, 1), h, xs[1:], percdamp=percdamp, dtype=dtype)
     lost = energy(w.repeat(len(xs) - 1, 1) - new * keep).view(len(xs) - 1, -1).sum(1)
     ys = [0.0] + [min(1.0, float(v) / total) for v in lost]
-    hull = [0]  # lower convex hull (Andrew's monotone chain, lower part)
+    return hull_curve(xs, ys, grid)
+
+
+def hull_curve(xs: Sequence[float], ys: Sequence[float], grid: int = GRID) -> torch.Tensor:
+    """(grid + 1,) float64 on sparsities k / grid: the lower convex hull of the points (xs
+    ascending from 0), linear between its vertices and extended linearly beyond them, clipped
+    to [0, 1] (convex, as :func:`auto` assumes)."""
+    hull = [0]  # Andrew's monotone chain, lower part
     for j in range(1, len(xs)):
         while len(hull) >= 2:
             a, b = hull[-2], hull[-1]
@@ -180,12 +187,12 @@ def sparsegpt_curve(weight: torch.Tensor, gram: torch.Tensor, lo: float, hi: flo
             else:
                 break
         hull.append(j)
+    if len(hull) < 2:
+        return torch.zeros(grid + 1, dtype=torch.float64)
     hx = torch.tensor([xs[j] for j in hull], dtype=torch.float64)
     hy = torch.tensor([ys[j] for j in hull], dtype=torch.float64)
     g = torch.linspace(0, 1, grid + 1, dtype=torch.float64)
-    seg = (torch.searchsorted(hx, g, right=True) - 1).clamp(0, len(hx) - 2) if len(hx) > 1 else None
-    if seg is None:
-        return torch.zeros(grid + 1, dtype=torch.float64)
+    seg = (torch.searchsorted(hx, g, right=True) - 1).clamp(0, len(hx) - 2)
     slope = (hy[seg + 1] - hy[seg]) / (hx[seg + 1] - hx[seg])
     return (hy[seg] + slope * (g - hx[seg])).clamp(0.0, 1.0)
 

@@ -486,7 +486,10 @@ def prune(
             somewhat worse, see
             :func:`ditprune.gains.output_gains`; ``"none"``), ``gain_batches`` (default 4) and
             ``curve`` (``"sparsegpt"``, the default for methods that update weights: what
-            SparseGPT loses on sampled rows; ``"wanda"``, the default otherwise; ``"obs"``).
+            SparseGPT loses on sampled rows; ``"wanda"``, the default otherwise; ``"obs"``); the
+            pass's ``batches`` (default: all; that many batches spread over the calibration's
+            timesteps, :func:`ditprune.allocating.pick_batches`: the pass costs a calibration
+            pass of its own, see ``ditprune bench --cost``).
         max_dense: with ``pattern`` and ``allocation="auto"``: the fraction of the (non-override)
             targeted weights that may stay dense; the layers whose pruning is predicted to cost
             the model's output most per weight stay dense first (their report's ``info`` says
