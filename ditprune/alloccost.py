@@ -19,9 +19,10 @@
    output stream and gain batch, and for each of those the block alone ``layers + 2`` times.
    Both run the dense model once per gain batch first.
 
-``allocation_options={"batches": k}`` limits the pass to the first k calibration batches (its
-price scales with them; the curves are timed on the full run's statistics regime, so with
-fewer adaLN tokens their time is overstated).
+``allocation_options={"batches": k}`` limits the pass to k calibration batches spread over the
+timesteps (:func:`ditprune.allocating.pick_batches`; its price scales with them; the curves are
+timed on the full run's statistics regime, so with fewer adaLN tokens their time is
+overstated).
 
 :func:`allocation_cost` composes them for the whole transformer, for the shipped defaults and
 for a cheaper choice of options, beside the prune's own extrapolated hours. Left out as in
@@ -119,7 +120,7 @@ def allocation_cost(block_rows: list[dict], curve_rows: list[dict], prune_hours:
     out = []
     for prune in prune_hours:
         method = prune["method"]
-        curve = "sparsegpt" if method == "sparsegpt" else "wanda"  # dit reconstruct too, not priced here
+        curve = "sparsegpt" if method == "sparsegpt" or "reconstruct" in method else "wanda"  # allocating's default
         pass_per_sample = sum(blocks[k] * rate[(curve, k)] for k in blocks)
         curve_s = sum(blocks[k] * curves[k]["curve_seconds"][curve] for k in blocks)
         for label, options in SETTINGS:

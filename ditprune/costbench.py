@@ -20,6 +20,8 @@ time and memory do not depend on the values).
    accumulation also in FLOPs) and a *memory account* of a ``configs/flux_dev.yaml`` run composed
    from the measured block runs (:func:`memory_account`; ``tests/test_costbench.py`` checks that a
    real whole-model prune never holds more than the account says).
+4. What ``allocation="auto"`` adds to those prunes (:mod:`ditprune.alloccost`): its pass, its
+   curves timed on every Linear of the two blocks, its gains' model forwards.
 """
 
 from __future__ import annotations
@@ -77,7 +79,6 @@ def measure(fn: Callable[[], object], device: torch.device, memory: bool = True)
     return seconds, mem.cuda_peak if device.type == "cuda" else peak
 
 
-# -- inputs -------------------------------------------------------------------------------------
 # -- 1. single layers ---------------------------------------------------------------------------
 def layer_costs(shapes=SHAPES, methods=METHODS, repeats: int = 2, device="cpu", progress: bool = True) -> list[dict]:
     from tqdm import tqdm
