@@ -140,15 +140,24 @@ def _refine_rows(w, keep, h, hflat, dh, rounds, shortlist, group, min_gain, g=No
     return swaps, done
 
 
+def _move_costs(wa, ga, sa, bars):
+    """(revival costs, pruning costs, tolerance) of every weight of the rows: reviving j changes
+    the row's error by s_j - 2 w_j g_j, pruning it by s_j + 2 w_j g_j; the barriers make a move
+    that is not allowed infinite. A step must lower the row's error by more than the tolerance."""
+    t = wa * ga
+    tol = 1e-9 * t.abs().sum(1).clamp_min(1e-30)
+    t.mul_(2)
+    rev = (sa - t).add_(bars[0])
+    return rev, t.add_(sa).add_(bars[1]), tol  # s + 2 w g, in t's storage
+
+
 def _round_unstructured(wa, ga, sa, bars, hflat, n, shortlist):
     R = wa.shape[0]
     k = min(shortlist, wa.shape[1])
-    t = wa * ga
-    tol = 1e-9 * t.abs().sum(1).clamp_min(1e-30)  # a step must lower the row's error by more than this
-    t.mul_(2)
-    qi = (sa - t).add_(bars[0]).topk(k, 1, largest=False).indices  # cheapest revivals
-    pi = (sa + t).add_(bars[1]).topk(k, 1, largest=False).indices  # cheapest prunings
-    del t
+    rev, pru, tol = _move_costs(wa, ga, sa, bars)
+    qi = rev.topk(k, 1, largest=False).indices  # cheapest revivals
+    pi = pru.topk(k, 1, largest=False).indices  # cheapest prunings
+    del rev, pru
     S = torch.cat([qi, pi], 1)
     HS = _gather_block(hflat, S, n)
     wS, gl, sS = wa.gather(1, S), ga.gather(1, S), sa.gather(1, S)
@@ -219,12 +228,8 @@ def _round_groups(wa, ga, sa, bars, cross, pairs, hflat, n, shortlist, m):
     after another with exact cross terms between the moves."""
     R = wa.shape[0]
     G = n // m
-    t = wa * ga
-    tol = 1e-9 * t.abs().sum(1).clamp_min(1e-30)  # a step must lower the row's error by more than this
-    t.mul_(2)
-    rev = _by_slot((sa - t).add_(bars[0]), m)
-    pru = _by_slot((sa + t).add_(bars[1]), m)
-    del t
+    rev, pru, tol = _move_costs(wa, ga, sa, bars)
+    rev, pru = _by_slot(rev, m), _by_slot(pru, m)
     # every (q, p) pair of a group with its exact cross term, slot-major; one not (pruned, kept) is inf
     pair = torch.add(rev.unsqueeze(1), pru.unsqueeze(0), out=pairs[: m * m * R * G].view(m, m, R, G))
     pair = pair.sub_(cross).view(m * m, R, G)
