@@ -12,12 +12,13 @@
    double and single block, through :func:`ditprune.allocating.layer_curve` with the
    statistics regime of a real run (adaLN: 64 x 28 sampled tokens, the held-out path; the
    others: plenty);
-3. *the output gains* (:func:`ditprune.gains.output_gains`): model forwards, counted as that
+3. *the output gains* (:func:`ditprune.gains.output_gains`): block forwards, counted as that
    function runs them and priced with the block runs' forward seconds per sample (the Wanda
    rows: forward plus the diagonal statistics, an upper bound of the forward): ``gains=layers``
-   runs the model once per targeted layer and gain batch; ``gains=blocks`` once per block,
-   output stream and gain batch, and for each of those the block alone ``layers + 2`` times.
-   Both run the dense model once per gain batch first.
+   runs the model from the layer's block on once per targeted layer and gain batch;
+   ``gains=blocks`` from each block on once per output stream and gain batch, and for each of
+   those the block alone ``layers + 2`` times. Both run the dense model once per gain batch
+   first.
 
 ``allocation_options={"batches": k}`` limits the pass to k calibration batches spread over the
 timesteps (:func:`ditprune.allocating.pick_batches`; its price scales with them; the curves are
@@ -88,15 +89,20 @@ def curve_costs(device="cpu", dtype=torch.bfloat16, dims: dict | None = None, sp
     return rows
 
 
-def _gain_forwards(options: dict, layers: dict, streams: dict, blocks: dict) -> tuple[int, dict]:
-    """(model forwards, {block kind: forwards of such a block alone}) per gain batch, as
-    :func:`ditprune.gains.output_gains` runs them."""
-    dense = 1
-    if options["gains"] == "layers":
-        return dense + sum(blocks[k] * layers[k] for k in blocks), {}
-    model = dense + sum(blocks[k] * streams[k] for k in blocks)
-    local = {k: blocks[k] * streams[k] * (layers[k] + 2) for k in blocks}
-    return model, local
+def _gain_forwards(options: dict, layers: dict, streams: dict, blocks: dict) -> dict[str, int]:
+    """{block kind: forwards of such a block} per gain batch, as
+    :func:`ditprune.gains.output_gains` runs them: the dense model once, then every forward from
+    the measured block on (``blocks`` in execution order: FLUX.1-dev's double blocks, then its
+    single ones)."""
+    order = [k for k in blocks for _ in range(blocks[k])]
+    runs = dict(blocks)  # the dense forward
+    for p, kind in enumerate(order):
+        starts = layers[kind] if options["gains"] == "layers" else streams[kind]  # forwards from block p on
+        for q in order[p:]:
+            runs[q] += starts
+        if options["gains"] == "blocks":
+            runs[kind] += streams[kind] * (layers[kind] + 2)  # the block alone, per stream
+    return runs
 
 
 def allocation_cost(block_rows: list[dict], curve_rows: list[dict], prune_hours: list[dict],
@@ -116,7 +122,6 @@ def allocation_cost(block_rows: list[dict], curve_rows: list[dict], prune_hours:
     layers = {k: curves[k]["layers"] for k in blocks}
     streams = {k: curves[k]["streams"] for k in blocks}
     forward = {k: rate[("wanda", k)] for k in blocks}  # forward + the diagonal statistics, per sample
-    model_forward = sum(blocks[k] * forward[k] for k in blocks)
     out = []
     for prune in prune_hours:
         method = prune["method"]
@@ -125,8 +130,8 @@ def allocation_cost(block_rows: list[dict], curve_rows: list[dict], prune_hours:
         curve_s = sum(blocks[k] * curves[k]["curve_seconds"][curve] for k in blocks)
         for label, options in SETTINGS:
             pass_s = min(samples, options.get("batches", samples) * r["batch"]) * pass_per_sample
-            model, local = _gain_forwards(options, layers, streams, blocks)
-            per_batch = r["batch"] * (model * model_forward + sum(n * forward[k] for k, n in local.items()))
+            runs = _gain_forwards(options, layers, streams, blocks)
+            per_batch = r["batch"] * sum(n * forward[k] for k, n in runs.items())
             gains_s = options["gain_batches"] * per_batch
             extra = (pass_s + curve_s + gains_s) / 3600
             out.append({"method": method, "setting": label, "curve": curve, "pass_hours": pass_s / 3600,

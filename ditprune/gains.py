@@ -4,6 +4,8 @@ error reaches the model's output, each layer alone or a block's layers together 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -65,21 +67,31 @@ def output_gains(model: nn.Module, groups, energies: dict, removed: dict, keep_o
     whichever layer caused it). That costs one model forward per block and stream instead of
     per layer (about 5x fewer on FLUX.1-dev); see the README for what it costs in quality. With
     ``sync`` every rank's sums are added, so every rank measures alike. The layers carry
-    torch.ao parametrizations (their ``original`` is pruned for the measurement and put back)."""
+    torch.ao parametrizations (their ``original`` is pruned for the measurement and put back).
 
-    def output(batch):
-        out = model(**batch)
+    Every forward after the dense one starts at the measured block (:class:`_Resume`): the
+    blocks before it are dense, so they return the outputs recorded in the dense forward
+    instead of running; the gains are the same, bit for bit, and a layer in the j-th of B blocks
+    costs (B - j) / B of a forward."""
+
+    resume = _Resume(model, len(batches))
+
+    def output(i):
+        resume.batch = i
+        out = model(**batches[i])
         out = getattr(out, "sample", out[0] if isinstance(out, (tuple, list)) else out)
         return out.float()
 
-    dense = [output(b) for b in batches]
+    with resume.recording():
+        dense = [output(i) for i in range(len(batches))]
 
     def change() -> float:  # the model's output change on the batches, as the model now is
-        return sum(float((output(b) - d).pow(2).sum()) for b, d in zip(batches, dense))
+        return sum(float((output(i) - d).pow(2).sum()) for i, d in enumerate(dense))
 
     originals = {n: model.get_submodule(n).parametrizations.weight.original for g in groups for n in g[1]}
     sums, streams = [], []  # per group: its sums (see below); per block group: its number of streams
     for block, layer_names in groups:
+        start = resume.first(block, layer_names)
         keeps = {n: keep_of(saliency.wanda(originals[n], energies[n])) for n in layer_names}
         saved = {n: originals[n].detach().clone() for n in layer_names}
 
@@ -92,13 +104,14 @@ def output_gains(model: nn.Module, groups, energies: dict, removed: dict, keep_o
                 originals[n].data.copy_(saved[n])
 
         try:
-            if block is None or len(layer_names) == 1:  # alone: the model's change with it pruned
-                prune(layer_names)
-                sums.append(change())
-            else:
-                n_streams, block_sums = _block_sums(block, layer_names, prune, restore, change)
-                streams.append(n_streams)
-                sums += block_sums
+            with resume.skipping(start):  # the blocks before the group's own run no more
+                if block is None or len(layer_names) == 1:  # alone: the model's change with it pruned
+                    prune(layer_names)
+                    sums.append(change())
+                else:
+                    n_streams, block_sums = _block_sums(block, layer_names, prune, restore, change)
+                    streams.append(n_streams)
+                    sums += block_sums
         finally:
             restore()
     sums.append(sum(float(d.pow(2).sum()) for d in dense))
@@ -167,3 +180,71 @@ def _block_sums(block: nn.Module, layer_names: list[str], prune, restore, change
             h.remove()
     return n_streams, reach + [local.get((i, k), 0.0) for i in list(range(len(layer_names))) + [-1]
                                for k in range(n_streams)]
+
+
+class _Resume:
+    """Runs the model from a given transformer block on. :meth:`recording` keeps every block's
+    output on each batch of the dense forward (on the CPU: per sample about a block's output
+    size times the blocks, 0.5 GB in bfloat16 for FLUX.1-dev at 512x512); inside
+    :meth:`skipping` (j) the blocks before the j-th (execution order, :func:`ditprune.models.blocks`)
+    return a copy of those outputs instead of running. Exact while the blocks before j are as
+    in the dense forward, which the caller ensures (only the measured layers change, all in
+    block j or later). Off (every block runs) unless each block ran exactly once per batch."""
+
+    def __init__(self, model: nn.Module, batches: int):
+        found = models.blocks(model)
+        self.names, self.modules = [n for n, _ in found], [m for _, m in found]
+        self.saved: list[list] | None = [[] for _ in range(batches)]
+        self.batch = 0
+
+    @contextlib.contextmanager
+    def recording(self):
+        def keep(j):  # (j, the output on the CPU, the device it goes back to)
+            return lambda module, args, out: self.saved[self.batch].append((j, _to(out, "cpu"), _device(out)))
+
+        hooks = [m.register_forward_hook(keep(j)) for j, m in enumerate(self.modules)]
+        try:
+            yield
+        finally:
+            for h in hooks:
+                h.remove()
+        order = list(range(len(self.modules)))
+        if not self.modules or any([r[0] for r in runs] != order for runs in self.saved):
+            self.saved = None  # a block ran twice, or not at all, or out of order: run them all
+        else:
+            self.saved = [[r[1:] for r in runs] for runs in self.saved]
+
+    def first(self, block: nn.Module | None, layer_names: list[str]) -> int:
+        """The execution index of the block holding ``block`` or the first of ``layer_names``
+        (0, nothing skipped, for a layer outside every block)."""
+        if block is not None:
+            return self.modules.index(block)
+        return next((j for j, b in enumerate(self.names) if layer_names[0].startswith(b + ".")), 0)
+
+    @contextlib.contextmanager
+    def skipping(self, start: int):
+        skipped = self.modules[:start] if self.saved is not None else ()
+        for j, m in enumerate(skipped):
+            m.forward = lambda *args, j=j, **kwargs: _to(*self.saved[self.batch][j])
+        try:
+            yield
+        finally:
+            for m in skipped:
+                del m.forward
+
+
+def _to(out, device):
+    """A copy of a block's output (a tensor, or a tuple or list of them and other values) on ``device``."""
+    if torch.is_tensor(out):
+        return out.detach().to(device, copy=True)
+    if isinstance(out, (tuple, list)):
+        return type(out)(_to(o, device) for o in out)
+    return out
+
+
+def _device(out) -> torch.device:
+    """The device of the first tensor of a block's output (the CPU if it has none)."""
+    if torch.is_tensor(out):
+        return out.device
+    return next((o.device for o in out if torch.is_tensor(o)), torch.device("cpu")) if isinstance(out, (tuple, list)) \
+        else torch.device("cpu")

@@ -1,5 +1,6 @@
 """Allocation of sparsity across layers: budgets, bounds, OWL and the measured optimum, by hand."""
 
+import contextlib
 import math
 
 import pytest
@@ -488,3 +489,51 @@ def test_block_gains_are_each_streams_reach_shared_by_its_layers_changes(family)
     change = sum(float((o - d).pow(2).sum()) for o, d in zip(run(), dense)) / norm
     weight(n).data.copy_(saved)
     assert alone[n] == pytest.approx(change / removed[n], rel=1e-4)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("per", ["layers", "blocks"])
+@pytest.mark.parametrize("family", ["dit", "flux"])
+def test_gains_start_at_the_measured_block_bit_for_bit(family, per, monkeypatch):
+    """The forwards after the dense one skip the blocks before the measured one (they return
+    the dense forward's outputs): the same gains to the bit as running every block, and each
+    block runs only for the layers in it or before it (counted on a Linear inside each block)."""
+    from torch import nn
+    from torch.nn.utils import parametrize
+
+    from ditprune import gains as gains_module
+    from ditprune.gains import gain_groups, output_gains
+    from ditprune.granularity import row_mask
+    from ditprune.models import blocks
+    from ditprune.models.tiny import tiny_batches, tiny_model
+
+    model = tiny_model(family).eval()
+    batches = tiny_batches(model, n=2)
+    found = blocks(model)
+    linears = {b: [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(b + ".")]
+               for b, _ in found}
+    names = [n for b, _ in found for n in linears[b][:2]]  # two layers of every block
+    for n in names:
+        parametrize.register_parametrization(model.get_submodule(n), "weight", nn.Identity())
+    rng = torch.Generator().manual_seed(0)
+    energies = {n: torch.rand(model.get_submodule(n).in_features, generator=rng) + 0.1 for n in names}
+    removed = {n: 0.2 for n in names}
+    keep_of = lambda sc: row_mask(sc, 0.5)  # noqa: E731
+    runs = {b: 0 for b, _ in found}
+    probes = {b: model.get_submodule(ls[-1]) for b, ls in linears.items()}  # a Linear the measured layers are not
+    hooks = [probes[b].register_forward_hook(lambda *a, b=b: runs.__setitem__(b, runs[b] + 1)) for b in runs]
+    groups = gain_groups(model, names, per)
+    resumed = output_gains(model, groups, energies, removed, keep_of, batches)
+    counted = dict(runs)
+    monkeypatch.setattr(gains_module._Resume, "skipping", lambda self, start: contextlib.nullcontext())
+    every = output_gains(model, groups, energies, removed, keep_of, batches)
+    for h in hooks:
+        h.remove()
+    assert resumed == every  # bit for bit
+    assert all(g > 0 for g in resumed.values())
+    streams = 2 if family == "flux" else 1
+    for j, (b, _) in enumerate(found):
+        if per == "layers":  # the dense forward, then one per measured layer in this block or an earlier one
+            assert counted[b] == len(batches) * (1 + 2 * (j + 1)), b
+        else:  # the dense forward; per earlier block one per stream; its own: per stream, layers + 2 alone and 1
+            assert counted[b] == len(batches) * (1 + streams * j + streams * (2 + 2 + 1)), b
