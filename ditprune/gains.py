@@ -224,13 +224,17 @@ class _Resume:
     @contextlib.contextmanager
     def skipping(self, start: int):
         skipped = self.modules[:start] if self.saved is not None else ()
+        own = [m.__dict__.get("forward") for m in skipped]  # an instance's own forward (e.g. an offload hook's)
         for j, m in enumerate(skipped):
             m.forward = lambda *args, j=j, **kwargs: _to(*self.saved[self.batch][j])
         try:
             yield
         finally:
-            for m in skipped:
-                del m.forward
+            for m, forward in zip(skipped, own):
+                if forward is None:
+                    del m.forward
+                else:
+                    m.forward = forward
 
 
 def _to(out, device):

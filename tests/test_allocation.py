@@ -537,3 +537,23 @@ def test_gains_start_at_the_measured_block_bit_for_bit(family, per, monkeypatch)
             assert counted[b] == len(batches) * (1 + 2 * (j + 1)), b
         else:  # the dense forward; per earlier block one per stream; its own: per stream, layers + 2 alone and 1
             assert counted[b] == len(batches) * (1 + streams * j + streams * (2 + 2 + 1)), b
+
+
+def test_skipping_blocks_puts_an_instance_forward_back():
+    """A block whose forward is an instance attribute (as an offload hook installs) has it back
+    after the gains skipped it; one without gets its class's forward back."""
+    from ditprune.gains import _Resume
+    from ditprune.models import blocks
+    from ditprune.models.tiny import tiny_batches, tiny_model
+
+    model = tiny_model("dit").eval()
+    first, second = [m for _, m in blocks(model)][:2]
+    wrapped = first.forward
+    first.forward = lambda *a, **k: wrapped(*a, **k)  # an instance-level wrapper
+    mine = first.forward
+    resume = _Resume(model, 1)
+    with torch.no_grad(), resume.recording():
+        model(**tiny_batches(model, n=1)[0])
+    with resume.skipping(2):
+        assert first.forward is not mine and "forward" in second.__dict__
+    assert first.forward is mine and "forward" not in second.__dict__
