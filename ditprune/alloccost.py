@@ -16,8 +16,8 @@
    function runs them and priced with the block runs' forward seconds per sample (the Wanda
    rows: forward plus the diagonal statistics, an upper bound of the forward): ``gains=layers``
    runs the model from the layer's block on once per targeted layer and gain batch;
-   ``gains=blocks`` from each block on once per output stream and gain batch, and for each of
-   those the block alone ``layers + 2`` times. Both run the dense model once per gain batch
+   ``gains=blocks`` from each block on once per output stream and gain batch, and the block
+   alone ``layers + 2`` times per gain batch. Both run the dense model once per gain batch
    first.
 
 ``allocation_options={"batches": k}`` limits the pass to k calibration batches spread over the
@@ -101,7 +101,7 @@ def _gain_forwards(options: dict, layers: dict, streams: dict, blocks: dict) -> 
         for q in order[p:]:
             runs[q] += starts
         if options["gains"] == "blocks":
-            runs[kind] += streams[kind] * (layers[kind] + 2)  # the block alone, per stream
+            runs[kind] += layers[kind] + 2  # the block alone, in the first stream's forward
     return runs
 
 

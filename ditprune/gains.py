@@ -60,8 +60,8 @@ def output_gains(model: nn.Module, groups, energies: dict, removed: dict, keep_o
     forward per layer and batch). The layers of a block are measured together, per output
     stream s of the block (FLUX's blocks return the text and the image tokens): on the block's
     own (dense) inputs the block runs with each layer pruned alone (change r_ls of stream s)
-    and with all of them (r_s); then the model runs once per stream and batch with the block's
-    stream s replaced by its all-pruned value (change R_s at the output). The layer's gain is
+    and with all of them (r_s), once per batch; then the model runs once per stream and batch
+    with the block's stream s replaced by its all-pruned value (change R_s at the output). The layer's gain is
     sum_s R_s r_ls / r_s over ``removed``: within a block each layer's share of a stream's
     error, across blocks and streams how much of it reaches the output (assumed: alike
     whichever layer caused it). That costs one model forward per block and stream instead of
@@ -140,41 +140,46 @@ def _block_sums(block: nn.Module, layer_names: list[str], prune, restore, change
     """(S, the sums of one block group): R_s for each of the block's S output streams (the
     model's change with stream s all-pruned, the rest dense), then the block's own change r_ls
     of stream s for each layer l pruned alone, then r_s with all of them (see
-    :func:`output_gains`). ``prune(names)`` / ``restore()`` edit the layers' weights."""
+    :func:`output_gains`). ``prune(names)`` / ``restore()`` edit the layers' weights. The block's
+    own forwards run in the first stream's model forwards; the others reuse their outputs (the
+    block's inputs are the dense ones every time)."""
     local: dict[tuple[int, int], float] = {}  # (layer index or -1 for all, stream) -> block change
-    state = {"stream": 0, "busy": False, "ref": None, "pruned": None}
+    state = {"stream": 0, "busy": False, "call": 0}
+    outs: list[tuple] = []  # per call of the block: (dense output, all-pruned output)
 
     def measure_block(module, args, kwargs):  # on the block's dense inputs (earlier blocks are dense)
-        if state["busy"]:
+        if state["busy"] or state["stream"]:
             return None
         state["busy"] = True
         try:
-            ref = state["ref"] = module(*args, **kwargs)
+            ref = module(*args, **kwargs)
             for i, n in enumerate(layer_names + [None]):
                 prune([n] if n else layer_names)
                 out = module(*args, **kwargs)
                 restore()
-                if state["stream"] == 0:  # the block's own changes, once
-                    for k, (o, r) in enumerate(zip(_floats(out), _floats(ref))):
-                        key = (i if n else -1, k)
-                        local[key] = local.get(key, 0.0) + float((o.float() - r.float()).pow(2).sum())
-                if n is None:
-                    state["pruned"] = out
+                for k, (o, r) in enumerate(zip(_floats(out), _floats(ref))):
+                    key = (i if n else -1, k)
+                    local[key] = local.get(key, 0.0) + float((o.float() - r.float()).pow(2).sum())
+            outs.append((ref, out))  # out: all of them pruned
         finally:
             state["busy"] = False
         return None
 
     def replace_output(module, args, kwargs, out):  # the block's stream s, pruned; the rest dense
-        return None if state["busy"] else _mix(state["ref"], state["pruned"], state["stream"])
+        if state["busy"]:
+            return None
+        ref, pruned = outs[state["call"]]
+        state["call"] += 1
+        return _mix(ref, pruned, state["stream"])
 
     hooks = [block.register_forward_pre_hook(measure_block, with_kwargs=True),
              block.register_forward_hook(replace_output, with_kwargs=True)]
     try:
         reach, n_streams = [], 1
         while len(reach) < n_streams:
-            state["stream"] = len(reach)
+            state["stream"], state["call"] = len(reach), 0
             reach.append(change())
-            n_streams = len(_floats(state["ref"]))
+            n_streams = len(_floats(outs[0][0]))
     finally:
         for h in hooks:
             h.remove()

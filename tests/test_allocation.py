@@ -535,8 +535,8 @@ def test_gains_start_at_the_measured_block_bit_for_bit(family, per, monkeypatch)
     for j, (b, _) in enumerate(found):
         if per == "layers":  # the dense forward, then one per measured layer in this block or an earlier one
             assert counted[b] == len(batches) * (1 + 2 * (j + 1)), b
-        else:  # the dense forward; per earlier block one per stream; its own: per stream, layers + 2 alone and 1
-            assert counted[b] == len(batches) * (1 + streams * j + streams * (2 + 2 + 1)), b
+        else:  # the dense forward; per earlier block one per stream; its own: layers + 2 alone, then 1 per stream
+            assert counted[b] == len(batches) * (1 + streams * j + (2 + 2) + streams), b
 
 
 def test_skipping_blocks_puts_an_instance_forward_back():

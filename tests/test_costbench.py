@@ -107,8 +107,8 @@ def ditprune_targets(model):
 def test_allocation_cost_counts_what_auto_runs():
     """Hand-made block rates and curve seconds: the pass is the calibration per sample of the curve's
     statistics, the gains are output_gains' forwards (per layer: one forward from the layer's block
-    on per layer and batch; per block: one from the block on per block and stream, each with the
-    block alone layers + 2 times), both after one dense forward per batch."""
+    on per layer and batch; per block: one from the block on per block and stream, and the block
+    alone layers + 2 times per batch), both after one dense forward per batch."""
     from ditprune.alloccost import SETTINGS, allocation_cost
 
     rate = {("wanda", "double"): 0.5, ("wanda", "single"): 0.25, ("sparsegpt", "double"): 2.0,
@@ -128,7 +128,7 @@ def test_allocation_cost_counts_what_auto_runs():
     per_layer = model + sum(14 * t for t in tail[:19]) + sum(6 * t for t in tail[19:])
     assert sgpt[0]["gain_hours"] == pytest.approx(4 * batch * per_layer / 3600)
     assert per_layer < 0.6 * (1 + 19 * 14 + 38 * 6) * model  # every forward whole: 0.53 of that
-    local = 19 * 2 * 16 * 0.5 + 38 * 2 * 8 * 0.25  # streams x (layers + 2) block forwards, per block
+    local = 19 * 16 * 0.5 + 38 * 8 * 0.25  # layers + 2 forwards of the block alone, per block
     assert sgpt[1]["gain_hours"] == pytest.approx(batch * (model + 2 * sum(tail) + local) / 3600)
     assert sgpt[2]["pass_hours"] == pytest.approx(32 * batch * (19 * 2.0 + 38 * 1.0) / 3600)
     for r in sgpt:
