@@ -128,9 +128,12 @@ def allocate(model: nn.Module, names: list[str], allocation: str, sparsity: floa
     sizes = [w.numel() for w in weights_of]
     per = options.get("gains", "layers")
     groups = gain_groups(model, names, per) if per != "none" else None
-    # gain_batches counts over all ranks: each measures on its first share, so N processes on
-    # the shards of a dataset measure on the batches one process takes first from it
-    batches = calibration[:-(-options.get("gain_batches", 4) // (distributed.world_size() if sync else 1))]
+    # gain_batches counts over all ranks, the union's batch i being rank i % N's (i // N)-th (a
+    # distributed sampler's order): each rank measures its share of the first gain_batches, so N
+    # processes measure on the batches one process takes first from the union; a rank whose
+    # share is none adds zeros
+    world, me = (distributed.world_size(), distributed.rank()) if sync else (1, 0)
+    batches = calibration[: len(range(me, options.get("gain_batches", 4), world))]
     if nm is not None:
         removed = [A.nm_removed(w, e, *nm) for w, e in zip(weights_of, energies)]
         gains = (_gains(model, groups, names, energies, removed, lambda sc: nm_mask(sc, *nm), batches, sync)

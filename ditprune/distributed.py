@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from .stats import HOLDOUT_BELOW, InputStats
 
-__all__ = ["active", "rank", "world_size", "all_reduce_stats", "broadcast_", "min_over_ranks", "sum_over_ranks",
+__all__ = ["active", "rank", "world_size", "all_reduce_stats", "broadcast_", "min_over_ranks", "max_over_ranks", "sum_over_ranks",
            "gather_rows"]
 
 
@@ -80,6 +80,10 @@ def min_over_ranks(value: int) -> int:
     return int(_reduce(torch.tensor([value], dtype=torch.float64), dist.ReduceOp.MIN).item())
 
 
+def max_over_ranks(value: int) -> int:
+    return int(_reduce(torch.tensor([value], dtype=torch.float64), dist.ReduceOp.MAX).item())
+
+
 def sum_over_ranks(values: list[float]) -> list[float]:
     """Each value summed over the ranks (float64), the same list on every rank."""
     return _reduce(torch.tensor(values, dtype=torch.float64)).tolist()
@@ -89,8 +93,8 @@ def gather_rows(rows: list[tuple[float, ...]]) -> list[tuple[float, ...]]:
     """Every rank's ``rows`` (tuples of one length, as float64), rank 0's first, the same list on
     every rank."""
     width = len(rows[0]) if rows else 0
-    width = -min_over_ranks(-width)
-    most = -min_over_ranks(-len(rows))
+    width = max_over_ranks(width)
+    most = max_over_ranks(len(rows))
     buf = torch.zeros(world_size(), most, width + 1, dtype=torch.float64)  # last column: the row is there
     if rows:
         buf[rank(), : len(rows), :width] = torch.tensor(rows, dtype=torch.float64)

@@ -109,7 +109,7 @@ def output_gains(model: nn.Module, groups, energies: dict, removed: dict, keep_o
                     prune(layer_names)
                     sums.append(change())
                 else:
-                    n_streams, block_sums = _block_sums(block, layer_names, prune, restore, change)
+                    n_streams, block_sums = _block_sums(block, layer_names, prune, restore, change, sync)
                     streams.append(n_streams)
                     sums += block_sums
         finally:
@@ -136,13 +136,15 @@ def output_gains(model: nn.Module, groups, energies: dict, removed: dict, keep_o
     return gains
 
 
-def _block_sums(block: nn.Module, layer_names: list[str], prune, restore, change) -> tuple[int, list[float]]:
+def _block_sums(block: nn.Module, layer_names: list[str], prune, restore, change, sync: bool = False
+                ) -> tuple[int, list[float]]:
     """(S, the sums of one block group): R_s for each of the block's S output streams (the
     model's change with stream s all-pruned, the rest dense), then the block's own change r_ls
     of stream s for each layer l pruned alone, then r_s with all of them (see
     :func:`output_gains`). ``prune(names)`` / ``restore()`` edit the layers' weights. The block's
     own forwards run in the first stream's model forwards; the others reuse their outputs (the
-    block's inputs are the dense ones every time)."""
+    block's inputs are the dense ones every time). With ``sync`` the ranks agree on S (a rank
+    without batches sees no output)."""
     local: dict[tuple[int, int], float] = {}  # (layer index or -1 for all, stream) -> block change
     state = {"stream": 0, "busy": False, "call": 0}
     outs: list[tuple] = []  # per call of the block: (dense output, all-pruned output)
@@ -175,11 +177,13 @@ def _block_sums(block: nn.Module, layer_names: list[str], prune, restore, change
     hooks = [block.register_forward_pre_hook(measure_block, with_kwargs=True),
              block.register_forward_hook(replace_output, with_kwargs=True)]
     try:
-        reach, n_streams = [], 1
-        while len(reach) < n_streams:
-            state["stream"], state["call"] = len(reach), 0
+        reach = [change()]
+        n_streams = len(_floats(outs[0][0])) if outs else 0
+        if sync:
+            n_streams = distributed.max_over_ranks(n_streams)
+        for s in range(1, n_streams):
+            state["stream"], state["call"] = s, 0
             reach.append(change())
-            n_streams = len(_floats(outs[0][0]))
     finally:
         for h in hooks:
             h.remove()
