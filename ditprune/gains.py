@@ -61,10 +61,10 @@ def output_gains(model: nn.Module, groups, energies: dict, removed: dict, keep_o
     stream s of the block (FLUX's blocks return the text and the image tokens): on the block's
     own (dense) inputs the block runs with each layer pruned alone (change r_ls of stream s)
     and with all of them (r_s), once per batch; then the model runs once per stream and batch
-    with the block's stream s replaced by its all-pruned value (change R_s at the output). The layer's gain is
-    sum_s R_s r_ls / r_s over ``removed``: within a block each layer's share of a stream's
-    error, across blocks and streams how much of it reaches the output (assumed: alike
-    whichever layer caused it). That costs one model forward per block and stream instead of
+    with the block's stream s replaced by its all-pruned value (change R_s at the output). The
+    layer's gain is sum_s R_s r_ls / r_s over ``removed``: within a block each layer's share of
+    a stream's error, across blocks and streams how much of it reaches the output (assumed:
+    alike whichever layer caused it). That costs one model forward per block and stream instead of
     per layer (about 5x fewer on FLUX.1-dev); see the README for what it costs in quality. With
     ``sync`` every rank's sums are added, so every rank measures alike. The layers carry
     torch.ao parametrizations (their ``original`` is pruned for the measurement and put back).
@@ -187,8 +187,8 @@ def _block_sums(block: nn.Module, layer_names: list[str], prune, restore, change
     finally:
         for h in hooks:
             h.remove()
-    return n_streams, reach + [local.get((i, k), 0.0) for i in list(range(len(layer_names))) + [-1]
-                               for k in range(n_streams)]
+    return n_streams, reach[:n_streams] + [local.get((i, k), 0.0) for i in list(range(len(layer_names))) + [-1]
+                                           for k in range(n_streams)]
 
 
 class _Resume:
@@ -257,7 +257,5 @@ def _to(out, device):
 
 def _device(out) -> torch.device:
     """The device of the first tensor of a block's output (the CPU if it has none)."""
-    if torch.is_tensor(out):
-        return out.device
-    return next((o.device for o in out if torch.is_tensor(o)), torch.device("cpu")) if isinstance(out, (tuple, list)) \
-        else torch.device("cpu")
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    return next((o.device for o in outs if torch.is_tensor(o)), torch.device("cpu"))
