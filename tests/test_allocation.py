@@ -557,3 +557,21 @@ def test_skipping_blocks_puts_an_instance_forward_back():
     with resume.skipping(2):
         assert first.forward is not mine and "forward" in second.__dict__
     assert first.forward is mine and "forward" not in second.__dict__
+
+
+def test_the_gains_resume_bench_runs_and_agrees(capsys, monkeypatch):
+    """benchmarks/gains_resume.py on a small FLUX layout: fewer block forwards, the same gains."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "gains_resume.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--double", "1", "--single", "2", "--heads", "2", "--head-dim", "16",
+                                      "--image-tokens", "16", "--text-tokens", "8"])
+    runpy.run_path(str(script), run_name="__main__")
+    out = capsys.readouterr().out
+    whole = int(out.split("| every block |")[1].split("|")[1])
+    resumed = int(out.split("| from the measured block (shipped) |")[1].split("|")[1])
+    # 14 + 2 x 6 Linears; whole: 1 + 26 forwards of 3 blocks; resumed: the double block's 14 run 3, the singles' 6 run 2 and 1
+    assert (whole, resumed) == (3 * 27, 3 + 14 * 3 + 6 * 2 + 6 * 1)
+    assert "gains equal bit for bit: True" in out
