@@ -235,7 +235,8 @@ def _round_groups(wa, ga, sa, bars, cross, pairs, hflat, n, shortlist, m):
     pair = pair.sub_(cross).view(m * m, R, G)
     k = min(shortlist, G)
     gv, gi = pair.amin(0).topk(k, 1, largest=False)  # the k groups with the best moves
-    ga_ = pair.gather(2, gi.unsqueeze(0).expand(m * m, R, k)).argmin(0)  # each one's best (q, p)
+    # each one's best (q, p); argmin over the last, contiguous dim (over dim 0 it ran 4x slower here)
+    ga_ = pair.gather(2, gi.unsqueeze(0).expand(m * m, R, k)).permute(1, 2, 0).contiguous().argmin(2)
     qi, pi = gi * m + ga_ // m, gi * m + ga_ % m
     S = torch.cat([qi, pi], 1)
     HS = _gather_block(hflat, S, n)
