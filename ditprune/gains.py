@@ -50,7 +50,7 @@ def gain_groups(model: nn.Module, names: list[str], per: str = "layers") -> list
 
 @torch.no_grad()
 def output_gains(model: nn.Module, groups, energies: dict, removed: dict, keep_of, batches: list[dict],
-                 sync: bool = False) -> dict[str, float]:
+                 sync: bool = False, skip: bool = True) -> dict[str, float]:
     """Layer name -> how much of its relative output error reaches the model's output, on
     ``batches``: the relative change of the model's output when that layer is pruned
     (``keep_of(wanda_scores)``: Wanda's mask at the target sparsity or pattern), over
@@ -72,9 +72,10 @@ def output_gains(model: nn.Module, groups, energies: dict, removed: dict, keep_o
     Every forward after the dense one starts at the measured block (:class:`_Resume`): the
     blocks before it are dense, so they return the outputs recorded in the dense forward
     instead of running; the gains are the same, bit for bit, and a layer in the j-th of B blocks
-    costs (B - j) / B of a forward."""
+    costs (B - j) / B of a forward. ``skip=False`` runs every block (what that saves is measured
+    against it: ``benchmarks/gains_resume.py``)."""
 
-    resume = _Resume(model, len(batches))
+    resume = _Resume(model, len(batches) if skip else None)
 
     def output(i):
         resume.batch = i
@@ -198,12 +199,13 @@ class _Resume:
     :meth:`skipping` (j) the blocks before the j-th (execution order, :func:`ditprune.models.blocks`)
     return a copy of those outputs instead of running. Exact while the blocks before j are as
     in the dense forward, which the caller ensures (only the measured layers change, all in
-    block j or later). Off (every block runs) unless each block ran exactly once per batch."""
+    block j or later). Off (every block runs) with ``batches=None``, or unless each block ran
+    exactly once per batch."""
 
-    def __init__(self, model: nn.Module, batches: int):
-        found = models.blocks(model)
+    def __init__(self, model: nn.Module, batches: int | None):
+        found = models.blocks(model) if batches is not None else []
         self.names, self.modules = [n for n, _ in found], [m for _, m in found]
-        self.saved: list[list] | None = [[] for _ in range(batches)]
+        self.saved: list[list] | None = [[] for _ in range(batches or 0)]
         self.batch = 0
 
     @contextlib.contextmanager
@@ -226,6 +228,8 @@ class _Resume:
     def first(self, block: nn.Module | None, layer_names: list[str]) -> int:
         """The execution index of the block holding ``block`` or the first of ``layer_names``
         (0, nothing skipped, for a layer outside every block)."""
+        if self.saved is None:
+            return 0
         if block is not None:
             return self.modules.index(block)
         return next((j for j, b in enumerate(self.names) if layer_names[0].startswith(b + ".")), 0)

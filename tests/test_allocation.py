@@ -1,6 +1,5 @@
 """Allocation of sparsity across layers: budgets, bounds, OWL and the measured optimum, by hand."""
 
-import contextlib
 import math
 
 import pytest
@@ -342,7 +341,7 @@ def test_block_by_block_allocation_pass_allocates_as_the_whole_model_pass():
 
 
 @pytest.mark.parametrize("block_sequential", [True, False])
-def test_batches_limits_the_allocation_pass_to_the_first_batches(block_sequential):
+def test_batches_limits_the_allocation_pass_to_the_batches_picked(block_sequential):
     """``batches=2`` allocates as a run whose whole calibration is the 2 batches :func:`~ditprune.allocating.pick_batches` picks, and not as the
     pass over all 4 (the prune itself still reads all of them)."""
     import ditprune
@@ -494,14 +493,13 @@ def test_block_gains_are_each_streams_reach_shared_by_its_layers_changes(family)
 @torch.no_grad()
 @pytest.mark.parametrize("per", ["layers", "blocks"])
 @pytest.mark.parametrize("family", ["dit", "flux"])
-def test_gains_start_at_the_measured_block_bit_for_bit(family, per, monkeypatch):
+def test_gains_start_at_the_measured_block_bit_for_bit(family, per):
     """The forwards after the dense one skip the blocks before the measured one (they return
     the dense forward's outputs): the same gains to the bit as running every block, and each
     block runs only for the layers in it or before it (counted on a Linear inside each block)."""
     from torch import nn
     from torch.nn.utils import parametrize
 
-    from ditprune import gains as gains_module
     from ditprune.gains import gain_groups, output_gains
     from ditprune.granularity import row_mask
     from ditprune.models import blocks
@@ -525,8 +523,7 @@ def test_gains_start_at_the_measured_block_bit_for_bit(family, per, monkeypatch)
     groups = gain_groups(model, names, per)
     resumed = output_gains(model, groups, energies, removed, keep_of, batches)
     counted = dict(runs)
-    monkeypatch.setattr(gains_module._Resume, "skipping", lambda self, start: contextlib.nullcontext())
-    every = output_gains(model, groups, energies, removed, keep_of, batches)
+    every = output_gains(model, groups, energies, removed, keep_of, batches, skip=False)
     for h in hooks:
         h.remove()
     assert resumed == every  # bit for bit
