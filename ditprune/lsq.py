@@ -31,6 +31,7 @@ slows convergence, never breaks it.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -66,8 +67,10 @@ def _top_eigen(S, n: int, rank: int, like: torch.Tensor, power: int = 4, seed: i
 
 
 def spectral_preconditioner(Hd: torch.Tensor, keep: torch.Tensor, rank: int):
-    """``apply(R) -> Z``: the per-row preconditioner described in the module docstring, for
-    residuals R (out x in) that are zero outside ``keep``."""
+    """``apply(R, out, work) -> out``: the per-row preconditioner described in the module
+    docstring, for residuals R (out x in) that are zero outside ``keep``, written into ``out``;
+    ``work`` is overwritten. Both are as large as R: buffers the caller reuses, since a fresh
+    tensor of a FLUX.1-dev layer's size costs its page faults."""
     dtype = Hd.dtype
     s = torch.diagonal(Hd).rsqrt().unsqueeze(1)
     n = Hd.shape[0]
@@ -80,35 +83,63 @@ def spectral_preconditioner(Hd: torch.Tensor, keep: torch.Tensor, rank: int):
     k = U.shape[1]
     d = s.pow(2) / c  # the model's inverse on the flat rest, in H_d's units
     if k == 0:
-        return lambda R: R * d
-    a, b = torch.tril_indices(k, k, device=U.device)
-    G = torch.zeros(m.shape[0], k * k, dtype=dtype, device=U.device)
-    G[:, a * k + b] = m @ (U[:, a] * U[:, b])  # U_K^T U_K per row, one triangle: one product
-    G = G.view(-1, k, k)
-    G = G + G.mT
-    G.diagonal(dim1=1, dim2=2).mul_(0.5).add_(c / (lam - c))
-    eye = torch.eye(k, dtype=dtype, device=U.device).expand_as(G)
-    L, info = torch.linalg.cholesky_ex(G)
-    for ridge in (1e-4, 1e-2, 1.0):  # rounding, or a row keeping fewer weights than k: a ridge on G only
-        if not info.any():  # weakens the correction, so the preconditioner stays positive definite
-            break
-        bad = info > 0
-        L[bad], info[bad] = torch.linalg.cholesky_ex(G[bad] + ridge * eye[: int(bad.sum())])
-    Li = torch.linalg.solve_triangular(L, eye, upper=False)
-    Gi = torch.bmm(Li.mT, Li).div_(c)  # (G c)^-1, formed once: one small product per row and iteration
-    del G, L, Li
+        return lambda R, out, work: torch.mul(R, d, out=out)
+    diag = c / (lam - c)
     Us = U * s.unsqueeze(1)  # H_d's units on both sides: D^-1/2 U
+    Gi = torch.empty(m.shape[0], k, k, dtype=dtype, device=U.device)
+    pairs = torch.tril_indices(k, k, device=U.device)
+    UU = U[:, pairs[0]] * U[:, pairs[1]]
+    G = torch.zeros(min(_CHUNK, m.shape[0]), k * k, dtype=dtype, device=U.device)  # upper triangle stays 0
+    for r0 in range(0, m.shape[0], _CHUNK):  # row chunks: the (rows, k, k) temporaries stay small
+        mc = m[r0:r0 + _CHUNK]
+        Gc = G[: mc.shape[0]]
+        Gc[:, pairs[0] * k + pairs[1]] = mc @ UU  # U_K^T U_K per row, lower triangle only: one product
+        Gc = Gc.view(-1, k, k)
+        Gc.diagonal(dim1=1, dim2=2).add_(diag)
+        _inverse(Gc, out=Gi[r0:r0 + _CHUNK]).div_(c)  # (G c)^-1, formed once: one small product per row and iteration
+    del UU, G
 
-    def apply(R: torch.Tensor) -> torch.Tensor:
+    def apply(R: torch.Tensor, out: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
         t = torch.bmm(Gi, (R @ Us).unsqueeze(2)).squeeze(2)
-        return torch.addcmul(R * d, t @ Us.T, m, value=-1)
+        return torch.mul(R, d, out=out).addcmul_(torch.mm(t, Us.T, out=work), m, value=-1)
 
     return apply
 
 
-def _dot(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """Row-wise dot products, returned in float64 (the CG scalars)."""
-    return torch.linalg.vecdot(A, B, dim=1).to(torch.float64)
+_CHUNK = 2048  # rows per chunk of the preconditioner's per-row matrices
+
+
+def _inverse(G: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out`` = G^-1 for a batch of symmetric positive definite matrices of which only the lower
+    triangle is read (LAPACK's Cholesky reads no other), by Cholesky. A matrix whose
+    factorisation fails (rounding, or a row keeping fewer weights than k: G then has a near-null
+    direction) is retried with a ridge of 1e-4, 1e-2 and 1 (a ridge on G only weakens the
+    correction, so the preconditioner stays positive definite). On the CPU the batch is split
+    over the intra-op threads: a batched factorisation there loops over its matrices on one."""
+    L = torch.empty_like(G)
+    info = torch.empty(G.shape[0], dtype=torch.int32, device=G.device)
+    eye = torch.eye(G.shape[1], dtype=G.dtype, device=G.device)
+    _split(lambda i: torch.linalg.cholesky_ex(G[i], out=(L[i], info[i])), len(G), G.device)
+    for ridge in (1e-4, 1e-2, 1.0):
+        if not info.any():
+            break
+        bad = info > 0
+        L[bad], info[bad] = torch.linalg.cholesky_ex(G[bad] + ridge * eye)
+    Li = torch.empty_like(G)
+    _split(lambda i: torch.linalg.solve_triangular(L[i], eye.expand_as(L[i]), upper=False, out=Li[i]), len(G), G.device)
+    return torch.bmm(Li.mT, Li, out=out)
+
+
+def _split(fn, n: int, device: torch.device) -> None:
+    """``fn(rows)`` for ``torch.get_num_threads()`` slices of ``range(n)``, on as many threads on
+    the CPU (in place: every slice writes its own rows), at once elsewhere."""
+    parts = min(n, torch.get_num_threads()) if device.type == "cpu" else 1
+    bounds = [n * j // parts for j in range(parts + 1)]
+    slices = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+    if len(slices) < 2:
+        return fn(slice(0, n))
+    with ThreadPoolExecutor(len(slices)) as pool:
+        list(pool.map(fn, slices))
 
 
 @torch.no_grad()
@@ -122,7 +153,8 @@ def polish(weight: torch.Tensor, start: torch.Tensor, keep: torch.Tensor, gram: 
     stops once its preconditioned residual falls below ``tol`` of its start. Math in ``dtype``.
     ``residual``: (W - start) @ gram (undamped) if the caller has it (the swap search keeps it),
     which saves one (out x in) @ (in x in) product; it may be overwritten. Returns V in
-    ``weight``'s dtype."""
+    ``weight``'s dtype. The iterations allocate nothing as large as W: five (out x in) buffers
+    are reused."""
     W = weight.to(dtype)
     H = damped(gram.to(W.device), percdamp, dtype)
     rank = default_rank(H.shape[0]) if rank is None else rank
@@ -130,29 +162,34 @@ def polish(weight: torch.Tensor, start: torch.Tensor, keep: torch.Tensor, gram: 
     if rank:
         precondition = spectral_preconditioner(H, keep.to(W.device), rank)
     else:
-        d = torch.diagonal(H).clone()
-        precondition = lambda R: R / d  # noqa: E731
+        d = torch.diagonal(H).reciprocal()
+        precondition = lambda R, out, work: torch.mul(R, d, out=out)  # noqa: E731
     V = start.to(dtype) * m
+    scratch = torch.sub(W, V)
+
+    def dot(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:  # row-wise, in float64 (the CG scalars)
+        return torch.mul(A, B, out=scratch).sum(1).to(torch.float64)
+
     if residual is None:
-        R = ((W - V) @ H).mul_(m)  # minus half the gradient, on the kept weights
+        R = (scratch @ H).mul_(m)  # minus half the gradient, on the kept weights
     else:  # H_d - H is diagonal: the damping (and a dead input's unit diagonal)
         extra = torch.diagonal(H) - torch.diagonal(gram).to(H)
-        R = residual.to(dtype).addcmul_(W - V, extra).mul_(m)
-    Z = precondition(R)
-    P = Z.clone()
-    rz = _dot(R, Z)
+        R = residual.to(dtype).addcmul_(scratch, extra).mul_(m)
+    Z, Q = torch.empty_like(R), torch.empty_like(R)
+    P = precondition(R, torch.empty_like(R), Q)
+    rz = dot(R, P)
     stop = tol * rz.clamp_min(0)  # per row: a converged row stops, before rounding noise drives it
     for _ in range(iters):
         live = rz > stop
         if not live.any():
             break
-        Q = (P @ H).mul_(m)
-        pq = _dot(P, Q)
+        torch.mm(P, H, out=Q).mul_(m)
+        pq = dot(P, Q)
         a = torch.where(live & (pq > 0), rz / pq.clamp_min(1e-300), torch.zeros_like(pq)).to(dtype)
         V.addcmul_(a.unsqueeze(1), P)
         R.addcmul_(a.unsqueeze(1), Q, value=-1)
-        Z = precondition(R)
-        rz_new = torch.where(live, _dot(R, Z), rz)
+        precondition(R, Z, Q)  # Q is free until the next product
+        rz_new = torch.where(live, dot(R, Z), rz)
         beta = (rz_new / rz.clamp_min(1e-300)).to(dtype)  # a stopped row's direction is never used again (a = 0)
         P.mul_(beta.unsqueeze(1)).add_(Z)
         rz = rz_new

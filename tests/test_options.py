@@ -282,11 +282,17 @@ def test_the_polish_handles_rows_that_keep_fewer_weights_than_its_rank():
     assert (after <= before * (1 + 1e-5)).all() and (after[:3] < 0.999 * before[:3]).all()
 
 
-def test_the_spectral_preconditioner_is_the_exact_inverse_of_its_model_on_each_kept_set():
+@pytest.mark.parametrize("chunk", [2048, 2])
+def test_the_spectral_preconditioner_is_the_exact_inverse_of_its_model_on_each_kept_set(chunk, monkeypatch):
     """apply(R) = D^-1/2 (S_KK)^-1 D^-1/2 R per row, S = c I + U (diag(lam) - c) U^T built from
     the top eigenpairs of the Jacobi-scaled damped H (torch.linalg.eigh here, not the solver's
-    subspace iteration: the two must agree on a matrix with a clear spectral gap)."""
+    subspace iteration: the two must agree on a matrix with a clear spectral gap). ``chunk``: the
+    per-row matrices built 2 rows at a time (and factorised on 2 threads) as well as at once."""
+    from ditprune import lsq
     from ditprune.lsq import damped, spectral_preconditioner
+
+    monkeypatch.setattr(lsq, "_CHUNK", chunk)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # the factorisations split over 2 threads
 
     g = torch.Generator().manual_seed(3)
     n, k = 40, 4
@@ -294,7 +300,7 @@ def test_the_spectral_preconditioner_is_the_exact_inverse_of_its_model_on_each_k
     hd = damped(x.T @ x / 400 + 1e-3 * torch.eye(n, dtype=torch.float64))
     keep = torch.rand(5, n, generator=g) < 0.5
     r = torch.randn(5, n, generator=g, dtype=torch.float64) * keep
-    got = spectral_preconditioner(hd, keep, k)(r)
+    got = spectral_preconditioner(hd, keep, k)(r, torch.empty_like(r), torch.empty_like(r))
     s = torch.diagonal(hd).rsqrt()
     lam, u = torch.linalg.eigh(hd * s.unsqueeze(0) * s.unsqueeze(1))
     lam, u = lam.flip(0), u.flip(1)
