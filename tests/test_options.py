@@ -345,3 +345,35 @@ def test_reconstruct_is_never_worse_than_sparsegpt_on_the_calibration_objective(
         assert lost[("dit", 0)] == pytest.approx(lost[("dit", None)], rel=1e-6)
     assert lost[("dit", 6)] < 0.9 * lost[("dit", 0)]  # the least-squares fit lowers it further...
     assert lost[("dit", 6)] < lost[("sparsegpt", None)]  # ...below SparseGPT's
+
+
+def test_the_polish_time_bench_reports_the_energy_the_refit_leaves(capsys, monkeypatch):
+    """benchmarks/polish_time.py on a small shape: the energy it prints is the polish's, recomputed
+    here, and lies between the exact per-row solution's and the unrefitted mask's."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    import ditprune.costbench as cb
+    from ditprune import granularity as G
+    from ditprune.lsq import damped
+    from ditprune.saliency import wanda
+
+    monkeypatch.setattr(cb, "SHAPES", [("tiny", 24, 48, None)])
+    script = Path(__file__).parents[1] / "benchmarks" / "polish_time.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--shapes", "0", "--repeats", "1"])
+    runpy.run_path(str(script), run_name="__main__")
+    left = float(capsys.readouterr().out.split("| tiny (24x48) | plenty |")[1].split("|")[1])
+    stats = cb.synthetic_stats(48, None)
+    w = torch.randn(24, 48, generator=torch.Generator().manual_seed(1)) / 48**0.5
+    keep = G.row_mask(wanda(w, stats.energy), 0.5)
+    hd = damped(stats.gram, dtype=torch.float64)
+    wd = w.double()
+    exact = 0.0
+    for i in range(24):
+        k = keep[i]
+        v = torch.zeros(48, dtype=torch.float64)
+        v[k] = torch.linalg.solve(hd[k][:, k], (wd[i] @ hd)[k])
+        exact += float((wd[i] - v) @ hd @ (wd[i] - v))
+    masked = float((((wd * ~keep) @ hd) * (wd * ~keep)).sum())
+    assert exact * (1 - 1e-4) <= left <= exact * 1.01 < masked
