@@ -162,8 +162,8 @@ def polish(weight: torch.Tensor, start: torch.Tensor, keep: torch.Tensor, gram: 
     if rank:
         precondition = spectral_preconditioner(H, keep.to(W.device), rank)
     else:
-        d = torch.diagonal(H).reciprocal()
-        precondition = lambda R, out, work: torch.mul(R, d, out=out)  # noqa: E731
+        d = torch.diagonal(H).clone()
+        precondition = lambda R, out, work: torch.div(R, d, out=out)  # noqa: E731
     V = start.to(dtype) * m
     scratch = torch.sub(W, V)
 
