@@ -34,6 +34,7 @@ import torch
 __all__ = ["row_output_error", "refine_mask"]
 
 _INF = float("inf")
+_SLICE = 256  # rows per pass over a round's full-width tensors (see _sliced)
 
 
 def row_output_error(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor | None,
@@ -59,11 +60,13 @@ def refine_mask(
     shortlist: int = 12,
     group: int | None = None,
     min_gain: float = 1e-3,
-    chunk: int = 256,
+    chunk: int = 1024,
     residual: bool = False,
 ) -> tuple[torch.Tensor, dict] | tuple[torch.Tensor, dict, torch.Tensor]:
-    """Swap search (see the module docstring) over blocks of ``chunk`` rows (rows are independent;
-    a block's working set stays in cache). Returns (keep mask, {"swaps", "rounds"}), rounds being
+    """Swap search (see the module docstring) over blocks of ``chunk`` rows (rows are independent:
+    a round's passes over full-width tensors go ``_SLICE`` rows at a time, so their working set
+    stays in cache, and its sequential swaps, many small operations, run on the whole block; the
+    result does not depend on either). Returns (keep mask, {"swaps", "rounds"}), rounds being
     the most any block used, and with ``residual`` the search's g = (W * ~keep) @ gram for the
     returned mask (float32; kept exactly through the swaps, so a least-squares refit of that
     mask can start from it instead of a product of its own)."""
@@ -73,12 +76,25 @@ def refine_mask(
     g = torch.empty_like(w) if residual else None
     swaps = used_rounds = 0
     if rounds > 0 and shortlist > 0:
-        hflat = h.reshape(-1)
-        dh = torch.diagonal(h)
+        # N:M: the search runs on slot-major columns, where every tensor of a round is (rows, slot,
+        # group) as it lies; the first residual is taken in the layer's own order (the same bits)
+        G = w.shape[1] // (group or 1)
+        hs = h if group is None else h.view(G, group, G, group).permute(1, 0, 3, 2).contiguous().view(h.shape)
+        hflat = hs.reshape(-1)
+        dh = torch.diagonal(hs)
         for r0 in range(0, w.shape[0], chunk):
             sl = slice(r0, min(r0 + chunk, w.shape[0]))
-            n_sw, n_rd = _refine_rows(w[sl], keep[sl], h, hflat, dh, rounds, shortlist, group, min_gain,
-                                      None if g is None else g[sl])
+            wc, kc = w[sl], keep[sl]
+            gc = torch.empty_like(wc) if g is None else g[sl]
+            for i in range(0, len(wc), _SLICE):  # a product's bits depend on its rows' count: fixed slices
+                torch.mm(wc[i : i + _SLICE] * ~kc[i : i + _SLICE], h, out=gc[i : i + _SLICE])
+            if group is not None:
+                wc, kc, gc = (_slot_major(x, group) for x in (wc, kc, gc))
+            n_sw, n_rd = _refine_rows(wc, kc, gc, hs, hflat, dh, rounds, shortlist, group, min_gain)
+            if group is not None:
+                _layer_order(keep[sl], kc, group)
+                if g is not None:
+                    _layer_order(g[sl], gc, group)
             swaps += n_sw
             used_rounds = max(used_rounds, n_rd)
     elif residual:
@@ -87,15 +103,14 @@ def refine_mask(
     return (keep, info, g) if residual else (keep, info)
 
 
-def _refine_rows(w, keep, h, hflat, dh, rounds, shortlist, group, min_gain, g=None) -> tuple[int, int]:
-    """Rounds of swaps on a block of rows; ``keep`` (a view) is updated in place, and so is the
-    residual ``g`` (a view) when given."""
+def _refine_rows(w, keep, g, h, hflat, dh, rounds, shortlist, group, min_gain) -> tuple[int, int]:
+    """Rounds of swaps on a block of rows; ``keep`` and the residual ``g`` = (W * ~keep) @ H are
+    updated in place. N:M (``group``): the columns are slot-major (:func:`_slot_major`)."""
     out, n = w.shape
     s = w * w * dh  # w_j^2 H_jj, fixed
-    g = (w * ~keep) @ h if g is None else torch.mm(w * ~keep, h, out=g)
     error = row_output_error(w, keep, None, g)
     cross = None if group is None else _group_cross(w, h, group)  # fixed: the weights never change
-    pairs = None if group is None else torch.empty_like(cross).view(-1)  # one buffer for every round
+    pairs = None if group is None else cross.new_empty(min(out, _SLICE) * cross[0].numel())  # one buffer, every round
     # barriers, added to a move's cost: 0 where a weight may be revived (pruned, not an exact zero)
     # or pruned (kept), inf elsewhere; an add is several times cheaper than a boolean select
     bar_rev = torch.zeros_like(w).masked_fill_(keep | (w == 0), _INF)
@@ -103,8 +118,7 @@ def _refine_rows(w, keep, h, hflat, dh, rounds, shortlist, group, min_gain, g=No
     active = torch.arange(out, device=w.device)
     swaps, done = 0, 0
     for done in range(1, rounds + 1):
-        full = len(active) == out
-        pick = (lambda t: t) if full else (lambda t: t[..., active, :])  # rows are the second-last dim
+        pick = (lambda t: t) if len(active) == out else (lambda t: t[active])
         wa, ga, sa, bars = pick(w), pick(g), pick(s), (pick(bar_rev), pick(bar_pru))
         if group is None:
             S, moved, delta, gain = _round_unstructured(wa, ga, sa, bars, hflat, n, shortlist)
@@ -151,13 +165,25 @@ def _move_costs(wa, ga, sa, bars):
     return rev, t.add_(sa).add_(bars[1]), tol  # s + 2 w g, in t's storage
 
 
+def _sliced(fn, *rows_first: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``fn`` on slices of ``_SLICE`` rows of the given tensors, its outputs concatenated."""
+    R = rows_first[0].shape[0]
+    if R <= _SLICE:
+        return fn(*rows_first)
+    parts = [fn(*(t[i : i + _SLICE] for t in rows_first)) for i in range(0, R, _SLICE)]
+    return tuple(torch.cat(x) for x in zip(*parts))
+
+
+def _cheapest(wa, ga, sa, bar_rev, bar_pru, k):
+    """(cheapest revivals, cheapest prunings, tolerance) of each row."""
+    rev, pru, tol = _move_costs(wa, ga, sa, (bar_rev, bar_pru))
+    return rev.topk(k, 1, largest=False).indices, pru.topk(k, 1, largest=False).indices, tol
+
+
 def _round_unstructured(wa, ga, sa, bars, hflat, n, shortlist):
     R = wa.shape[0]
     k = min(shortlist, wa.shape[1])
-    rev, pru, tol = _move_costs(wa, ga, sa, bars)
-    qi = rev.topk(k, 1, largest=False).indices  # cheapest revivals
-    pi = pru.topk(k, 1, largest=False).indices  # cheapest prunings
-    del rev, pru
+    qi, pi, tol = _sliced(lambda *t: _cheapest(*t, k), wa, ga, sa, *bars)
     S = torch.cat([qi, pi], 1)
     HS = _gather_block(hflat, S, n)
     wS, gl, sS = wa.gather(1, S), ga.gather(1, S), sa.gather(1, S)
@@ -207,37 +233,53 @@ class _Steps:
         return gl + torch.bmm(d.unsqueeze(1), cols).squeeze(1)
 
 
-def _by_slot(x: torch.Tensor, m: int) -> torch.Tensor:
-    """(R, n) -> (m, R, n / m), contiguous: entry [j, r, i] is row r's slot j of group i."""
-    return x.view(x.shape[0], -1, m).permute(2, 0, 1).contiguous()
+def _slot_major(x: torch.Tensor, m: int) -> torch.Tensor:
+    """(R, n) -> (R, n) copy with slot j of every group of m inputs together: column j * (n / m)
+    + i is input i * m + j, so a row views as (m, n / m)."""
+    return x.view(x.shape[0], -1, m).transpose(1, 2).contiguous().view(x.shape)
+
+
+def _layer_order(out: torch.Tensor, x: torch.Tensor, m: int) -> None:
+    """Writes slot-major ``x`` back into ``out`` in the layer's column order."""
+    out.view(out.shape[0], -1, m).copy_(x.view(x.shape[0], m, -1).transpose(1, 2))
 
 
 def _group_cross(w: torch.Tensor, h: torch.Tensor, m: int) -> torch.Tensor:
-    """(m, m, R, G): 2 w_q w_p H_qp for every pair (q, p) of slots inside each group of m
-    inputs, the cross term of a move that revives q and prunes p (fixed through the search)."""
-    G = w.shape[1] // m
-    blocks = h.view(G, m, G, m).diagonal(dim1=0, dim2=2).unsqueeze(2)  # (m, m, 1, G): H within each group
-    wg = _by_slot(w, m)
-    return (2 * wg).unsqueeze(1).mul(wg.unsqueeze(0)).mul_(blocks)
+    """(R, m * m, G): 2 w_q w_p H_qp for every pair (q, p) of slots inside each of the G groups
+    of m inputs (slot-major columns), the cross term of a move that revives q and prunes p
+    (fixed through the search)."""
+    R, n = w.shape
+    G = n // m
+    blocks = h.view(m, G, m, G).diagonal(dim1=1, dim2=3).contiguous()  # (m, m, G): H within each group
+    wg = w.view(R, m, G)
+    return (2 * wg).unsqueeze(2).mul(wg.unsqueeze(1)).mul_(blocks).view(R, m * m, G)
+
+
+def _best_groups(wa, ga, sa, bar_rev, bar_pru, cross, pairs, m, k):
+    """(costs, indices) of each row's k groups with the best moves, each one's best pair (q * m +
+    p), and the tolerance: every (q, p) pair of a group with its exact cross term, one not
+    (pruned, kept) inf."""
+    R, n = wa.shape
+    G = n // m
+    rev, pru, tol = _move_costs(wa, ga, sa, (bar_rev, bar_pru))
+    pair = torch.add(rev.view(R, m, 1, G), pru.view(R, 1, m, G), out=pairs[: R * m * m * G].view(R, m, m, G))
+    pair = pair.view(R, m * m, G).sub_(cross)
+    gv, gi = pair.amin(1).topk(k, 1, largest=False)
+    # each one's best (q, p); argmin over the last, contiguous dim (over dim 1 it ran 4x slower)
+    best = pair.gather(2, gi.unsqueeze(1).expand(R, m * m, k)).transpose(1, 2).contiguous().argmin(2)
+    return gv, gi, best, tol
 
 
 def _round_groups(wa, ga, sa, bars, cross, pairs, hflat, n, shortlist, m):
-    """N:M: a move revives q and prunes p inside one group of m inputs (``cross``: the pairs'
-    cross terms, :func:`_group_cross`; ``pairs``: a buffer as large). Every group proposes its
-    best move (exact pair change); the ``shortlist`` best groups of each row are then taken one
-    after another with exact cross terms between the moves."""
-    R = wa.shape[0]
+    """N:M on slot-major columns: a move revives q and prunes p inside one group of m inputs
+    (``cross``: the pairs' cross terms, :func:`_group_cross`; ``pairs``: a buffer as large for
+    ``_SLICE`` rows). Every group proposes its best move (exact pair change); the ``shortlist``
+    best groups of each row are then taken one after another with exact cross terms between the
+    moves."""
     G = n // m
-    rev, pru, tol = _move_costs(wa, ga, sa, bars)
-    rev, pru = _by_slot(rev, m), _by_slot(pru, m)
-    # every (q, p) pair of a group with its exact cross term, slot-major; one not (pruned, kept) is inf
-    pair = torch.add(rev.unsqueeze(1), pru.unsqueeze(0), out=pairs[: m * m * R * G].view(m, m, R, G))
-    pair = pair.sub_(cross).view(m * m, R, G)
     k = min(shortlist, G)
-    gv, gi = pair.amin(0).topk(k, 1, largest=False)  # the k groups with the best moves
-    # each one's best (q, p); argmin over the last, contiguous dim (over dim 0 it ran 4x slower here)
-    ga_ = pair.gather(2, gi.unsqueeze(0).expand(m * m, R, k)).permute(1, 2, 0).contiguous().argmin(2)
-    qi, pi = gi * m + ga_ // m, gi * m + ga_ % m
+    gv, gi, best, tol = _sliced(lambda *t: _best_groups(*t, pairs, m, k), wa, ga, sa, *bars, cross)
+    qi, pi = best // m * G + gi, best % m * G + gi  # slot-major columns
     S = torch.cat([qi, pi], 1)
     HS = _gather_block(hflat, S, n)
     wS, gl, sS = wa.gather(1, S), ga.gather(1, S), sa.gather(1, S)

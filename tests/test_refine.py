@@ -61,15 +61,18 @@ def test_counts_kept_and_every_row_only_improves(group, shortlist):
     assert (after <= before + 1e-4).all() and after.sum() < (0.7 if shortlist > 1 else 0.95) * before.sum()
 
 
-def test_rows_are_independent_so_chunks_do_not_matter():
+@pytest.mark.parametrize("group", [None, 4])
+def test_rows_are_independent_so_chunks_do_not_matter(group):
+    """The same mask and residual, to the bit, whatever the block of rows: blocks smaller than a
+    round's slices, and a block of 600 rows that its passes take 256 at a time."""
     g = torch.Generator().manual_seed(1)
-    w = torch.randn(30, 48, generator=g)
+    w = torch.randn(600, 48, generator=g)
     x = torch.randn(300, 48, generator=g) @ torch.randn(48, 48, generator=g)
     h = x.T @ x / 300
-    start = G.row_mask(w.abs(), 0.6)
-    a, _ = refine_mask(w, start, h, chunk=7)
-    b, _ = refine_mask(w, start, h, chunk=64)
-    assert torch.equal(a, b)
+    start = G.row_mask(w.abs(), 0.6) if group is None else G.nm_mask(w.abs(), 2, 4)
+    a, info, res = refine_mask(w, start, h, group=group, chunk=70, residual=True)
+    b, _, res_b = refine_mask(w, start, h, group=group, chunk=1024, residual=True)
+    assert info["swaps"] > 0 and torch.equal(a, b) and torch.equal(res, res_b)
 
 
 def test_zero_rounds_is_the_identity():
