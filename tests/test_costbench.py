@@ -27,6 +27,17 @@ def test_layer_costs_rows_and_ratios():
         assert r["x_sparsegpt"] == pytest.approx(r["seconds"] / base)
 
 
+@pytest.mark.parametrize("slow,calls", [(1e9, 6), (0.0, 3)])
+def test_layer_costs_time_every_method_every_repeat_unless_slow(monkeypatch, slow, calls):
+    """With repeats=2 every method is timed twice (best of 2); only a method whose first run took
+    more than ``SLOW`` seconds is timed once, however slow the others on that shape are."""
+    timed = []
+    monkeypatch.setattr(costbench, "SLOW", slow)
+    monkeypatch.setattr(costbench, "measure", lambda fn, device, memory=True: (timed.append(fn()) or 1.0, 0))
+    layer_costs([("a", 48, 32, None)], METHODS[:3], repeats=2, progress=False)
+    assert len(timed) == calls
+
+
 def test_blocks_extrapolation_and_memory_account():
     rows = block_costs(METHODS[:2], images=1, image_tokens=16, calls=2, progress=False, dims=SMALL)
     assert {(r["block"], r["method"]) for r in rows} == {(b, m) for b in ("double", "single") for m in ("wanda", "sparsegpt")}
