@@ -12,7 +12,8 @@ A variant is an allocation, with ``:none`` for ``auto`` without the measured out
 ``:sgpt`` for ``auto`` with curves SparseGPT measures on sampled rows (``{"curve": "sparsegpt"}``) and
 ``:dense0.1`` for ``auto`` with ``max_dense=0.1`` (with an N:M setting, e.g. ``--sparsities 2:4``:
 which layers stay dense; ``auto:dense0.1+none`` without the gains), ``:gb1`` for ``gain_batches=1`` and
-``:pass4`` for an allocation pass on 4 calibration batches (``{"batches": 4}``); parts combine with ``+``
+``:pass4`` for an allocation pass on 4 calibration batches (``{"batches": 4}``), ``:range0.3`` for
+``allocation_range=0.3``; parts combine with ``+``
 (``auto:blocks+gb1+pass4``); ``dit+rec`` is ``dit`` with ``reconstruct=True``. Prints one markdown
 row per run as it ends.
 
@@ -52,6 +53,8 @@ def main(argv: list[str] | None = None) -> None:
                     extra["allocation_options"] = {**extra.get("allocation_options", {}), "gain_batches": int(part[2:])}
                 elif part.startswith("pass"):
                     extra["allocation_options"] = {**extra.get("allocation_options", {}), "batches": int(part[4:])}
+                elif part.startswith("range"):
+                    extra["allocation_range"] = float(part[len("range"):])
                 else:
                     extra["allocation_options"] = {**extra.get("allocation_options", {}), **options_of[part]}
             candidates.append(Candidate(f"{m} {v}", method, {**options, **extra}))
