@@ -3,8 +3,6 @@ without the held-out tokens and judged on them alone; the fallback is exactly Wa
 mask; reconstruction candidates are fitted without, and judged on, the held-out tokens; the
 report names held-out tokens only where they were used."""
 
-import copy
-
 import pytest
 import torch
 from torch import nn

@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from ditprune import granularity as G
 from ditprune import saliency
 
 W = torch.tensor([[1.0, -2.0], [3.0, -4.0]])
