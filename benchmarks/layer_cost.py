@@ -6,7 +6,8 @@ alone, with ``dit`` + ``reconstruct=True`` at 2:4 added, timed without the byte 
     python benchmarks/layer_cost.py --curves     # what allocation="auto" adds per layer: its removal curves, beside the prunes
 
 Random weights, correlated synthetic statistics (``ditprune/costbench.py``); best of
-``--repeats`` runs, methods interleaved. About 25 minutes on 2 CPU cores with one repeat."""
+``--repeats`` runs, methods interleaved (a method slower than 60 s on a shape is timed once). About
+22 minutes on 2 CPU cores with ``--repeats 2`` (the Intel Xeon of 2026-12-06)."""
 
 from __future__ import annotations
 
