@@ -99,6 +99,7 @@ def allocate(model: nn.Module, names: list[str], allocation: str, sparsity: floa
     lo, hi = A.bounds(sparsity, spread)
     energy_of: dict[str, torch.Tensor] = {}
     curve_of: dict[str, torch.Tensor] = {}
+    removed_of: dict[str, float] = {}  # Wanda's mask's removed energy on the Gram matrix (with those curves)
 
     def gather(layer_names, run):
         with observe({f"{n}.weight": model.get_submodule(n) for n in layer_names}, gram, scopes, text_layers,
@@ -111,6 +112,7 @@ def allocate(model: nn.Module, names: list[str], allocation: str, sparsity: floa
             energy_of[n] = st.energy
             if gram:
                 curve_of[n] = layer_curve(w, st, curve, lo, hi)
+                removed_of[n] = A.gram_removed(w, st.gram, st.energy, sparsity)
         stats.clear()  # a block's Gram matrices go before the next block's
 
     if not observed:  # with batches, a rank may hold none of those picked: it adds zeros to the sums
@@ -128,12 +130,9 @@ def allocate(model: nn.Module, names: list[str], allocation: str, sparsity: floa
     sizes = [w.numel() for w in weights_of]
     per = options.get("gains", "layers")
     groups = gain_groups(model, names, per) if per != "none" else None
-    # gain_batches counts over all ranks, the union's batch i being rank i % N's (i // N)-th (a
-    # distributed sampler's order): each rank measures its share of the first gain_batches, so N
-    # processes measure on the batches one process takes first from the union; a rank whose
-    # share is none adds zeros
-    world, me = (distributed.world_size(), distributed.rank()) if sync else (1, 0)
-    batches = calibration[: len(range(me, options.get("gain_batches", 4), world))]
+    # the gains' batches spread over the calibration's timesteps like the pass's (pick_batches):
+    # the first ones of a sampler's trajectories are all its first steps, near pure noise
+    batches = [calibration[i] for i in pick_batches(calibration, options.get("gain_batches", 4), sync)]
     if nm is not None:
         removed = [A.nm_removed(w, e, *nm) for w, e in zip(weights_of, energies)]
         gains = (_gains(model, groups, names, energies, removed, lambda sc: nm_mask(sc, *nm), batches, sync)
@@ -154,7 +153,8 @@ def allocate(model: nn.Module, names: list[str], allocation: str, sparsity: floa
         curves = [curve_of[n] for n in names] if gram else wanda
         gains = None
         if groups:
-            removed = [A.value_at(c, sparsity) for c in wanda]
+            # the gain's denominator on the same footing as the curve it multiplies
+            removed = [removed_of[n] for n in names] if gram else [A.value_at(c, sparsity) for c in wanda]
             gains = _gains(model, groups, names, energies, removed, lambda sc: row_mask(sc, sparsity), batches, sync)
         alloc, predicted = A.auto(curves, sizes, sparsity, spread, gains)
     alloc = A.whole_rows(alloc, [tuple(w.shape) for w in weights_of], sparsity, *A.bounds(sparsity, spread))

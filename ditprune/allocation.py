@@ -43,7 +43,7 @@ from typing import Sequence
 import torch
 
 __all__ = ["ALLOCATIONS", "bounds", "fit_budget", "whole_rows", "removal_curve", "obs_curve", "outlier_ratio", "owl",
-           "auto", "value_at", "nm_removed", "keep_dense", "sparsegpt_curve", "hull_curve"]
+           "auto", "value_at", "nm_removed", "keep_dense", "sparsegpt_curve", "gram_removed", "hull_curve"]
 
 ALLOCATIONS = ("uniform", "owl", "auto")
 GRID = 100  # the removal curve's resolution: sparsity in steps of 0.01
@@ -172,6 +172,26 @@ def sparsegpt_curve(weight: torch.Tensor, gram: torch.Tensor, lo: float, hi: flo
     lost = energy(w.repeat(len(xs) - 1, 1) - new * keep).view(len(xs) - 1, -1).sum(1)
     ys = [0.0] + [min(1.0, float(v) / total) for v in lost]
     return hull_curve(xs, ys, grid)
+
+
+def gram_removed(weight: torch.Tensor, gram: torch.Tensor, energy: torch.Tensor, sparsity: float,
+                 rows: int = 128) -> float:
+    """The fraction of the layer's output energy that Wanda's per-row mask at ``sparsity`` removes,
+    on the Gram matrix (``tr(D H D^T) / tr(W H W^T)``, D the pruned entries) rather than its
+    diagonal, on the ``rows`` evenly spaced rows :func:`sparsegpt_curve` samples: the denominator
+    of a measured gain that multiplies a curve measured on the Gram matrix. The diagonal leaves
+    out the inputs' correlations and misjudges layers unequally (0.2-1.0 of it on the reference
+    models' layers at 70%)."""
+    from .granularity import row_mask
+    from .saliency import wanda
+
+    out_f = weight.shape[0]
+    idx = torch.linspace(0, out_f - 1, min(rows, out_f)).round().long().unique().to(weight.device)
+    w = weight[idx].double()
+    h = gram.to(dtype=torch.float64, device=weight.device)
+    d = w * ~row_mask(wanda(weight[idx], energy.to(weight.device)), sparsity)
+    total = float(((w @ h) * w).sum())
+    return float(((d @ h) * d).sum()) / total if total > 0 else 0.0
 
 
 def hull_curve(xs: Sequence[float], ys: Sequence[float], grid: int = GRID) -> torch.Tensor:

@@ -572,3 +572,60 @@ def test_the_gains_resume_bench_runs_and_agrees(capsys, monkeypatch):
     # 14 + 2 x 6 Linears; whole: 1 + 26 forwards of 3 blocks; resumed: the double block's 14 run 3, the singles' 6 run 2 and 1
     assert (whole, resumed) == (3 * 27, 3 + 14 * 3 + 6 * 2 + 6 * 1)
     assert "gains equal bit for bit: True" in out
+
+
+def test_gram_removed_by_hand():
+    """Wanda's mask at 1/3 of 3 inputs drops each row's smallest |W_ij| sqrt(a_j), a = diag H; the
+    removed energy is tr(D H D^T) / tr(W H W^T) with H's off-diagonal terms, not its diagonal."""
+    from ditprune.allocation import gram_removed
+
+    w = torch.tensor([[1.0, 2.0, 3.0], [-3.0, 1.0, 1.0]])
+    h = torch.tensor([[1.0, 0.5, 0.0], [0.5, 1.0, 0.0], [0.0, 0.0, 4.0]])
+    # scores |w| sqrt(diag h) = |w| * [1, 1, 2]: row 0 [1, 2, 6] drops input 0; row 1 [3, 1, 2] drops input 1
+    d = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    total = sum(float(r @ h @ r) for r in w)  # 1 + 4 + 36 + 2*0.5*2 = 43; 9 + 1 + 4 - 2*0.5*3 = 11
+    assert total == pytest.approx(54.0)
+    assert gram_removed(w, h, h.diagonal(), 1 / 3) == pytest.approx(float((d @ h * d).sum()) / total)  # 2 / 54
+    assert gram_removed(w, h, h.diagonal(), 1 / 3) == pytest.approx(2 / 54)
+
+
+def test_gains_are_measured_on_batches_spread_over_the_timesteps_and_on_the_curves_footing(monkeypatch):
+    """``gain_batches=2`` of 4 calibration batches measures the gains on the 2 that
+    :func:`pick_batches` takes across the timesteps, not the first 2 (a sampler's first steps).
+    A gain's denominator is Wanda's removed energy on the same footing as the curve it
+    multiplies: the diagonal's with Wanda's curve, the Gram matrix's (:func:`gram_removed`) with
+    SparseGPT's."""
+    import ditprune
+    import ditprune.allocating as allocating
+    from ditprune.allocation import gram_removed, removal_curve, value_at
+    from ditprune.calibration import run_whole_model
+    from ditprune.models.tiny import tiny_batches, tiny_model
+    from ditprune.stats import observe
+
+    seen = {}
+    real = allocating.output_gains
+
+    def spy(model, groups, energies, removed, keep_of, batches, sync=False):
+        seen.update(batches=batches, removed=dict(removed), energies=energies,
+                    weights={n: model.get_submodule(n).weight.detach().clone() for n in removed})
+        return real(model, groups, energies, removed, keep_of, batches, sync)
+
+    monkeypatch.setattr(allocating, "output_gains", spy)
+    batches = tiny_batches(tiny_model("dit"))
+    picked = pick_batches(batches, 2)
+    assert picked != [0, 1]
+    ditprune.prune(tiny_model("dit"), batches, method="wanda", sparsity=0.7, allocation="auto",
+                   allocation_options={"gain_batches": 2})
+    assert [id(b) for b in seen["batches"]] == [id(batches[i]) for i in picked]
+    diagonal = {n: value_at(removal_curve(seen["weights"][n], seen["energies"][n]), 0.7) for n in seen["removed"]}
+    assert seen["removed"] == pytest.approx(diagonal)
+
+    ditprune.prune(tiny_model("dit"), batches, method="sparsegpt", sparsity=0.7, allocation="auto",
+                   allocation_options={"gain_batches": 2})
+    dense = tiny_model("dit")
+    with observe({f"{n}.weight": dense.get_submodule(n) for n in seen["removed"]}, True) as stats:
+        run_whole_model(dense, batches, False, None)
+        on_gram = {n: gram_removed(dense.get_submodule(n).weight.detach(), stats[f"{n}.weight"].gram,
+                                   stats[f"{n}.weight"].energy, 0.7) for n in seen["removed"]}
+    assert seen["removed"] == pytest.approx(on_gram, rel=1e-5)
+    assert on_gram != pytest.approx(diagonal, rel=0.05)  # the two footings differ on these layers

@@ -92,13 +92,13 @@ def test_two_processes_prune_as_one_process_on_the_union(tmp_path, options):
 def test_every_rank_allocates_alike_and_as_one_process_on_the_union(tmp_path, setting):
     """Each rank computes the allocation itself from its shard (statistics and measured gains
     summed over the ranks) before rank 0's masks are broadcast: the two must agree, and agree
-    with one process on the union. ``gain_batches=2`` counts over the ranks: each measures its
-    first batch, and one process its first two of the shards interleaved (a distributed
-    sampler's order); with each rank measuring 2 of its own the union run would differ. With a
-    pattern the allocation is which layers stay dense (sparsity 0). With ``batches=2`` the pass reads
-    the 2 of the 4 batches that ``pick_batches`` picks from all ranks' batches by timestep. With
-    ``gain_batches=1`` rank 0 measures its first batch and rank 1 none (it adds zeros, and learns
-    the blocks' stream counts from rank 0)."""
+    with one process on the union. ``gain_batches=2`` counts over the ranks: the gains are
+    measured on the 2 of the 4 batches that ``pick_batches`` picks from all ranks' batches by
+    timestep, each rank those it holds; with each rank measuring 2 of its own the union run
+    would differ. With a pattern the allocation is which layers stay dense (sparsity 0). With
+    ``batches=2`` the pass reads those 2 batches too. With ``gain_batches=1`` one rank measures
+    the batch picked and the other none (it adds zeros, and learns the blocks' stream counts
+    from the other)."""
     options = {"allocation": "auto", "allocation_options": {"gain_batches": 2}, **setting}
     r0, r1 = _run(tmp_path, "wanda", options)
     a0, a1 = _group(r0, "alloc/"), _group(r1, "alloc/")
