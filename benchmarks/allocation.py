@@ -15,7 +15,9 @@ which layers stay dense; ``auto:dense0.1+none`` without the gains), ``:gb1`` for
 ``:pass4`` for an allocation pass on 4 calibration batches (``{"batches": 4}``), ``:range0.3`` for
 ``allocation_range=0.3``; parts combine with ``+``
 (``auto:blocks+gb1+pass4``); ``dit+rec`` is ``dit`` with ``reconstruct=True``. Prints one markdown
-row per run as it ends.
+row per run as it ends. ``--diagonal-gains`` (an ablation, for the whole run): a gain's
+denominator is Wanda's removed energy by the diagonal also with SparseGPT's curves, as before
+837eb5c, instead of on the Gram matrix (:func:`ditprune.allocation.gram_removed`).
 
     python benchmarks/allocation.py --model flux --methods wanda,sparsegpt,dit+rec --sparsities 2:4 \\
         --variants uniform,auto:dense0.1
@@ -37,7 +39,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--variants", default="uniform,owl,auto")
     p.add_argument("--samples", type=int, default=50, help="evaluation samples per row")
     p.add_argument("--out", help="also write the table to this markdown file")
+    p.add_argument("--diagonal-gains", action="store_true", help="ablation: gains' denominators by the diagonal")
     args = p.parse_args(argv)
+    if args.diagonal_gains:
+        import ditprune.allocation as A
+
+        A.gram_removed = lambda w, gram, energy, s, rows=128: A.value_at(A.removal_curve(w, energy), s)
     bench = Comparison(args.model, 16, 10, args.samples, 20)
     candidates = []
     for m in args.methods.split(","):

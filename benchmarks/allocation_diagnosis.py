@@ -10,10 +10,14 @@ same 9 sparsities plus 0, the fraction of the layer's output energy it loses on 
 Gram matrix, lower convex hull), a diagnosis only: at FLUX.1-dev's shapes it costs several times
 SparseGPT's curve. Each row prints the measured denoiser error as a multiple of uniform's and
 what ``auto`` itself predicted: ``sum_l g_l e_l(s_l)`` at its allocation over the same sum at
-the uniform sparsity (its curves and measured gains). ``--method wanda``: the first two rows
-for Wanda (its curve is the shipped one). A prediction near 1 means the allocation
-sees little to gain within the range; a measurement far above the prediction means the curves,
-the gains or the additivity they assume miss what the prune does.
+the uniform sparsity (its curves and measured gains), and the relative error energy of the
+model's output on the calibration batches themselves, where the prediction is made (again
+over uniform's). ``--method wanda``: the first two rows for Wanda (its curve is the shipped
+one). A prediction near 1 means the allocation sees little to gain within the range; a
+calibration ratio above the prediction means the curves, the gains or the additivity they
+assume miss what the prune does; an evaluation ratio above the calibration's, that the
+evaluation's inputs (held-out digits noised at 5 timesteps) differ from the calibration's
+(the dense sampler's trajectories).
 """
 
 from __future__ import annotations
@@ -39,6 +43,21 @@ def method_curve(weight: torch.Tensor, stats, lo: float, hi: float) -> torch.Ten
         d = w - (new.double() if new is not None else w) * keep.double()
         ys.append(min(1.0, float(((d @ h) * d).sum()) / max(total, 1e-300)))
     return hull_curve(xs, ys)
+
+
+@torch.no_grad()
+def calibration_error(dense, pruned, batches: list[dict]) -> float:
+    """The pruned model's output error energy on ``batches`` over the dense output's."""
+    def out(model, b):
+        o = model(**b)
+        return getattr(o, "sample", o[0] if isinstance(o, (tuple, list)) else o).float()
+
+    err = total = 0.0
+    for b in batches:
+        d = out(dense, b)
+        err += float((out(pruned, b) - d).pow(2).sum())
+        total += float(d.pow(2).sum())
+    return err / total
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -73,19 +92,21 @@ def main(argv: list[str] | None = None) -> None:
     variants = [("uniform", "-", "uniform"), ("auto", "shipped", "auto")] + (
         [("auto", "method", "auto")] if args.method == "dit+rec" else [])
     print(f"{bench.name}, {args.method}, allocation_range {args.range}, {args.samples} evaluation samples\n")
-    print("| sparsity | allocation | curves | denoiser rel. err | x uniform | predicted x uniform |")
-    print("|---|---|---|---|---|---|", flush=True)
+    print("| sparsity | allocation | curves | denoiser rel. err | x uniform | predicted x uniform "
+          "| on the calibration x uniform |")
+    print("|---|---|---|---|---|---|---|", flush=True)
     for s in (float(x) for x in args.sparsities.split(",")):
-        base = None
+        base = base_cal = None
         for label, curves, allocation in variants:
             mode["curve"] = curves
             seen.clear()
             cand = Candidate(label, method, {**options, "allocation": allocation, "allocation_range": args.range})
-            row = bench.run([cand], [{"sparsity": s}], progress=False)[0]
-            base = base or row["rel_err"]
+            row = bench.run([cand], [{"sparsity": s}], progress=False, keep_models=True)[0]
+            cal = calibration_error(bench.dense, row["pruned"], bench.calibration)
+            base, base_cal = base or row["rel_err"], base_cal or cal
             predicted = f"{seen['auto'] / seen['uniform']:.2f}" if seen else "-"
-            print(f"| {s} | {label} | {curves} | {row['rel_err']:.4f} | {row['rel_err'] / base:.2f} | {predicted} |",
-                  flush=True)
+            print(f"| {s} | {label} | {curves} | {row['rel_err']:.4f} | {row['rel_err'] / base:.2f} | {predicted} "
+                  f"| {cal / base_cal:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
