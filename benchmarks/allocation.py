@@ -12,6 +12,7 @@ A variant is an allocation, with ``:none`` for ``auto`` without the measured out
 ``:sgpt`` for ``auto`` with curves SparseGPT measures on sampled rows (``{"curve": "sparsegpt"}``) and
 ``:dense0.1`` for ``auto`` with ``max_dense=0.1`` (with an N:M setting, e.g. ``--sparsities 2:4``:
 which layers stay dense; ``auto:dense0.1+none`` without the gains), ``:gb1`` for ``gain_batches=1`` and
+``:gs2`` for gains measured at both ends of the range (``gain_sparsities=2``),
 ``:pass4`` for an allocation pass on 4 calibration batches (``{"batches": 4}``), ``:range0.3`` for
 ``allocation_range=0.3``; parts combine with ``+``
 (``auto:blocks+gb1+pass4``); ``dit+rec`` is ``dit`` with ``reconstruct=True``. Prints one markdown
@@ -58,6 +59,8 @@ def main(argv: list[str] | None = None) -> None:
                     extra["max_dense"] = float(part[len("dense"):])
                 elif part.startswith("gb"):
                     extra["allocation_options"] = {**extra.get("allocation_options", {}), "gain_batches": int(part[2:])}
+                elif part.startswith("gs"):
+                    extra["allocation_options"] = {**extra.get("allocation_options", {}), "gain_sparsities": int(part[2:])}
                 elif part.startswith("pass"):
                     extra["allocation_options"] = {**extra.get("allocation_options", {}), "batches": int(part[4:])}
                 elif part.startswith("range"):

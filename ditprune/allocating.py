@@ -21,7 +21,7 @@ __all__ = ["check", "allocate", "layer_curve", "pick_batches"]
 
 log = logging.getLogger(__name__)
 
-OPTIONS = {"m", "lam", "gains", "gain_batches", "curve", "batches"}
+OPTIONS = {"m", "lam", "gains", "gain_batches", "gain_sparsities", "curve", "batches"}
 CURVES = ("wanda", "obs", "sparsegpt")
 GAINS = ("layers", "blocks", "none")
 
@@ -36,8 +36,9 @@ def check(allocation, spread, options, pattern, max_dense=0.0) -> str:
     unknown = sorted(set(options or {}) - OPTIONS)
     if unknown:
         raise InputError(f"allocation_options: unknown {unknown}; OWL takes 'm' (outlier threshold) and 'lam', "
-                         "auto 'gains' ('layers', 'blocks' or 'none'), 'gain_batches', 'curve' ('wanda', 'obs' or "
-                         "'sparsegpt') and 'batches' (how many calibration batches the allocation pass reads)")
+                         "auto 'gains' ('layers', 'blocks' or 'none'), 'gain_batches', 'gain_sparsities' (1 or 2), "
+                         "'curve' ('wanda', 'obs' or 'sparsegpt') and 'batches' (how many calibration batches the "
+                         "allocation pass reads)")
     gains = (options or {}).get("gains", "layers")
     if gains not in GAINS:
         raise InputError(f"allocation_options.gains must be one of {list(GAINS)}, got {gains!r}")
@@ -48,6 +49,9 @@ def check(allocation, spread, options, pattern, max_dense=0.0) -> str:
         n = (options or {}).get(key, default)
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise InputError(f"allocation_options.{key} must be a positive integer, got {n!r}")
+    if (options or {}).get("gain_sparsities", 1) not in (1, 2) or isinstance((options or {}).get("gain_sparsities"), bool):
+        raise InputError(f"allocation_options.gain_sparsities must be 1 (gains measured at the sparsity) or 2 (at "
+                         f"both ends of the range), got {(options or {})['gain_sparsities']!r}")
     if isinstance(max_dense, bool) or not isinstance(max_dense, (int, float)) or not 0 <= max_dense < 1:
         raise InputError(f"max_dense must be a number in [0, 1) (the fraction of targeted weights that may stay "
                          f"dense), got {max_dense!r}")
@@ -99,7 +103,9 @@ def allocate(model: nn.Module, names: list[str], allocation: str, sparsity: floa
     lo, hi = A.bounds(sparsity, spread)
     energy_of: dict[str, torch.Tensor] = {}
     curve_of: dict[str, torch.Tensor] = {}
-    removed_of: dict[str, float] = {}  # Wanda's mask's removed energy on the Gram matrix (with those curves)
+    # where the gains are measured: the sparsity, or both ends of the range
+    points = [sparsity] if options.get("gain_sparsities", 1) == 1 or hi <= lo else [lo, hi]
+    removed_of: dict[str, list[float]] = {}  # Wanda's mask's removed energy on the Gram matrix (with those curves)
 
     def gather(layer_names, run):
         with observe({f"{n}.weight": model.get_submodule(n) for n in layer_names}, gram, scopes, text_layers,
@@ -112,7 +118,7 @@ def allocate(model: nn.Module, names: list[str], allocation: str, sparsity: floa
             energy_of[n] = st.energy
             if gram:
                 curve_of[n] = layer_curve(w, st, curve, lo, hi)
-                removed_of[n] = A.gram_removed(w, st.gram, st.energy, sparsity)
+                removed_of[n] = [A.gram_removed(w, st.gram, st.energy, p) for p in points]
         stats.clear()  # a block's Gram matrices go before the next block's
 
     if not observed:  # with batches, a rank may hold none of those picked: it adds zeros to the sums
@@ -151,12 +157,17 @@ def allocate(model: nn.Module, names: list[str], allocation: str, sparsity: floa
     else:
         wanda = [A.removal_curve(w, e) for w, e in zip(weights_of, energies)]
         curves = [curve_of[n] for n in names] if gram else wanda
-        gains = None
-        if groups:
+        at = []  # per point: the gains measured there
+        for i, p in enumerate(points if groups else []):
             # the gain's denominator on the same footing as the curve it multiplies
-            removed = [removed_of[n] for n in names] if gram else [A.value_at(c, sparsity) for c in wanda]
-            gains = _gains(model, groups, names, energies, removed, lambda sc: row_mask(sc, sparsity), batches, sync)
-        alloc, predicted = A.auto(curves, sizes, sparsity, spread, gains)
+            removed = [removed_of[n][i] for n in names] if gram else [A.value_at(c, p) for c in wanda]
+            at.append(_gains(model, groups, names, energies, removed, lambda sc, p=p: row_mask(sc, p), batches, sync))
+        if len(at) == 2:  # g_l(s) through both ends: the curves carry the gains
+            alloc, _ = A.auto([A.gained_curve(c, lo, a, hi, b) for c, a, b in zip(curves, *at)], sizes, sparsity,
+                              spread)
+            predicted = [A.value_at(c, s) for c, s in zip(curves, alloc)]
+        else:
+            alloc, predicted = A.auto(curves, sizes, sparsity, spread, at[0] if at else None)
     alloc = A.whole_rows(alloc, [tuple(w.shape) for w in weights_of], sparsity, *A.bounds(sparsity, spread))
     log.info("allocation %s: layer sparsities %.3f-%.3f around %.3f", allocation, min(alloc), max(alloc), sparsity)
     return {n: {"sparsity": a} | ({"predicted": predicted[i]} if predicted else {}) for i, (n, a) in

@@ -45,7 +45,7 @@ from typing import Sequence
 import torch
 
 __all__ = ["ALLOCATIONS", "bounds", "fit_budget", "whole_rows", "removal_curve", "obs_curve", "outlier_ratio", "owl",
-           "auto", "value_at", "nm_removed", "keep_dense", "sparsegpt_curve", "gram_removed", "hull_curve"]
+           "auto", "value_at", "nm_removed", "keep_dense", "sparsegpt_curve", "gram_removed", "hull_curve", "gained_curve"]
 
 ALLOCATIONS = ("uniform", "owl", "auto")
 GRID = 100  # the removal curve's resolution: sparsity in steps of 0.01
@@ -196,10 +196,10 @@ def gram_removed(weight: torch.Tensor, gram: torch.Tensor, energy: torch.Tensor,
     return float(((d @ h) * d).sum()) / total if total > 0 else 0.0
 
 
-def hull_curve(xs: Sequence[float], ys: Sequence[float], grid: int = GRID) -> torch.Tensor:
+def hull_curve(xs: Sequence[float], ys: Sequence[float], grid: int = GRID, top: float | None = 1.0) -> torch.Tensor:
     """(grid + 1,) float64 on sparsities k / grid: the lower convex hull of the points (xs
     ascending from 0), linear between its vertices and extended linearly beyond them, clipped
-    to [0, 1] (convex, as :func:`auto` assumes)."""
+    to [0, ``top``] (convex, as :func:`auto` assumes)."""
     hull = [0]  # Andrew's monotone chain, lower part
     for j in range(1, len(xs)):
         while len(hull) >= 2:
@@ -216,7 +216,24 @@ def hull_curve(xs: Sequence[float], ys: Sequence[float], grid: int = GRID) -> to
     g = torch.linspace(0, 1, grid + 1, dtype=torch.float64)
     seg = (torch.searchsorted(hx, g, right=True) - 1).clamp(0, len(hx) - 2)
     slope = (hy[seg + 1] - hy[seg]) / (hx[seg + 1] - hx[seg])
-    return (hy[seg] + slope * (g - hx[seg])).clamp(0.0, 1.0)
+    return (hy[seg] + slope * (g - hx[seg])).clamp(0.0, top)
+
+
+def gained_curve(curve: torch.Tensor, lo: float, g_lo: float, hi: float, g_hi: float) -> torch.Tensor:
+    """(grid + 1,) float64: g(s) e(s), the layer's predicted error at the model's output, for
+    gains measured at two sparsities (``g_lo`` at ``lo``, ``g_hi`` at ``hi``): g log-linear in
+    s through them (linear where one is 0), extended beyond them, times the removal curve
+    ``curve``; its lower convex hull, as :func:`auto` needs (no longer a fraction: not clipped
+    at 1). A layer's error reaches the output more than in proportion as it grows, and unequally
+    across layers, so one gain measured at the target sparsity misprices the range's ends."""
+    grid = len(curve) - 1
+    x = torch.linspace(0, 1, grid + 1, dtype=torch.float64)
+    t = (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
+    if g_lo > 0 and g_hi > 0:
+        g = math.exp(math.log(g_lo)) * torch.exp(t * (math.log(g_hi) - math.log(g_lo)))
+    else:
+        g = (g_lo + t * (g_hi - g_lo)).clamp(min=0.0)
+    return hull_curve(x.tolist(), (g * curve.double()).tolist(), grid, top=None)
 
 
 def outlier_ratio(weight: torch.Tensor, energy: torch.Tensor, m: float = 5.0) -> float:

@@ -125,6 +125,8 @@ def test_override_layers_keep_their_setting_and_leave_the_budget():
     ({"allocation": "owl", "allocation_options": {"lamda": 1}}, "unknown \\['lamda'\\]"),
     ({"allocation": "auto", "allocation_options": {"gain_batches": 0}}, "gain_batches must be a positive integer"),
     ({"allocation": "auto", "allocation_options": {"batches": 1.5}}, "batches must be a positive integer"),
+    ({"allocation": "auto", "allocation_options": {"gain_sparsities": 3}}, "gain_sparsities must be 1"),
+    ({"allocation": "auto", "allocation_options": {"gain_sparsities": True}}, "gain_sparsities must be 1"),
     ({"allocation": "owl", "pattern": "2:4"}, "with a pattern every pruned layer keeps it"),
     ({"allocation": "auto", "max_dense": 0.1}, "max_dense chooses layers to keep dense under an N:M pattern"),
     ({"allocation": "uniform", "pattern": "2:4", "max_dense": 0.1}, "max_dense chooses layers"),
@@ -629,3 +631,55 @@ def test_gains_are_measured_on_batches_spread_over_the_timesteps_and_on_the_curv
                                    stats[f"{n}.weight"].energy, 0.7) for n in seen["removed"]}
     assert seen["removed"] == pytest.approx(on_gram, rel=1e-5)
     assert on_gram != pytest.approx(diagonal, rel=0.05)  # the two footings differ on these layers
+
+
+def test_gained_curve_by_hand_and_convex():
+    """g log-linear through (0.5, 1) and (0.9, 2) times e(s) = s^2: at 0.7, g = sqrt(2); with
+    g_lo = 0, g linear from 0; a product that is not convex gets its lower convex hull."""
+    from ditprune.allocation import gained_curve
+
+    grid = torch.linspace(0, 1, 101, dtype=torch.float64)
+    c = gained_curve(grid**2, 0.5, 1.0, 0.9, 2.0)
+    assert float(c[50]) == pytest.approx(0.25) and float(c[90]) == pytest.approx(0.81 * 2)
+    assert float(c[70]) == pytest.approx(0.49 * math.sqrt(2))
+    assert float(c[100]) > 1  # not a fraction any more: not clipped
+    assert float(gained_curve(grid**2, 0.5, 0.0, 0.9, 2.0)[70]) == pytest.approx(0.49 * 1.0)
+    falling = gained_curve(grid, 0.5, 10.0, 0.9, 0.1)  # s * g(s), g falling 100x: not convex
+    g = 10.0 * torch.exp((grid - 0.5) / 0.4 * math.log(0.01))
+    assert (falling <= grid * g + 1e-12).all()
+    steps = falling.diff()
+    assert (steps.diff() >= -1e-12).all()  # convex
+
+
+def test_gains_at_both_ends_of_the_range(monkeypatch):
+    """``gain_sparsities=2``: the gains are measured twice, with Wanda's mask at s - r and at
+    s + r (each with its own denominator), and the allocation differs from the one gain at s."""
+    import ditprune
+    import ditprune.allocating as allocating
+    from ditprune.allocation import removal_curve, value_at
+    from ditprune.models.tiny import tiny_batches, tiny_model
+
+    calls = []
+    real = allocating.output_gains
+
+    def spy(model, groups, energies, removed, keep_of, batches, sync=False):
+        w = {n: model.get_submodule(n).weight.detach().clone() for n in removed}
+        calls.append({"removed": dict(removed),
+                      "kept": {n: float(keep_of(w[n].abs() + 1).float().mean()) for n in removed},
+                      "diag": {n: [value_at(removal_curve(w[n], energies[n]), x) for x in (0.5, 0.9)] for n in removed}})
+        return real(model, groups, energies, removed, keep_of, batches, sync)
+
+    monkeypatch.setattr(allocating, "output_gains", spy)
+    batches = tiny_batches(tiny_model("dit"))
+    targets = {}
+    for points in (1, 2):
+        calls.clear()
+        report = ditprune.prune(tiny_model("dit"), batches, method="wanda", sparsity=0.7, allocation="auto",
+                                allocation_options={"gain_sparsities": points})
+        targets[points] = {r.name: r.target for r in report.layers}
+        assert len(calls) == points
+    for call, x, i in ((calls[0], 0.5, 0), (calls[1], 0.9, 1)):
+        for n, kept in call["kept"].items():
+            assert kept == pytest.approx(1 - x, abs=1 / 16)  # Wanda's mask at that end
+            assert call["removed"][n] == pytest.approx(call["diag"][n][i])  # its own denominator
+    assert targets[1] != targets[2]
