@@ -23,6 +23,9 @@ fraction of zeros over all targeted weights (:func:`fit_budget` makes it exact).
   layers, e_l is what SparseGPT itself loses on sampled rows at a few sparsities in the range
   (:func:`sparsegpt_curve`, ``curve="sparsegpt"``, the default for those methods; ``"obs"``:
   each entry's Optimal Brain Surgeon cost alone, :func:`obs_curve`, measured worse at 80%).
+  With gains measured at both ends of the range (``gain_sparsities=2``), a layer's cost is
+  g_l(s) e_l(s), g log-linear between them (:func:`gained_curve`): a layer's error reaches the
+  output more than in proportion as it grows, and unequally across layers.
   Assumed: the layers' errors add up at the output (no interaction), the curve's method stands
   for the one used (SparseGPT for ``dit`` with ``reconstruct=True``), and g_l measured with
   Wanda's mask at s holds over the range and for the method. The curves are convex in s, so

@@ -484,7 +484,9 @@ def prune(
             auto's ``gains`` (``"layers"``: each layer's effect on the output measured alone, the
             default; ``"blocks"``: a block's layers together per stream, cheaper and measured
             somewhat worse, see
-            :func:`ditprune.gains.output_gains`; ``"none"``), ``gain_batches`` (default 4) and
+            :func:`ditprune.gains.output_gains`; ``"none"``), ``gain_batches`` (default 4, spread
+            over the calibration's timesteps), ``gain_sparsities`` (1, the default: gains
+            measured at ``sparsity``; 2: at both ends of the range, twice the forwards) and
             ``curve`` (``"sparsegpt"``, the default for methods that update weights: what
             SparseGPT loses on sampled rows; ``"wanda"``, the default otherwise; ``"obs"``); the
             pass's ``batches`` (default: all; that many batches spread over the calibration's
