@@ -58,14 +58,16 @@ def curves(shapes, device: str) -> None:
     sampled rows (``curve="sparsegpt"``, the default for those that do), timed in the same run
     as the prunes they steer (SparseGPT and ``dit`` with ``reconstruct=True`` at 0.7), and the
     ratio composed over FLUX.1-dev's 19 double and 38 single blocks when every shape is timed.
-    Not included: the allocation's pass over the calibration and the measured gains."""
+    With SparseGPT's curves the pass also takes each layer's gain denominator on the Gram matrix
+    (:func:`ditprune.allocation.gram_removed`): its own column, and in the SparseGPT curve's
+    totals. Not included: the allocation's pass over the calibration and the measured gains."""
     import time
 
     import torch
 
     import ditprune.costbench as cb
     from ditprune.allocating import layer_curve
-    from ditprune.allocation import removal_curve, sparsegpt_curve
+    from ditprune.allocation import gram_removed, removal_curve, sparsegpt_curve
     from ditprune.pruning import make_sparsifier
 
     def timed(fn):
@@ -73,8 +75,9 @@ def curves(shapes, device: str) -> None:
         fn()
         return time.perf_counter() - start
 
-    print("| Linear (out x in) | wanda curve s | sparsegpt curve s | sparsegpt prune s | dit reconstruct prune s "
-          "| curve / sparsegpt | curve / dit reconstruct |\n|---|---|---|---|---|---|---|")
+    print("| Linear (out x in) | wanda curve s | sparsegpt curve s | Gram denominator s | sparsegpt prune s "
+          "| dit reconstruct prune s | curve + denominator / sparsegpt | / dit reconstruct |\n"
+          "|---|---|---|---|---|---|---|---|")
     warm = cb.synthetic_stats(64, None, device=device)  # first calls pay one-time costs (imports, thread pools)
     for method, options in (("sparsegpt", {}), ("dit", {"reconstruct": True})):
         sp = make_sparsifier(method, 0.7, None, **options)
@@ -86,18 +89,20 @@ def curves(shapes, device: str) -> None:
         weight = (torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(1)) / in_f**0.5).to(device)
         wanda = timed(lambda: removal_curve(weight, stats.energy))
         curve = timed(lambda: layer_curve(weight, stats, "sparsegpt", 0.5, 0.9))
+        denominator = timed(lambda: gram_removed(weight, stats.gram, stats.energy, 0.7))
         prunes = []
         for method, options in (("sparsegpt", {}), ("dit", {"reconstruct": True})):
             sp = make_sparsifier(method, 0.7, None, **options)
             prunes.append(timed(lambda: sp.compute_mask(weight, stats, **sp.defaults)))
-        seconds[cb.SHAPES.index((name, out_f, in_f, tokens))] = (wanda, curve, *prunes)
-        print(f"| {name} ({out_f}x{in_f}) | {wanda:.2f} | {curve:.1f} | {prunes[0]:.1f} | {prunes[1]:.1f} "
-              f"| {curve / prunes[0]:.2f} | {curve / prunes[1]:.2f} |", flush=True)
+        seconds[cb.SHAPES.index((name, out_f, in_f, tokens))] = (wanda, curve + denominator, *prunes)
+        print(f"| {name} ({out_f}x{in_f}) | {wanda:.2f} | {curve:.1f} | {denominator:.2f} | {prunes[0]:.1f} "
+              f"| {prunes[1]:.1f} | {(curve + denominator) / prunes[0]:.2f} | {(curve + denominator) / prunes[1]:.2f} |",
+              flush=True)
     if len(seconds) == len(cb.SHAPES):
         total = [sum(cb.FLUX_DEV[kind] * n * seconds[j][k] for kind, rows in PER_BLOCK.items() for j, n in rows.items())
                  for k in range(4)]
         print(f"\nFLUX.1-dev, {sum(cb.FLUX_DEV[k] * sum(r.values()) for k, r in PER_BLOCK.items())} Linears: "
-              f"SparseGPT curves {total[1] / 3600:.2f} h = {total[1] / total[2]:.0%} of a SparseGPT prune "
+              f"SparseGPT curves with their denominators {total[1] / 3600:.2f} h = {total[1] / total[2]:.0%} of a SparseGPT prune "
               f"({total[2] / 3600:.2f} h), {total[1] / total[3]:.0%} of a dit reconstruct prune ({total[3] / 3600:.2f} h); "
               f"Wanda curves {total[0] / 3600:.2f} h")
 

@@ -9,7 +9,8 @@
    measured calibration seconds per sample (the SparseGPT rows with Gram matrices, the Wanda
    rows without);
 2. *the removal curves*: timed here (:func:`curve_costs`) on every Linear of a shape-true
-   double and single block, through :func:`ditprune.allocating.layer_curve` with the
+   double and single block, through :func:`ditprune.allocating.layer_curve` (and the gain's
+   denominator on the Gram matrix, :func:`ditprune.allocation.gram_removed`) with the
    statistics regime of a real run (adaLN: 64 x 28 sampled tokens, the held-out path; the
    others: plenty);
 3. *the output gains* (:func:`ditprune.gains.output_gains`): block forwards, counted as that
@@ -79,6 +80,7 @@ def curve_costs(device="cpu", dtype=torch.bfloat16, dims: dict | None = None, sp
             st = stats[key]
             start = time.perf_counter()
             layer_curve(w, st, "sparsegpt", lo, hi)
+            A.gram_removed(w, st.gram, st.energy, sparsity)  # the gain's denominator with these curves
             seconds["sparsegpt"] += time.perf_counter() - start
             start = time.perf_counter()
             A.removal_curve(w, st.energy)
