@@ -49,9 +49,10 @@ def check(allocation, spread, options, pattern, max_dense=0.0) -> str:
         n = (options or {}).get(key, default)
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise InputError(f"allocation_options.{key} must be a positive integer, got {n!r}")
-    if (options or {}).get("gain_sparsities", 1) not in (1, 2) or isinstance((options or {}).get("gain_sparsities"), bool):
+    points = (options or {}).get("gain_sparsities", 1)
+    if isinstance(points, bool) or points not in (1, 2):
         raise InputError(f"allocation_options.gain_sparsities must be 1 (gains measured at the sparsity) or 2 (at "
-                         f"both ends of the range), got {(options or {})['gain_sparsities']!r}")
+                         f"both ends of the range), got {points!r}")
     if isinstance(max_dense, bool) or not isinstance(max_dense, (int, float)) or not 0 <= max_dense < 1:
         raise InputError(f"max_dense must be a number in [0, 1) (the fraction of targeted weights that may stay "
                          f"dense), got {max_dense!r}")

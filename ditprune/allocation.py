@@ -233,7 +233,7 @@ def gained_curve(curve: torch.Tensor, lo: float, g_lo: float, hi: float, g_hi: f
     x = torch.linspace(0, 1, grid + 1, dtype=torch.float64)
     t = (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
     if g_lo > 0 and g_hi > 0:
-        g = math.exp(math.log(g_lo)) * torch.exp(t * (math.log(g_hi) - math.log(g_lo)))
+        g = g_lo * torch.exp(t * (math.log(g_hi) - math.log(g_lo)))
     else:
         g = (g_lo + t * (g_hi - g_lo)).clamp(min=0.0)
     return hull_curve(x.tolist(), (g * curve.double()).tolist(), grid, top=None)
