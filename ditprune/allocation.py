@@ -48,7 +48,7 @@ from typing import Sequence
 import torch
 
 __all__ = ["ALLOCATIONS", "bounds", "fit_budget", "whole_rows", "removal_curve", "obs_curve", "outlier_ratio", "owl",
-           "auto", "value_at", "nm_removed", "keep_dense", "sparsegpt_curve", "gram_removed", "hull_curve", "gained_curve"]
+           "auto", "value_at", "nm_removed", "keep_dense", "sampled_rows", "sparsegpt_curve", "gram_removed", "hull_curve", "gained_curve"]
 
 ALLOCATIONS = ("uniform", "owl", "auto")
 GRID = 100  # the removal curve's resolution: sparsity in steps of 0.01
@@ -146,6 +146,13 @@ def obs_curve(weight: torch.Tensor, gram: torch.Tensor, grid: int = GRID, percda
     return (removed / total).clamp(max=1.0).cpu()
 
 
+def sampled_rows(weight: torch.Tensor, rows: int = 128) -> torch.Tensor:
+    """The indices of ``rows`` evenly spaced rows of ``weight`` (all of them if it has fewer): the
+    rows :func:`sparsegpt_curve` and :func:`gram_removed` measure on."""
+    out_f = weight.shape[0]
+    return torch.linspace(0, out_f - 1, min(rows, out_f)).round().long().unique().to(weight.device)
+
+
 def sparsegpt_curve(weight: torch.Tensor, gram: torch.Tensor, lo: float, hi: float, points: int = 8,
                     rows: int = 128, grid: int = GRID, percdamp: float = 0.01,
                     dtype: torch.dtype = torch.float32, judge: torch.Tensor | None = None) -> torch.Tensor:
@@ -163,8 +170,7 @@ def sparsegpt_curve(weight: torch.Tensor, gram: torch.Tensor, lo: float, hi: flo
     judged on its own tokens loses nearly nothing and the curve would call the layer free."""
     from .sparsegpt import obs_prune
 
-    out_f, in_f = weight.shape
-    idx = torch.linspace(0, out_f - 1, min(rows, out_f)).round().long().unique().to(weight.device)
+    idx = sampled_rows(weight, rows)
     w = weight[idx].to(dtype)
     h = gram.to(dtype=dtype, device=weight.device)
     j = h if judge is None else judge.to(dtype=dtype, device=weight.device)
@@ -190,8 +196,7 @@ def gram_removed(weight: torch.Tensor, gram: torch.Tensor, energy: torch.Tensor,
     from .granularity import row_mask
     from .saliency import wanda
 
-    out_f = weight.shape[0]
-    idx = torch.linspace(0, out_f - 1, min(rows, out_f)).round().long().unique().to(weight.device)
+    idx = sampled_rows(weight, rows)
     w = weight[idx].float()
     h = gram.to(dtype=torch.float32, device=weight.device)  # no copy of a float32 Gram matrix (1 GB at 15360 inputs)
     d = w * ~row_mask(wanda(weight[idx], energy.to(weight.device)), sparsity)
