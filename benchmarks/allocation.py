@@ -12,7 +12,8 @@ A variant is an allocation, with ``:none`` for ``auto`` without the measured out
 ``:sgpt`` for ``auto`` with curves SparseGPT measures on sampled rows (``{"curve": "sparsegpt"}``) and
 ``:dense0.1`` for ``auto`` with ``max_dense=0.1`` (with an N:M setting, e.g. ``--sparsities 2:4``:
 which layers stay dense; ``auto:dense0.1+none`` without the gains), ``:gb1`` for ``gain_batches=1`` and
-``:gs2`` for gains measured at both ends of the range (``gain_sparsities=2``),
+``:gs2`` for gains measured at both ends of the range (``gain_sparsities=2``), ``:probes`` for
+gains from random probes of the output (``{"gains": "probes"}``; ``:probes8`` with 8 probes),
 ``:pass4`` for an allocation pass on 4 calibration batches (``{"batches": 4}``), ``:range0.3`` for
 ``allocation_range=0.3``; parts combine with ``+``
 (``auto:blocks+gb1+pass4``); ``dit+rec`` is ``dit`` with ``reconstruct=True``. Prints one markdown
@@ -61,6 +62,9 @@ def main(argv: list[str] | None = None) -> None:
                     extra["allocation_options"] = {**extra.get("allocation_options", {}), "gain_batches": int(part[2:])}
                 elif part.startswith("gs"):
                     extra["allocation_options"] = {**extra.get("allocation_options", {}), "gain_sparsities": int(part[2:])}
+                elif part.startswith("probes"):  # probes16: gains by 16 probes (probes alone: the default count)
+                    extra["allocation_options"] = {**extra.get("allocation_options", {}), "gains": "probes",
+                                                   **({"probes": int(part[6:])} if part[6:] else {})}
                 elif part.startswith("pass"):
                     extra["allocation_options"] = {**extra.get("allocation_options", {}), "batches": int(part[4:])}
                 elif part.startswith("range"):

@@ -15,15 +15,16 @@ from .calibration import run_block_sequential, run_whole_model
 from .errors import InputError
 from .granularity import nm_mask, row_mask
 from .gains import gain_groups, output_gains
+from .probes import probed_gains
 from .stats import observe
 
 __all__ = ["check", "allocate", "layer_curve", "pick_batches"]
 
 log = logging.getLogger(__name__)
 
-OPTIONS = {"m", "lam", "gains", "gain_batches", "gain_sparsities", "curve", "batches"}
+OPTIONS = {"m", "lam", "gains", "gain_batches", "gain_sparsities", "curve", "batches", "probes"}
 CURVES = ("wanda", "obs", "sparsegpt")
-GAINS = ("layers", "blocks", "none")
+GAINS = ("layers", "blocks", "probes", "none")
 
 
 def check(allocation, spread, options, pattern, max_dense=0.0) -> str:
@@ -36,7 +37,7 @@ def check(allocation, spread, options, pattern, max_dense=0.0) -> str:
     unknown = sorted(set(options or {}) - OPTIONS)
     if unknown:
         raise InputError(f"allocation_options: unknown {unknown}; OWL takes 'm' (outlier threshold) and 'lam', "
-                         "auto 'gains' ('layers', 'blocks' or 'none'), 'gain_batches', 'gain_sparsities' (1 or 2), "
+                         "auto 'gains' ('layers', 'blocks', 'probes' or 'none'), 'probes' (how many, with gains 'probes'), 'gain_batches', 'gain_sparsities' (1 or 2), "
                          "'curve' ('wanda', 'obs' or 'sparsegpt') and 'batches' (how many calibration batches the "
                          "allocation pass reads)")
     gains = (options or {}).get("gains", "layers")
@@ -45,7 +46,7 @@ def check(allocation, spread, options, pattern, max_dense=0.0) -> str:
     curve = (options or {}).get("curve", "wanda")
     if curve not in CURVES:
         raise InputError(f"allocation_options.curve must be one of {list(CURVES)}, got {curve!r}")
-    for key, default in (("gain_batches", 4), ("batches", 1)):
+    for key, default in (("gain_batches", 4), ("batches", 1), ("probes", 16)):
         n = (options or {}).get(key, default)
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise InputError(f"allocation_options.{key} must be a positive integer, got {n!r}")
@@ -136,7 +137,7 @@ def allocate(model: nn.Module, names: list[str], allocation: str, sparsity: floa
     energies = [energy_of[n] for n in names]
     sizes = [w.numel() for w in weights_of]
     per = options.get("gains", "layers")
-    groups = gain_groups(model, names, per) if per != "none" else None
+    groups = (gain_groups(model, names, per) if per in ("layers", "blocks") else (per, options)) if per != "none" else None
     # the gains' batches spread over the calibration's timesteps like the pass's (pick_batches):
     # the first ones of a sampler's trajectories are all its first steps, near pure noise
     batches = [calibration[i] for i in pick_batches(calibration, options.get("gain_batches", 4), sync)]
@@ -205,5 +206,16 @@ def _key(batch: dict) -> tuple[float, float]:
 
 
 def _gains(model, groups, names, energies, removed, keep_of, batches, sync) -> list[float]:
+    if groups[0] == "probes":
+        options = groups[1]
+        gains = probed_gains(model, names, dict(zip(names, energies)), dict(zip(names, removed)), keep_of, batches,
+                             [_seed(b) for b in batches], options.get("probes", 16), sync)
+        return [gains[n] for n in names]
     gains = output_gains(model, groups, dict(zip(names, energies)), dict(zip(names, removed)), keep_of, batches, sync)
     return [gains[n] for n in names]
+
+
+def _seed(batch: dict) -> int:
+    """A probe seed from a batch's content (:func:`_key`): the same batch draws the same probes on any rank."""
+    step, mark = _key(batch)
+    return int.from_bytes(torch.tensor([step, mark], dtype=torch.float64).numpy().tobytes(), "little") % (2**63)

@@ -38,13 +38,16 @@ import time
 
 import torch
 
-__all__ = ["curve_costs", "allocation_cost", "rerender", "SETTINGS"]
+__all__ = ["curve_costs", "probe_costs", "allocation_cost", "rerender", "SETTINGS"]
 
 # (label, allocation_options): what the extrapolation prices
 SETTINGS = [("defaults (gains per layer, 4 batches)", {"gains": "layers", "gain_batches": 4}),
             ("gains per block, 1 batch", {"gains": "blocks", "gain_batches": 1}),
             ("gains per block, 1 batch, pass on 32 batches", {"gains": "blocks", "gain_batches": 1, "batches": 32}),
-            ("gains per layer, 1 batch, pass on 32 batches", {"gains": "layers", "gain_batches": 1, "batches": 32})]
+            ("gains per layer, 1 batch, pass on 32 batches", {"gains": "layers", "gain_batches": 1, "batches": 32}),
+            ("gains by 16 probes, 4 batches", {"gains": "probes", "gain_batches": 4, "probes": 16}),
+            ("gains by 16 probes, 4 batches, pass on 32 batches", {"gains": "probes", "gain_batches": 4, "probes": 16,
+                                                                   "batches": 32})]
 
 
 def curve_costs(device="cpu", dtype=torch.bfloat16, dims: dict | None = None, sparsity: float = 0.7,
@@ -91,6 +94,50 @@ def curve_costs(device="cpu", dtype=torch.bfloat16, dims: dict | None = None, sp
     return rows
 
 
+def probe_costs(width: int | None = None, images: int | None = None, side: int = 32, text: int | None = None,
+                probes: tuple[int, int] = (1, 3), progress: bool = True) -> dict:
+    """``gains="probes"`` timed on its code path (:func:`ditprune.probes.probed_gains`) on a
+    FLUX.1-dev-shaped transformer of one double and one single block (bf16, random weights, the
+    real run's batch: 4 images of 32 x 32 latent tokens, 512 text tokens), against a plain
+    forward of the same model: {"forward_s", "base_s" (the checkpointed forward, the masks'
+    packing and what one batch does beyond its probes), "probe_s" (each probe: a recomputation
+    and a backward), "peak_bytes" (live tensor bytes above the weights while it runs, the
+    dispatch-mode count of :mod:`ditprune.memory`), "weight_bytes"}. Timed at two probe counts;
+    the difference gives a probe's seconds."""
+    from . import membench
+    from .fluxshapes import FLUX_DEV, REAL_RUN
+    from .granularity import row_mask
+    from .memory import measuring
+    from .probes import probed_gains
+
+    width, images, text = width or FLUX_DEV["dim"], images or REAL_RUN["batch"], text or FLUX_DEV["text_tokens"]
+    model = membench.flux_shaped(width, 1, 1)
+    batch = membench.flux_shaped_batches(model, 1, images, side, text)[0]
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "transformer_blocks." in n]
+    energies = {n: torch.rand(model.get_submodule(n).in_features) + 0.1 for n in names}
+    removed = dict.fromkeys(names, 1.0)
+    with torch.no_grad():
+        start = time.perf_counter()
+        model(**batch)
+        forward = time.perf_counter() - start
+
+    def run(k):
+        probed_gains(model, names, energies, removed, lambda sc: row_mask(sc, 0.7), [batch], [0], k)
+
+    seconds = []
+    for k in probes:
+        start = time.perf_counter()
+        run(k)
+        seconds.append(time.perf_counter() - start)
+    with measuring("cpu", hold=model.parameters()) as live:  # apart: the counter slows what it counts
+        run(probes[0])
+    peak = live.peak - live.peak_by_kind["weights"]
+    probe = (seconds[1] - seconds[0]) / (probes[1] - probes[0])
+    return {"forward_s": forward, "base_s": seconds[0] - probes[0] * probe, "probe_s": probe, "peak_bytes": peak,
+            "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()), "images": images,
+            "image_tokens": side * side, "text_tokens": text, "width": width}
+
+
 def _gain_forwards(options: dict, layers: dict, streams: dict, blocks: dict) -> dict[str, int]:
     """{block kind: forwards of such a block} per gain batch, as
     :func:`ditprune.gains.output_gains` runs them: the dense model once, then every forward from
@@ -108,12 +155,15 @@ def _gain_forwards(options: dict, layers: dict, streams: dict, blocks: dict) -> 
 
 
 def allocation_cost(block_rows: list[dict], curve_rows: list[dict], prune_hours: list[dict],
-                    real: dict | None = None) -> list[dict]:
+                    real: dict | None = None, probes: dict | None = None) -> list[dict]:
     """Hours ``auto`` adds to each extrapolated prune (``prune_hours``: rows of
     :func:`ditprune.costbench.extrapolate`), per setting of :data:`SETTINGS`: the allocation
     pass (calibration per sample of the statistics the curve needs x the real run's samples x
     blocks), the curves (measured per block x blocks) and the gains (forwards x the real run's
-    batch x forward seconds per sample); and their sum as a fraction of the prune."""
+    batch x forward seconds per sample; for ``gains="probes"``, ``probes`` (:func:`probe_costs`)
+    gives the probe path's seconds per batch as a multiple of a plain forward on the same
+    shape-true model, applied to the whole transformer's forward: the settings with probes are
+    left out without it); and their sum as a fraction of the prune."""
     from .fluxshapes import FLUX_DEV, REAL_RUN
 
     r = {**REAL_RUN, **(real or {})}
@@ -131,9 +181,15 @@ def allocation_cost(block_rows: list[dict], curve_rows: list[dict], prune_hours:
         pass_per_sample = sum(blocks[k] * rate[(curve, k)] for k in blocks)
         curve_s = sum(blocks[k] * curves[k]["curve_seconds"][curve] for k in blocks)
         for label, options in SETTINGS:
+            if options["gains"] == "probes" and not probes:
+                continue
             pass_s = min(samples, options.get("batches", samples) * r["batch"]) * pass_per_sample
-            runs = _gain_forwards(options, layers, streams, blocks)
-            per_batch = r["batch"] * sum(n * forward[k] for k, n in runs.items())
+            if options["gains"] == "probes":  # a multiple of the dense forward, measured on the code path
+                times = (probes["base_s"] + options["probes"] * probes["probe_s"]) / probes["forward_s"]
+                per_batch = r["batch"] * sum(blocks[k] * forward[k] for k in blocks) * times
+            else:
+                runs = _gain_forwards(options, layers, streams, blocks)
+                per_batch = r["batch"] * sum(n * forward[k] for k, n in runs.items())
             gains_s = options["gain_batches"] * per_batch
             extra = (pass_s + curve_s + gains_s) / 3600
             out.append({"method": method, "setting": label, "curve": curve, "pass_hours": pass_s / 3600,
@@ -154,7 +210,8 @@ def rerender(results) -> None:
 
     results = Path(results)
     data = json.loads((results / "cost.json").read_text())
-    data["allocation"] = allocation_cost(data["blocks"], data["allocation_curves"], data["transformer"])
+    data["allocation"] = allocation_cost(data["blocks"], data["allocation_curves"], data["transformer"],
+                                         probes=data.get("allocation_probes"))
     text = costbench.render(data["layers"], data["blocks"], data["transformer"], data["memory"], data["machine"],
                             data["block_dtype"], data["allocation"])
     with atomic_file(results / "cost.md") as tmp:

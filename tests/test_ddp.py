@@ -86,9 +86,10 @@ def test_two_processes_prune_as_one_process_on_the_union(tmp_path, options):
 
 @pytest.mark.parametrize("setting", [{"allocation_range": 0.2}, {"pattern": "2:4", "max_dense": 0.2},
                                      {"allocation_options": {"gain_batches": 2, "batches": 2}},
-                                     {"allocation_options": {"gain_batches": 1, "gains": "blocks"}}],
+                                     {"allocation_options": {"gain_batches": 1, "gains": "blocks"}},
+                                     {"allocation_options": {"gain_batches": 2, "gains": "probes", "probes": 4}}],
                          ids=["sparsity", "2:4 layers kept dense", "pass on 2 of 4 batches",
-                              "block gains on 1 batch: rank 1 measures none"])
+                              "block gains on 1 batch: rank 1 measures none", "gains by probes"])
 def test_every_rank_allocates_alike_and_as_one_process_on_the_union(tmp_path, setting):
     """Each rank computes the allocation itself from its shard (statistics and measured gains
     summed over the ranks) before rank 0's masks are broadcast: the two must agree, and agree
@@ -98,7 +99,8 @@ def test_every_rank_allocates_alike_and_as_one_process_on_the_union(tmp_path, se
     would differ. With a pattern the allocation is which layers stay dense (sparsity 0). With
     ``batches=2`` the pass reads those 2 batches too. With ``gain_batches=1`` one rank measures
     the batch picked and the other none (it adds zeros, and learns the blocks' stream counts
-    from the other)."""
+    from the other). With probes each batch draws its probes from a seed of its content, so a
+    rank draws for a batch what one process draws for it."""
     options = {"allocation": "auto", "allocation_options": {"gain_batches": 2}, **setting}
     r0, r1 = _run(tmp_path, "wanda", options)
     a0, a1 = _group(r0, "alloc/"), _group(r1, "alloc/")
