@@ -18,7 +18,9 @@ fraction of zeros over all targeted weights (:func:`fit_budget` makes it exact).
   Wanda's mask at s on a few calibration batches spread over the timesteps and divides the
   relative change of the model's output by the fraction of the layer's output energy that mask
   removes, measured as the curve is: by the diagonal for Wanda's curve, on the Gram matrix
-  (:func:`gram_removed`) for the curves below; ``gains="none"``: every g_l = 1). For a method that reconstructs (SparseGPT,
+  (:func:`gram_removed`) for the curves below; ``gains="probes"``: the same ratio to first
+  order, every layer at once from random probes of the output's gradient, :mod:`ditprune.probes`;
+  ``gains="none"``: every g_l = 1). For a method that reconstructs (SparseGPT,
   ``dit`` with ``reconstruct=True``), which loses less than Wanda's curve and unequally across
   layers, e_l is what SparseGPT itself loses on sampled rows at a few sparsities in the range
   (:func:`sparsegpt_curve`, ``curve="sparsegpt"``, the default for those methods; ``"obs"``:

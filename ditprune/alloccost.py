@@ -47,7 +47,9 @@ SETTINGS = [("defaults (gains per layer, 4 batches)", {"gains": "layers", "gain_
             ("gains per layer, 1 batch, pass on 32 batches", {"gains": "layers", "gain_batches": 1, "batches": 32}),
             ("gains by 16 probes, 4 batches", {"gains": "probes", "gain_batches": 4, "probes": 16}),
             ("gains by 16 probes, 4 batches, pass on 32 batches", {"gains": "probes", "gain_batches": 4, "probes": 16,
-                                                                   "batches": 32})]
+                                                                   "batches": 32}),
+            ("gains by 16 probes, 1 batch, pass on 32 batches", {"gains": "probes", "gain_batches": 1, "probes": 16,
+                                                                 "batches": 32})]
 
 
 def curve_costs(device="cpu", dtype=torch.bfloat16, dims: dict | None = None, sparsity: float = 0.7,
@@ -95,15 +97,18 @@ def curve_costs(device="cpu", dtype=torch.bfloat16, dims: dict | None = None, sp
 
 
 def probe_costs(width: int | None = None, images: int | None = None, side: int = 32, text: int | None = None,
-                probes: tuple[int, int] = (1, 3), progress: bool = True) -> dict:
+                probes: tuple[int, int] = (1, 3), device="cpu") -> dict:
     """``gains="probes"`` timed on its code path (:func:`ditprune.probes.probed_gains`) on a
     FLUX.1-dev-shaped transformer of one double and one single block (bf16, random weights, the
     real run's batch: 4 images of 32 x 32 latent tokens, 512 text tokens), against a plain
-    forward of the same model: {"forward_s", "base_s" (the checkpointed forward, the masks'
-    packing and what one batch does beyond its probes), "probe_s" (each probe: a recomputation
-    and a backward), "peak_bytes" (live tensor bytes above the weights while it runs, the
-    dispatch-mode count of :mod:`ditprune.memory`), "weight_bytes"}. Timed at two probe counts;
-    the difference gives a probe's seconds."""
+    forward of the same model: {"forward_s", "base_s" (what one batch does beyond its probes: the
+    checkpointed forward, the masks' packing), "probe_s" (each probe: a recomputation and a
+    backward), the live tensor bytes above the weights while it runs (the dispatch-mode count of
+    :mod:`ditprune.memory`) with one and with two pairs of blocks ("peak_bytes_1",
+    "peak_bytes_2") and "flux_peak_bytes", extrapolated to FLUX.1-dev's 57
+    blocks by the growth per block between the two (what a block keeps for the whole pass: its
+    checkpointed inputs)}. Timed at two probe counts after a warm-up run; the difference gives a
+    probe's seconds."""
     from . import membench
     from .fluxshapes import FLUX_DEV, REAL_RUN
     from .granularity import row_mask
@@ -111,31 +116,45 @@ def probe_costs(width: int | None = None, images: int | None = None, side: int =
     from .probes import probed_gains
 
     width, images, text = width or FLUX_DEV["dim"], images or REAL_RUN["batch"], text or FLUX_DEV["text_tokens"]
-    model = membench.flux_shaped(width, 1, 1)
+    model = membench.flux_shaped(width, 1, 1, device=device)
     batch = membench.flux_shaped_batches(model, 1, images, side, text)[0]
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "transformer_blocks." in n]
-    energies = {n: torch.rand(model.get_submodule(n).in_features) + 0.1 for n in names}
+    energies = {n: torch.rand(model.get_submodule(n).in_features, device=device) + 0.1 for n in names}
     removed = dict.fromkeys(names, 1.0)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     with torch.no_grad():
+        model(**batch)  # warm-up
+        sync()
         start = time.perf_counter()
         model(**batch)
+        sync()
         forward = time.perf_counter() - start
 
     def run(k):
         probed_gains(model, names, energies, removed, lambda sc: row_mask(sc, 0.7), [batch], [0], k)
 
+    run(probes[0])  # warm-up: the masks' first packing and the allocator's first pages are not per batch
     seconds = []
     for k in probes:
         start = time.perf_counter()
         run(k)
+        sync()
         seconds.append(time.perf_counter() - start)
-    with measuring("cpu", hold=model.parameters()) as live:  # apart: the counter slows what it counts
-        run(probes[0])
-    peak = live.peak - live.peak_by_kind["weights"]
     probe = (seconds[1] - seconds[0]) / (probes[1] - probes[0])
-    return {"forward_s": forward, "base_s": seconds[0] - probes[0] * probe, "probe_s": probe, "peak_bytes": peak,
-            "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()), "images": images,
-            "image_tokens": side * side, "text_tokens": text, "width": width}
+    out = {"forward_s": forward, "base_s": seconds[0] - probes[0] * probe, "probe_s": probe, "images": images,
+           "image_tokens": side * side, "text_tokens": text, "width": width}
+    for pairs in (1, 2):  # memory apart (the counter slows what it counts), at two depths
+        if pairs == 2:
+            model = membench.flux_shaped(width, 2, 2, device=device)
+        names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "transformer_blocks." in n]
+        energies = {n: torch.rand(model.get_submodule(n).in_features, device=device) + 0.1 for n in names}
+        with measuring(device, hold=model.parameters()) as live:
+            probed_gains(model, names, energies, dict.fromkeys(names, 1.0), lambda sc: row_mask(sc, 0.7), [batch], [0], 1)
+        out[f"peak_bytes_{pairs}"] = live.peak - live.peak_by_kind["weights"]
+    # each block's checkpointed inputs stay for the whole pass: the peak grows by them per block
+    per_block = (out["peak_bytes_2"] - out["peak_bytes_1"]) / 2
+    out["flux_peak_bytes"] = out["peak_bytes_1"] + (FLUX_DEV["double"] + FLUX_DEV["single"] - 2) * per_block
+    return out
 
 
 def _gain_forwards(options: dict, layers: dict, streams: dict, blocks: dict) -> dict[str, int]:
@@ -198,10 +217,11 @@ def allocation_cost(block_rows: list[dict], curve_rows: list[dict], prune_hours:
     return out
 
 
-def rerender(results) -> None:
+def rerender(results, probe: bool = False) -> None:
     """Recompute the allocation rows of a ``ditprune bench --cost`` run from its stored
     measurements (``cost.json`` in ``results``) with the current :data:`SETTINGS`, and rewrite
-    ``cost.json`` and ``cost.md`` there: no measurement is redone."""
+    ``cost.json`` and ``cost.md`` there: no measurement is redone, except :func:`probe_costs`
+    with ``probe`` (``python -m ditprune.alloccost benchmarks/results --probes``)."""
     import json
     from pathlib import Path
 
@@ -210,18 +230,20 @@ def rerender(results) -> None:
 
     results = Path(results)
     data = json.loads((results / "cost.json").read_text())
+    if probe:  # measure the probes now (the other rows' measurements are kept)
+        data["allocation_probes"] = probe_costs()
     data["allocation"] = allocation_cost(data["blocks"], data["allocation_curves"], data["transformer"],
                                          probes=data.get("allocation_probes"))
     text = costbench.render(data["layers"], data["blocks"], data["transformer"], data["memory"], data["machine"],
-                            data["block_dtype"], data["allocation"])
+                            data["block_dtype"], data["allocation"], data.get("allocation_probes"))
     with atomic_file(results / "cost.md") as tmp:
         tmp.write_text(text + "\n")
     with atomic_file(results / "cost.json") as tmp:
         tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
 
 
-def render(rows: list[dict]) -> list[str]:
-    """Markdown lines for :func:`allocation_cost`'s rows."""
+def render(rows: list[dict], probes: dict | None = None) -> list[str]:
+    """Markdown lines for :func:`allocation_cost`'s rows (and :func:`probe_costs`'s measurement)."""
     lines = ["", "What `allocation=\"auto\"` adds to those prunes (whole transformer, extrapolated from the block runs "
                  "above and curves timed on every Linear of a shape-true block; see `ditprune/alloccost.py`). "
                  "The allocation pass is a second calibration pass with the statistics the curve needs; "
@@ -231,10 +253,23 @@ def render(rows: list[dict]) -> list[str]:
     lines += [f"| {r['method']} | {r['setting']} | {r['curve']} | {r['pass_hours']:.2f} | {r['curve_hours']:.2f} | "
               f"{r['gain_hours']:.2f} | {r['extra_hours']:.2f} | {r['prune_hours']:.2f} | {r['fraction']:.0%} |"
               for r in rows]
+    if probes:
+        gib = 2**30
+        lines += ["", f"Gains by probes (`ditprune.probes`), timed on their code path on a FLUX.1-dev-shaped transformer "
+                      f"of one double and one single block ({probes['images']} images, {probes['image_tokens']} image and "
+                      f"{probes['text_tokens']} text tokens, bf16): a plain forward {probes['forward_s']:.2f} s; per batch "
+                      f"{probes['base_s']:.2f} s ({probes['base_s'] / probes['forward_s']:.1f} forwards: the checkpointed "
+                      f"forward and the masks' packing, after a warm-up run; a prune packs them once, priced here per batch: "
+                      f"an upper bound) plus {probes['probe_s']:.2f} s per probe "
+                      f"({probes['probe_s'] / probes['forward_s']:.1f} forwards: a recomputation with the layers' error "
+                      "terms and a backward). The rows above price the whole transformer's gains as those multiples of "
+                      "its forward. Memory above the weights while they run (live tensor bytes): "
+                      f"{probes['peak_bytes_1'] / gib:.2f} GiB with one pair of blocks, {probes['peak_bytes_2'] / gib:.2f} "
+                      f"GiB with two; at 57 blocks, by that growth per block, {probes['flux_peak_bytes'] / gib:.2f} GiB."]
     return lines
 
 
-if __name__ == "__main__":  # python -m ditprune.alloccost benchmarks/results
+if __name__ == "__main__":  # python -m ditprune.alloccost benchmarks/results [--probes]
     import sys
 
-    rerender(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results")
+    rerender(next((a for a in sys.argv[1:] if not a.startswith("--")), "benchmarks/results"), "--probes" in sys.argv)

@@ -281,22 +281,23 @@ def run_cost(out: Path, quick: bool = False, repeats: int = 2, images: int = 1, 
                              progress=progress, dtype=getattr(torch, dtype))
     whole = extrapolate([r for r in block_rows if r["method"] != MEMORY_ONLY[0]])
     curve_rows = alloccost.curve_costs(device, getattr(torch, dtype), progress=progress)
-    allocation = alloccost.allocation_cost(block_rows, curve_rows, whole)
+    probes = alloccost.probe_costs(device=device)
+    allocation = alloccost.allocation_cost(block_rows, curve_rows, whole, probes=probes)
     memory = [memory_account(block_rows, method=m) for m in dict.fromkeys(r["method"] for r in block_rows)]
     machine = (torch.cuda.get_device_name(device) if torch.device(device).type == "cuda"
                else f"CPU, {torch.get_num_threads()} threads")
-    text = render(layer_rows, block_rows, whole, memory, machine, dtype, allocation)
+    text = render(layer_rows, block_rows, whole, memory, machine, dtype, allocation, probes)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_file(out / "cost.md") as tmp:
         tmp.write_text(text + "\n")
     with atomic_file(out / "cost.json") as tmp:
         tmp.write_text(json.dumps({"machine": machine, "block_dtype": dtype, "layers": layer_rows, "blocks": block_rows, "transformer": whole,
-                                   "allocation_curves": curve_rows, "allocation": allocation, "memory": memory, "gram_flops": gram_flops()}, indent=1, default=str) + "\n")
+                                   "allocation_curves": curve_rows, "allocation_probes": probes, "allocation": allocation, "memory": memory, "gram_flops": gram_flops()}, indent=1, default=str) + "\n")
     return {"table": text, "outputs": {"table": str(out / "cost.md"), "json": str(out / "cost.json")}}
 
 
 def render(layer_rows, block_rows, whole, memory, machine: str, dtype: str = "bfloat16",
-           allocation: list[dict] | None = None) -> str:
+           allocation: list[dict] | None = None, probes: dict | None = None) -> str:
     lines = [f"Machine: {machine}. Random weights, real shapes; statistics as described in "
              "`ditprune/costbench.py`. Peak: live tensor bytes the call created (CPU), the allocator's peak (GPU).", "",
              "| shape (out x in) | tokens | method | seconds | x Wanda | x SparseGPT | peak MiB |", "|---|---|---|---|---|---|---|"]
@@ -328,7 +329,7 @@ def render(layer_rows, block_rows, whole, memory, machine: str, dtype: str = "bf
         lines += [f"| {w['method']} | {w['mask_hours']:.2f} | {w['calibration_hours']:.2f} | {w['total_hours']:.2f} |"
                   for w in whole]
     if allocation:
-        lines += alloccost.render(allocation)
+        lines += alloccost.render(allocation, probes)
     if memory:
         lines += ["", "Device memory of `configs/flux_dev.yaml` (bf16, block by block, `offload: cpu`), composed "
                       "from the measured block runs (GiB): weights (bf16) + masks (1 bit per weight) + the most a "

@@ -128,7 +128,9 @@ def test_allocation_cost_counts_what_auto_runs():
     curves = [{"block": "double", "layers": 14, "streams": 2, "curve_seconds": {"sparsegpt": 10.0, "wanda": 1.0}},
               {"block": "single", "layers": 6, "streams": 2, "curve_seconds": {"sparsegpt": 4.0, "wanda": 0.5}}]
     prunes = [{"method": "wanda", "total_hours": 10.0}, {"method": "sparsegpt", "total_hours": 50.0}]
-    rows = {(r["method"], r["setting"]): r for r in allocation_cost(blocks, curves, prunes)}
+    probes = {"forward_s": 2.0, "base_s": 3.0, "probe_s": 5.0}
+    assert len(allocation_cost(blocks, curves, prunes)) == 2 * sum(o["gains"] != "probes" for _, o in SETTINGS)
+    rows = {(r["method"], r["setting"]): r for r in allocation_cost(blocks, curves, prunes, probes=probes)}
     assert len(rows) == 2 * len(SETTINGS)
     samples, batch, model = 64 * 28, 4, 19 * 0.5 + 38 * 0.25  # model forward per sample: the wanda rates
     sgpt = [rows[("sparsegpt", label)] for label, _ in SETTINGS]
@@ -142,6 +144,10 @@ def test_allocation_cost_counts_what_auto_runs():
     local = 19 * 16 * 0.5 + 38 * 8 * 0.25  # layers + 2 forwards of the block alone, per block
     assert sgpt[1]["gain_hours"] == pytest.approx(batch * (model + 2 * sum(tail) + local) / 3600)
     assert sgpt[2]["pass_hours"] == pytest.approx(32 * batch * (19 * 2.0 + 38 * 1.0) / 3600)
+    # probes: per batch the measured multiples of a forward, (3 + 16 x 5) / 2 forwards, on 4 batches
+    for r, (_, o) in zip(sgpt, SETTINGS):
+        if o["gains"] == "probes":
+            assert r["gain_hours"] == pytest.approx(4 * batch * model * (3.0 + 16 * 5.0) / 2.0 / 3600)
     for r in sgpt:
         assert r["fraction"] == pytest.approx((r["pass_hours"] + r["curve_hours"] + r["gain_hours"]) / 50.0)
     wanda = rows[("wanda", SETTINGS[0][0])]
@@ -169,7 +175,10 @@ def test_rerender_recomputes_the_allocation_rows_from_a_stored_run(tmp_path):
               for b in ("double", "single")]
     stored = {"machine": "test", "block_dtype": "bfloat16", "layers": [], "blocks": blocks,
               "transformer": [{"method": "sparsegpt", "mask_hours": 1.0, "calibration_hours": 9.0, "total_hours": 10.0}],
-              "allocation_curves": curves, "allocation": [], "memory": []}
+              "allocation_curves": curves, "allocation": [], "memory": [],
+              "allocation_probes": {"forward_s": 1.0, "base_s": 2.0, "probe_s": 3.0, "images": 4, "image_tokens": 1024,
+                                    "text_tokens": 512, "peak_bytes_1": 2**30, "peak_bytes_2": 2**31,
+                                    "flux_peak_bytes": 29.5 * 2**30}}
     (tmp_path / "cost.json").write_text(json.dumps(stored))
     rerender(tmp_path)
     data = json.loads((tmp_path / "cost.json").read_text())
@@ -177,3 +186,16 @@ def test_rerender_recomputes_the_allocation_rows_from_a_stored_run(tmp_path):
     assert data["blocks"] == blocks  # the measurements are kept as they were
     text = (tmp_path / "cost.md").read_text()
     assert all(label in text for label, _ in SETTINGS) and "added / prune" in text
+    assert "3.00 s per probe" in text and "at 57 blocks, by that growth per block, 29.50 GiB" in text
+
+
+def test_probe_costs_on_the_code_path_and_their_memory_by_depth():
+    """probe_costs times probed_gains at two probe counts on a small FLUX-shaped model and
+    counts its memory with one and two pairs of blocks; the whole-transformer figure is the
+    one-pair peak plus the growth per block times the 55 further blocks."""
+    from ditprune.alloccost import probe_costs
+
+    r = probe_costs(width=256, images=1, side=8, text=16)
+    assert r["forward_s"] > 0 and r["base_s"] + r["probe_s"] > 0
+    assert r["peak_bytes_2"] > r["peak_bytes_1"] > 0  # deeper: more checkpointed inputs held
+    assert r["flux_peak_bytes"] == pytest.approx(r["peak_bytes_1"] + 55 * (r["peak_bytes_2"] - r["peak_bytes_1"]) / 2)
