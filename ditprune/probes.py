@@ -66,7 +66,9 @@ class _Probe:
         self.model, self.names, self.energies, self.keep_of, self.bits = model, names, energies, keep_of, bits
         self.layers = [model.get_submodule(n) for n in names]
         self.blocks = [m for _, m in models.blocks(model)]
-        self.lift = torch.zeros((), requires_grad=True)  # puts every layer's output on the graph
+        self.lifts: dict[torch.device, torch.Tensor] = {}  # per device a zero leaf: puts every layer's output on the graph
+        self.dots = torch.zeros(0)  # (layer, probe) -> (J^T v) . d over the layer's calls
+        self.probe = 0
         self.backward = False  # True while the probes run: a block's forward then is its recomputation
         self.current: int | None = None  # the block whose forward runs now (None: outside the blocks)
         self.calls: dict[tuple, int] = {}  # (block or None, layer) -> calls so far (a block's count afresh each run)
@@ -88,7 +90,9 @@ class _Probe:
             key = (where, i, c)
             if self.backward or where is None:  # a block's layers: in its recomputation, one block at a time
                 self.kept[key] = self.delta(i, module, args[0])
-            y = out + self.lift.to(out.dtype)  # the same operations in a recomputation (checkpoint checks them)
+            if out.device not in self.lifts:
+                self.lifts[out.device] = torch.zeros((), device=out.device, requires_grad=True)
+            y = out + self.lifts[out.device].to(out.dtype)  # the same operations in a recomputation (checkpoint checks them)
             if not self.backward:
                 y.register_hook(lambda g: self.dot(i, key, g))
             return y
@@ -124,10 +128,10 @@ class _Probe:
                 out = getattr(out, "sample", out[0] if isinstance(out, (tuple, list)) else out)
                 gen = torch.Generator().manual_seed(seed)
                 self.backward = True
-                for k in range(probes):
+                for k in range(probes if self.lifts else 0):  # no measured layer ran: nothing to probe
                     self.probe = k
                     v = (torch.randint(0, 2, out.shape, generator=gen) * 2 - 1).to(out.device, out.dtype)
-                    torch.autograd.backward(out, v, retain_graph=k < probes - 1, inputs=[self.lift])
+                    torch.autograd.backward(out, v, retain_graph=k < probes - 1, inputs=list(self.lifts.values()))
         finally:
             for h in handles:
                 h.remove()
