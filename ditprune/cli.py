@@ -253,6 +253,7 @@ def _prune_help() -> str:
         "  pruning.options      the method's own, e.g. {alpha: 0.4} or {reconstruct: true}\n"
         "  pruning.allocation   uniform (default) | owl | auto: a sparsity per layer, same total\n"
         "  pruning.allocation_range   how far a layer may go from pruning.sparsity (default 0.2)\n"
+        "  pruning.allocation_options auto's: {gains: layers|blocks|probes|none, probes, gain_batches, batches, ...}\n"
         "  pruning.max_dense    with a pattern and allocation auto: fraction of weights left dense (default 0)\n"
         "  quantization.config  int8_weight_only | float8_weight_only | intx_weight_only | int8_dynamic\n"
         "  export.output_dir    where outputs go           export.format  diffusers | compressed\n"

@@ -67,6 +67,7 @@ class PruningConfig:
     options: dict[str, Any] = field(default_factory=dict)  # the method's own options, e.g. {alpha: 0.4}
     allocation: str = "uniform"  # uniform | owl | auto: one sparsity per layer under the same budget
     allocation_range: float = 0.2  # each layer within sparsity +- this (clipped to [0, 0.99])
+    allocation_options: dict[str, Any] = field(default_factory=dict)  # owl's / auto's, e.g. {gains: probes, batches: 32}
     max_dense: float = 0.0  # with a pattern and allocation auto: fraction of targeted weights that may stay dense
     structure: Optional[str] = None  # heads | mlp | heads+mlp: first remove whole heads / MLP channels
     structure_sparsity: float = 0.25  # the fraction of heads and channels removed in every block

@@ -60,7 +60,8 @@ def recipe_prune_kwargs(pruning: DictConfig, method: str) -> dict[str, Any]:
     p = OmegaConf.to_container(pruning, resolve=True)
     kw = dict(targets=p["targets"], ignore=p["ignore"], overrides=p["overrides"] or None,
               block_sequential=p["block_sequential"], offload=p["offload"], backup=False,
-              allocation=p["allocation"], allocation_range=p["allocation_range"], max_dense=p["max_dense"])
+              allocation=p["allocation"], allocation_range=p["allocation_range"], max_dense=p["max_dense"],
+              allocation_options=p["allocation_options"] or None)
     if method == p["method"]:
         kw.update(p["options"])
     return kw

@@ -90,6 +90,9 @@ CASES = [  # (arguments after `prune`, expected part of the message)
     (["pruning.allocation=auto", "pruning.allocation_range=2"], "allocation_range must be a number in [0, 0.99]"),
     (["pruning.allocation=owl", "pruning.pattern=2:4"], "with a pattern every pruned layer keeps it"),
     (["pruning.max_dense=0.1"], "max_dense chooses layers to keep dense under an N:M pattern"),
+    (["pruning.allocation=auto", "pruning.allocation_options.gains=fast"], "allocation_options.gains must be one of"),
+    (["pruning.allocation=auto", "pruning.allocation_options={gains: probes, probes: 0}"],
+     "allocation_options.probes must be a positive integer"),
     (["pruning.targets=attn"], "did you mean pruning.targets=[attn]?"),
 ])
 def test_structural_errors_come_before_calibration(args, message, capsys, tmp_path, monkeypatch):

@@ -85,3 +85,17 @@ def test_calibration_seed_takes_effect_on_the_reference_path(monkeypatch, tmp_pa
     with pytest.raises(Stop):
         main(["prune", "calibration.seed=7", f"export.output_dir={tmp_path / 'out'}"])
     assert seen["seed"] == 7
+
+
+def test_allocation_options_reach_the_prune_for_every_compared_method():
+    """``pruning.allocation_options`` (the FLUX.1-dev recipe ships the options measured for its
+    scale) reach ``prune`` as ``allocation_options``, for the recipe's method and for a
+    baseline compared beside it; a command-line override replaces a key."""
+    from ditprune.runner import recipe_prune_kwargs
+
+    recipe = load_recipe("flux_dev")
+    for method in (recipe.pruning.method, "wanda"):
+        assert recipe_prune_kwargs(recipe.pruning, method)["allocation_options"] == {"gains": "probes", "batches": 32}
+    recipe = load_recipe("flux_dev", ["pruning.allocation_options.batches=8"])
+    assert recipe_prune_kwargs(recipe.pruning, "dit")["allocation_options"] == {"gains": "probes", "batches": 8}
+    assert recipe_prune_kwargs(load_recipe("demo").pruning, "dit")["allocation_options"] is None
