@@ -144,10 +144,12 @@ def test_allocation_cost_counts_what_auto_runs():
     local = 19 * 16 * 0.5 + 38 * 8 * 0.25  # layers + 2 forwards of the block alone, per block
     assert sgpt[1]["gain_hours"] == pytest.approx(batch * (model + 2 * sum(tail) + local) / 3600)
     assert sgpt[2]["pass_hours"] == pytest.approx(32 * batch * (19 * 2.0 + 38 * 1.0) / 3600)
-    # probes: per batch the measured multiples of a forward, (3 + 16 x 5) / 2 forwards, on 4 batches
-    for r, (_, o) in zip(sgpt, SETTINGS):
-        if o["gains"] == "probes":
-            assert r["gain_hours"] == pytest.approx(4 * batch * model * (3.0 + 16 * 5.0) / 2.0 / 3600)
+    # probes: per batch the measured multiples of a forward, (3 + probes x 5) / 2 forwards, per gain batch
+    probed = [(r, o) for r, (_, o) in zip(sgpt, SETTINGS) if o["gains"] == "probes"]
+    assert probed
+    for r, o in probed:
+        times = (3.0 + o["probes"] * 5.0) / 2.0
+        assert r["gain_hours"] == pytest.approx(o["gain_batches"] * batch * model * times / 3600)
     for r in sgpt:
         assert r["fraction"] == pytest.approx((r["pass_hours"] + r["curve_hours"] + r["gain_hours"]) / 50.0)
     wanda = rows[("wanda", SETTINGS[0][0])]
