@@ -19,7 +19,8 @@
    runs the model from the layer's block on once per targeted layer and gain batch;
    ``gains=blocks`` from each block on once per output stream and gain batch, and the block
    alone ``layers + 2`` times per gain batch. Both run the dense model once per gain batch
-   first.
+   first. ``gains=probes`` (:mod:`ditprune.probes`) is priced as the multiple of a plain
+   forward that :func:`probe_costs` measures on its code path, per batch and per probe.
 
 ``allocation_options={"batches": k}`` limits the pass to k calibration batches spread over the
 timesteps (:func:`ditprune.allocating.pick_batches`; its price scales with them; the curves are
@@ -49,7 +50,11 @@ SETTINGS = [("defaults (gains per layer, 4 batches)", {"gains": "layers", "gain_
             ("gains by 16 probes, 4 batches, pass on 32 batches", {"gains": "probes", "gain_batches": 4, "probes": 16,
                                                                    "batches": 32}),
             ("gains by 16 probes, 1 batch, pass on 32 batches", {"gains": "probes", "gain_batches": 1, "probes": 16,
-                                                                 "batches": 32})]
+                                                                 "batches": 32}),
+            ("gains by 8 probes, 2 batches, pass on 32 batches", {"gains": "probes", "gain_batches": 2, "probes": 8,
+                                                                  "batches": 32}),
+            ("gains by 4 probes, 4 batches, pass on 32 batches", {"gains": "probes", "gain_batches": 4, "probes": 4,
+                                                                  "batches": 32})]
 
 
 def curve_costs(device="cpu", dtype=torch.bfloat16, dims: dict | None = None, sparsity: float = 0.7,
