@@ -37,9 +37,9 @@ def check(allocation, spread, options, pattern, max_dense=0.0) -> str:
     unknown = sorted(set(options or {}) - OPTIONS)
     if unknown:
         raise InputError(f"allocation_options: unknown {unknown}; OWL takes 'm' (outlier threshold) and 'lam', "
-                         "auto 'gains' ('layers', 'blocks', 'probes' or 'none'), 'probes' (how many, with gains 'probes'), 'gain_batches', 'gain_sparsities' (1 or 2), "
-                         "'curve' ('wanda', 'obs' or 'sparsegpt') and 'batches' (how many calibration batches the "
-                         "allocation pass reads)")
+                         "auto 'gains' ('layers', 'blocks', 'probes' or 'none'), 'probes' (how many, with gains "
+                         "'probes'), 'gain_batches', 'gain_sparsities' (1 or 2), 'curve' ('wanda', 'obs' or "
+                         "'sparsegpt') and 'batches' (how many calibration batches the allocation pass reads)")
     gains = (options or {}).get("gains", "layers")
     if gains not in GAINS:
         raise InputError(f"allocation_options.gains must be one of {list(GAINS)}, got {gains!r}")
@@ -136,15 +136,13 @@ def allocate(model: nn.Module, names: list[str], allocation: str, sparsity: floa
     weights_of = [model.get_submodule(n).weight.detach() for n in names]
     energies = [energy_of[n] for n in names]
     sizes = [w.numel() for w in weights_of]
-    per = options.get("gains", "layers")
-    groups = (gain_groups(model, names, per) if per in ("layers", "blocks") else (per, options)) if per != "none" else None
     # the gains' batches spread over the calibration's timesteps like the pass's (pick_batches):
     # the first ones of a sampler's trajectories are all its first steps, near pure noise
     batches = [calibration[i] for i in pick_batches(calibration, options.get("gain_batches", 4), sync)]
+    measure = _gain_measure(model, names, energies, options, batches, sync)
     if nm is not None:
         removed = [A.nm_removed(w, e, *nm) for w, e in zip(weights_of, energies)]
-        gains = (_gains(model, groups, names, energies, removed, lambda sc: nm_mask(sc, *nm), batches, sync)
-                 if groups else [1.0] * len(names))
+        gains = measure(removed, lambda sc: nm_mask(sc, *nm)) if measure else [1.0] * len(names)
         costs = [g * r for g, r in zip(gains, removed)]
         dense = A.keep_dense(costs, sizes, max_dense)
         log.info("allocation auto at %d:%d: %d of %d layers stay dense (%.3f of their weights): %s", *nm, sum(dense),
@@ -160,10 +158,10 @@ def allocate(model: nn.Module, names: list[str], allocation: str, sparsity: floa
         wanda = [A.removal_curve(w, e) for w, e in zip(weights_of, energies)]
         curves = [curve_of[n] for n in names] if gram else wanda
         at = []  # per point: the gains measured there
-        for i, p in enumerate(points if groups else []):
+        for i, p in enumerate(points if measure else []):
             # the gain's denominator on the same footing as the curve it multiplies
             removed = [removed_of[n][i] for n in names] if gram else [A.value_at(c, p) for c in wanda]
-            at.append(_gains(model, groups, names, energies, removed, lambda sc, p=p: row_mask(sc, p), batches, sync))
+            at.append(measure(removed, lambda sc, p=p: row_mask(sc, p)))
         if len(at) == 2:  # g_l(s) through both ends: the curves carry the gains
             alloc, _ = A.auto([A.gained_curve(c, lo, a, hi, b) for c, a, b in zip(curves, *at)], sizes, sparsity,
                               spread)
@@ -205,14 +203,24 @@ def _key(batch: dict) -> tuple[float, float]:
     return step, mark
 
 
-def _gains(model, groups, names, energies, removed, keep_of, batches, sync) -> list[float]:
-    if groups[0] == "probes":
-        options = groups[1]
-        gains = probed_gains(model, names, dict(zip(names, energies)), dict(zip(names, removed)), keep_of, batches,
-                             [_seed(b) for b in batches], options.get("probes", 16), sync)
-        return [gains[n] for n in names]
-    gains = output_gains(model, groups, dict(zip(names, energies)), dict(zip(names, removed)), keep_of, batches, sync)
-    return [gains[n] for n in names]
+def _gain_measure(model, names, energies, options, batches, sync):
+    """``(removed, keep_of) -> [gain per name]``, measured as ``options["gains"]`` says
+    (:func:`ditprune.gains.output_gains` per layer or per block, :func:`ditprune.probes.probed_gains`
+    by probes), on ``batches``; None with ``"none"``."""
+    per, energy = options.get("gains", "layers"), dict(zip(names, energies))
+    if per == "none":
+        return None
+    if per == "probes":
+        seeds, probes = [_seed(b) for b in batches], options.get("probes", 16)
+
+        def run(removed, keep_of):
+            return probed_gains(model, names, energy, removed, keep_of, batches, seeds, probes, sync)
+    else:
+        groups = gain_groups(model, names, per)
+
+        def run(removed, keep_of):
+            return output_gains(model, groups, energy, removed, keep_of, batches, sync)
+    return lambda removed, keep_of: list(map(run(dict(zip(names, removed)), keep_of).get, names))
 
 
 def _seed(batch: dict) -> int:

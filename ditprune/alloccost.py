@@ -121,11 +121,13 @@ def probe_costs(width: int | None = None, images: int | None = None, side: int =
     from .probes import probed_gains
 
     width, images, text = width or FLUX_DEV["dim"], images or REAL_RUN["batch"], text or FLUX_DEV["text_tokens"]
+    def run(model, k):  # the blocks' Linears, random input energies, Wanda's mask at 70%
+        names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "transformer_blocks." in n]
+        energies = {n: torch.rand(model.get_submodule(n).in_features, device=device) + 0.1 for n in names}
+        probed_gains(model, names, energies, dict.fromkeys(names, 1.0), lambda sc: row_mask(sc, 0.7), [batch], [0], k)
+
     model = membench.flux_shaped(width, 1, 1, device=device)
     batch = membench.flux_shaped_batches(model, 1, images, side, text)[0]
-    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "transformer_blocks." in n]
-    energies = {n: torch.rand(model.get_submodule(n).in_features, device=device) + 0.1 for n in names}
-    removed = dict.fromkeys(names, 1.0)
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     with torch.no_grad():
         model(**batch)  # warm-up
@@ -135,14 +137,11 @@ def probe_costs(width: int | None = None, images: int | None = None, side: int =
         sync()
         forward = time.perf_counter() - start
 
-    def run(k):
-        probed_gains(model, names, energies, removed, lambda sc: row_mask(sc, 0.7), [batch], [0], k)
-
-    run(probes[0])  # warm-up: the masks' first packing and the allocator's first pages are not per batch
+    run(model, probes[0])  # warm-up: the allocator's first pages are not per batch
     seconds = []
     for k in probes:
         start = time.perf_counter()
-        run(k)
+        run(model, k)
         sync()
         seconds.append(time.perf_counter() - start)
     probe = (seconds[1] - seconds[0]) / (probes[1] - probes[0])
@@ -151,10 +150,8 @@ def probe_costs(width: int | None = None, images: int | None = None, side: int =
     for pairs in (1, 2):  # memory apart (the counter slows what it counts), at two depths
         if pairs == 2:
             model = membench.flux_shaped(width, 2, 2, device=device)
-        names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "transformer_blocks." in n]
-        energies = {n: torch.rand(model.get_submodule(n).in_features, device=device) + 0.1 for n in names}
         with measuring(device, hold=model.parameters()) as live:
-            probed_gains(model, names, energies, dict.fromkeys(names, 1.0), lambda sc: row_mask(sc, 0.7), [batch], [0], 1)
+            run(model, 1)
         out[f"peak_bytes_{pairs}"] = live.peak - live.peak_by_kind["weights"]
     # each block's checkpointed inputs stay for the whole pass: the peak grows by them per block
     per_block = (out["peak_bytes_2"] - out["peak_bytes_1"]) / 2
