@@ -48,9 +48,10 @@ def method_curve(weight: torch.Tensor, stats, lo: float, hi: float) -> torch.Ten
 @torch.no_grad()
 def calibration_error(dense, pruned, batches: list[dict]) -> float:
     """The pruned model's output error energy on ``batches`` over the dense output's."""
+    from ditprune.models import prediction
+
     def out(model, b):
-        o = model(**b)
-        return getattr(o, "sample", o[0] if isinstance(o, (tuple, list)) else o).float()
+        return prediction(model(**b)).float()
 
     err = total = 0.0
     for b in batches:

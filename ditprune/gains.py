@@ -79,9 +79,7 @@ def output_gains(model: nn.Module, groups, energies: dict, removed: dict, keep_o
 
     def output(i):
         resume.batch = i
-        out = model(**batches[i])
-        out = getattr(out, "sample", out[0] if isinstance(out, (tuple, list)) else out)
-        return out.float()
+        return models.prediction(model(**batches[i])).float()
 
     with resume.recording():
         dense = [output(i) for i in range(len(batches))]
@@ -236,18 +234,9 @@ class _Resume:
 
     @contextlib.contextmanager
     def skipping(self, start: int):
-        skipped = self.modules[:start] if self.saved is not None else ()
-        own = [m.__dict__.get("forward") for m in skipped]  # an instance's own forward (e.g. an offload hook's)
-        for j, m in enumerate(skipped):
-            m.forward = lambda *args, j=j, **kwargs: _to(*self.saved[self.batch][j])
-        try:
+        skipped = self.modules[:start] if self.saved is not None else []
+        with models.forwards_replaced(skipped, lambda j, m: lambda *args, **kwargs: _to(*self.saved[self.batch][j])):
             yield
-        finally:
-            for m, forward in zip(skipped, own):
-                if forward is None:
-                    del m.forward
-                else:
-                    m.forward = forward
 
 
 def _to(out, device):

@@ -118,14 +118,10 @@ class _Probe:
 
     def run(self, batch, seed, probes) -> list[float]:
         self.dots = torch.zeros(len(self.layers), probes, dtype=torch.float64)
-        own = [b.__dict__.get("forward") for b in self.blocks]  # an instance's own forward (e.g. an offload hook's)
         handles = [m.register_forward_hook(self.hook(i)) for i, m in enumerate(self.layers)]
-        for j, b in enumerate(self.blocks):
-            b.forward = self.checkpointed(j, b)
         try:
-            with torch.enable_grad():
-                out = self.model(**batch)
-                out = getattr(out, "sample", out[0] if isinstance(out, (tuple, list)) else out)
+            with models.forwards_replaced(self.blocks, self.checkpointed), torch.enable_grad():
+                out = models.prediction(self.model(**batch))
                 gen = torch.Generator().manual_seed(seed)
                 self.backward = True
                 for k in range(probes if self.lifts else 0):  # no measured layer ran: nothing to probe
@@ -135,9 +131,4 @@ class _Probe:
         finally:
             for h in handles:
                 h.remove()
-            for b, forward in zip(self.blocks, own):
-                if forward is None:
-                    del b.forward
-                else:
-                    b.forward = forward
         return self.dots.pow(2).mean(1).tolist() + [float(out.detach().float().pow(2).sum())]

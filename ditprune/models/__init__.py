@@ -7,12 +7,14 @@ the final projection stay dense unless targeted. Unknown models fall back to the
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["Family", "FAMILIES", "family_of", "blocks", "default_targets", "text_layers", "check_batch"]
+__all__ = ["Family", "FAMILIES", "family_of", "blocks", "default_targets", "text_layers", "check_batch",
+           "prediction", "forwards_replaced"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,30 @@ def blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
         for i, block in enumerate(model.get_submodule(list_name)):
             out.append((f"{list_name}.{i}", block))
     return out
+
+
+def prediction(out):
+    """The denoiser's prediction in a model's return value: a diffusers output's ``sample``, the
+    first item of a tuple or list, else the value itself."""
+    return getattr(out, "sample", out[0] if isinstance(out, (tuple, list)) else out)
+
+
+@contextlib.contextmanager
+def forwards_replaced(modules, make):
+    """Inside: the j-th of ``modules`` runs ``make(j, module)`` (called with the module's current
+    ``forward``, which it may wrap) as its forward; after, each gets back its own instance
+    ``forward`` (e.g. an offload hook's) or its class's."""
+    own = [m.__dict__.get("forward") for m in modules]
+    for j, m in enumerate(modules):
+        m.forward = make(j, m)
+    try:
+        yield
+    finally:
+        for m, forward in zip(modules, own):
+            if forward is None:
+                del m.forward
+            else:
+                m.forward = forward
 
 
 def default_targets(model: nn.Module) -> list[str]:
