@@ -77,8 +77,10 @@ def main(argv: list[str] | None = None) -> None:
     shipped_curve, shipped_auto = allocating.layer_curve, A.auto
     mode, seen = {"curve": "shipped"}, {}
 
-    def curve(weight, stats, kind, lo, hi):
-        return method_curve(weight, stats, lo, hi) if mode["curve"] == "method" else shipped_curve(weight, stats, kind, lo, hi)
+    def curve(weight, stats, kind, lo, hi, gram=None):
+        if mode["curve"] == "method":
+            return method_curve(weight, stats, lo, hi)
+        return shipped_curve(weight, stats, kind, lo, hi, gram)
 
     def auto(curves, sizes, sparsity, spread, gains=None):
         alloc, predicted = shipped_auto(curves, sizes, sparsity, spread, gains)

@@ -66,15 +66,17 @@ def check(allocation, spread, options, pattern, max_dense=0.0) -> str:
     return allocation
 
 
-def layer_curve(weight: torch.Tensor, stats, curve: str, lo: float, hi: float) -> torch.Tensor:
+def layer_curve(weight: torch.Tensor, stats, curve: str, lo: float, hi: float, gram: torch.Tensor | None = None
+                ) -> torch.Tensor:
     """The removal curve ``curve`` (``obs`` or ``sparsegpt``) of one layer from its input
-    statistics. A layer with few tokens (:attr:`ditprune.stats.InputStats.few_tokens`) gets
+    statistics (``gram``: their Gram matrix, when the caller holds it already). A layer with few tokens (:attr:`ditprune.stats.InputStats.few_tokens`) gets
     SparseGPT fitted on some tokens and judged on the held-out ones, as the prune judges its own
     fit there; with none to judge on, the prune fits nothing and Wanda's curve holds."""
+    gram = stats.gram if gram is None else gram
     if curve == "obs":  # measured worse at 80%: opt-in
-        return A.obs_curve(weight, stats.gram)
+        return A.obs_curve(weight, gram)
     if not stats.few_tokens:
-        return A.sparsegpt_curve(weight, stats.gram, lo, hi)
+        return A.sparsegpt_curve(weight, gram, lo, hi)
     held = stats.holdout()
     return A.sparsegpt_curve(weight, held[0], lo, hi, judge=held[1]) if held else A.removal_curve(weight, stats.energy)
 
@@ -119,8 +121,10 @@ def allocate(model: nn.Module, names: list[str], allocation: str, sparsity: floa
             st, w = stats[f"{n}.weight"], model.get_submodule(n).weight.detach()
             energy_of[n] = st.energy
             if gram:
-                curve_of[n] = layer_curve(w, st, curve, lo, hi)
-                removed_of[n] = [A.gram_removed(w, st.gram, st.energy, p) for p in points]
+                h = st.gram  # one division of the Gram sum per layer, for the curve and the denominators
+                curve_of[n] = layer_curve(w, st, curve, lo, hi, h)
+                removed_of[n] = [A.gram_removed(w, h, st.energy, p) for p in points]
+                del h
         stats.clear()  # a block's Gram matrices go before the next block's
 
     if not observed:  # with batches, a rank may hold none of those picked: it adds zeros to the sums

@@ -89,8 +89,10 @@ def curve_costs(device="cpu", dtype=torch.bfloat16, dims: dict | None = None, sp
                 stats[key] = synthetic_stats(w.shape[1], real_adaln if key[1] else None, seed=w.shape[1], device=device)
             st = stats[key]
             start = time.perf_counter()
-            layer_curve(w, st, "sparsegpt", lo, hi)
-            A.gram_removed(w, st.gram, st.energy, sparsity)  # the gain's denominator with these curves
+            h = st.gram  # as the allocation pass: one Gram matrix for the curve and the gain's denominator
+            layer_curve(w, st, "sparsegpt", lo, hi, h)
+            A.gram_removed(w, h, st.energy, sparsity)
+            del h
             seconds["sparsegpt"] += time.perf_counter() - start
             start = time.perf_counter()
             A.removal_curve(w, st.energy)
