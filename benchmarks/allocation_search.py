@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
         rows, base = [], None
         models = {"uniform": run(s, "uniform"), "auto": run(s, "auto")}
         start, sizes, names = seen["alloc"], seen["sizes"], seen["names"]
-        best, best_err, delta, stall, used = list(start), calibration_error(bench.dense, models["auto"], bench.calibration), 0.05, 0, 0
+        best, delta, stall, used = list(start), 0.05, 0, 0
+        best_err = calibration_error(bench.dense, models["auto"], bench.calibration)
         while used < args.evals:
             children = []
             for _ in range(4):
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         models["searched"] = run(s, "auto", best)
         for label, model in models.items():
             ev = bench.evaluator(model)
-            cal, held = calibration_error(bench.dense, model, bench.calibration), calibration_error(bench.dense, model, held_out)
+            cal, held = (calibration_error(bench.dense, model, batches) for batches in (bench.calibration, held_out))
             base = base or (cal, held, ev["rel_err"])
             rows.append(f"| {s} | {label} | {cal / base[0]:.2f} | {held / base[1]:.2f} | {ev['rel_err']:.4f} "
                         f"[{ev['ci']['rel_err'][0]:.4f}, {ev['ci']['rel_err'][1]:.4f}] | {ev['rel_err'] / base[2]:.2f} "

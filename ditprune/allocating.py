@@ -69,9 +69,10 @@ def check(allocation, spread, options, pattern, max_dense=0.0) -> str:
 def layer_curve(weight: torch.Tensor, stats, curve: str, lo: float, hi: float, gram: torch.Tensor | None = None
                 ) -> torch.Tensor:
     """The removal curve ``curve`` (``obs`` or ``sparsegpt``) of one layer from its input
-    statistics (``gram``: their Gram matrix, when the caller holds it already). A layer with few tokens (:attr:`ditprune.stats.InputStats.few_tokens`) gets
-    SparseGPT fitted on some tokens and judged on the held-out ones, as the prune judges its own
-    fit there; with none to judge on, the prune fits nothing and Wanda's curve holds."""
+    statistics (``gram``: their Gram matrix, when the caller holds it already). A layer with few
+    tokens (:attr:`ditprune.stats.InputStats.few_tokens`) gets SparseGPT fitted on some tokens
+    and judged on the held-out ones, as the prune judges its own fit there; with none to judge
+    on, the prune fits nothing and Wanda's curve holds."""
     gram = stats.gram if gram is None else gram
     if curve == "obs":  # measured worse at 80%: opt-in
         return A.obs_curve(weight, gram)
@@ -124,7 +125,6 @@ def allocate(model: nn.Module, names: list[str], allocation: str, sparsity: floa
                 h = st.gram  # one division of the Gram sum per layer, for the curve and the denominators
                 curve_of[n] = layer_curve(w, st, curve, lo, hi, h)
                 removed_of[n] = [A.gram_removed(w, h, st.energy, p) for p in points]
-                del h
         stats.clear()  # a block's Gram matrices go before the next block's
 
     if not observed:  # with batches, a rank may hold none of those picked: it adds zeros to the sums
